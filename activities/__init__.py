@@ -1,0 +1,1 @@
+"""Activities of the pay-order saga: thin, idempotent, no business rules."""

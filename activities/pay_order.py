@@ -1,0 +1,137 @@
+"""Activities of the pay-order saga.
+
+They hold no business rules: each is a guarded write or a gateway call under an
+idempotency key, so Temporal may retry any of them at any moment.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from payorders.domain import RefundStatus
+from payorders.gateway import (
+    Gateway,
+    GatewayAmbiguous,
+    GatewayRefund,
+    GatewayRejected,
+    GatewayUnavailable,
+    RefundRequest,
+)
+from payorders.models import (
+    CloseTrade,
+    CloseTradeResult,
+    CreatePayOrder,
+    ExpirePayOrder,
+    PaymentNotification,
+    PayOrderRow,
+    RecordedPayment,
+    RecordPayment,
+    RefundOutcome,
+    RefundPayment,
+    TransitionResult,
+)
+from payorders.store import PayOrderNotFound, PayOrderStore, TxnConflict
+
+log = logging.getLogger(__name__)
+
+
+class PayOrderActivities:
+    def __init__(
+        self, store: PayOrderStore, gateway: Gateway, *, refund_alert_after_attempts: int = 10
+    ) -> None:
+        self._store = store
+        self._gateway = gateway
+        self._alert_after = refund_alert_after_attempts
+
+    @activity.defn(name="create_pay_order")
+    async def create_pay_order(self, cmd: CreatePayOrder) -> PayOrderRow:
+        try:
+            return await self._store.create_pay_order(cmd)
+        except TxnConflict as e:
+            raise ApplicationError(str(e), type="OrderConflict", non_retryable=True) from e
+
+    @activity.defn(name="record_payment")
+    async def record_payment(self, cmd: RecordPayment) -> RecordedPayment:
+        try:
+            return await self._store.record_payment(cmd)
+        except TxnConflict as e:
+            raise ApplicationError(str(e), type="TxnConflict", non_retryable=True) from e
+        except PayOrderNotFound as e:
+            raise ApplicationError(
+                f"unknown pay order {e}", type="PayOrderNotFound", non_retryable=True
+            ) from e
+
+    @activity.defn(name="expire_pay_order")
+    async def expire_pay_order(self, cmd: ExpirePayOrder) -> TransitionResult:
+        return await self._store.expire(cmd.pay_order_no, cmd.expected_lock_version)
+
+    @activity.defn(name="close_trade")
+    async def close_trade(self, cmd: CloseTrade) -> CloseTradeResult:
+        # An ambiguous close is simply retried: closing is idempotent at every gateway.
+        result = await self._gateway.close_trade(cmd.pay_order_no)
+        if result.capture is None:
+            return CloseTradeResult(already_paid=False)
+        c = result.capture
+        return CloseTradeResult(
+            already_paid=True,
+            payment=PaymentNotification(
+                txn_id=c.txn_id, amount=c.amount, currency=c.currency, paid_at=c.captured_at
+            ),
+        )
+
+    @activity.defn(name="refund_payment")
+    async def refund_payment(self, cmd: RefundPayment) -> RefundOutcome:
+        """Refund once under ``cmd.refund_key``; every failure is retried with the same key."""
+        attempt = activity.info().attempt
+        if attempt > self._alert_after:
+            log.error("refund %s still not confirmed after %d attempts", cmd.refund_key, attempt)
+        if await self._store.refund_status(cmd.refund_key) is RefundStatus.SUCCEEDED:
+            return RefundOutcome(
+                refund_key=cmd.refund_key, status=RefundStatus.SUCCEEDED, gateway_refund_id=None
+            )
+        request = RefundRequest(
+            idempotency_key=cmd.refund_key,
+            pay_order_no=cmd.pay_order_no,
+            txn_id=cmd.txn_id,
+            amount=cmd.amount,
+            currency=cmd.currency,
+        )
+        try:
+            refund = await self._refund_or_resolve(request)
+        except GatewayRejected as e:
+            await self._store.reject_refund(cmd.refund_key, str(e))
+            log.error("refund %s rejected by the gateway: %s", cmd.refund_key, e)
+            return RefundOutcome(
+                refund_key=cmd.refund_key, status=RefundStatus.REJECTED, gateway_refund_id=None
+            )
+        except (GatewayUnavailable, GatewayAmbiguous) as e:
+            await self._store.note_refund_attempt(cmd.refund_key, attempt, str(e))
+            raise
+        await self._store.note_refund_attempt(cmd.refund_key, attempt, None)
+        if refund.status is RefundStatus.PENDING:
+            raise ApplicationError("refund accepted, not yet confirmed", type="RefundPending")
+        await self._store.confirm_refund(cmd.refund_key, refund.gateway_refund_id)
+        return RefundOutcome(
+            refund_key=cmd.refund_key,
+            status=RefundStatus.SUCCEEDED,
+            gateway_refund_id=refund.gateway_refund_id,
+        )
+
+    async def _refund_or_resolve(self, request: RefundRequest) -> GatewayRefund:
+        try:
+            return await self._gateway.refund(request)
+        except GatewayAmbiguous as e:
+            # The gateway may have refunded: ask before anything else.
+            log.warning(
+                "refund %s ambiguous after %.0f ms (%s); querying the gateway",
+                request.idempotency_key,
+                e.observed_ms or 0,
+                e,
+            )
+            found = await self._gateway.query_refund(request.idempotency_key)
+            if found is None:
+                raise
+            return found

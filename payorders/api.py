@@ -1,0 +1,241 @@
+"""The Python API of the two callers: checkout and the gateway adapter, plus reads.
+
+The Temporal client is built here and only here, with the pydantic data converter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from payorders import domain
+from payorders import search_attributes as sa
+from payorders.domain import PayOrderStatus
+from payorders.models import (
+    LateRefundInput,
+    PaymentNotification,
+    PayOrderInput,
+    PayOrderRow,
+    PayOrderView,
+)
+from payorders.settings import Settings
+from payorders.store import PayOrderStore
+
+
+class UnknownPayOrder(LookupError):
+    """No pay order with that number: nothing was changed."""
+
+
+class PayOrderConflict(ValueError):
+    """The order already has a pay order with another amount or currency."""
+
+
+async def connect(settings: Settings) -> Client:
+    return await Client.connect(
+        settings.temporal_address,
+        namespace=settings.temporal_namespace,
+        data_converter=pydantic_data_converter,
+    )
+
+
+@dataclass(frozen=True)
+class StartedPayOrder:
+    pay_order_no: str
+    order_no: str
+    amount: int
+    currency: str
+    expires_at: datetime
+    workflow_id: str
+    created: bool
+    """False when checkout was retried and the existing pay order was returned."""
+
+
+class NotifyOutcome(StrEnum):
+    SIGNALLED = "SIGNALLED"
+    LATE_REFUND_STARTED = "LATE_REFUND_STARTED"
+    LATE_REFUND_EXISTS = "LATE_REFUND_EXISTS"
+
+
+@dataclass(frozen=True)
+class PayOrderDetails:
+    row: PayOrderRow
+    payments: list[dict[str, Any]]
+    fund: domain.FundCheck
+    workflow_status: str | None
+    view: PayOrderView | None
+
+
+class PayOrders:
+    """Checkout starts pay orders; the gateway adapter reports payments."""
+
+    def __init__(self, client: Client, store: PayOrderStore, settings: Settings) -> None:
+        self._client = client
+        self._store = store
+        self._settings = settings
+
+    async def start_pay_order(
+        self,
+        *,
+        order_no: str,
+        amount: int,
+        currency: str,
+        expires_in: timedelta | None = None,
+        now: datetime | None = None,
+    ) -> StartedPayOrder:
+        """Start the pay order of ``order_no``; a retried checkout returns the same one.
+
+        Raises:
+            InvalidPayOrder: bad input; nothing was started.
+            PayOrderConflict: the order already has a pay order for another amount.
+        """
+        now = now or datetime.now(UTC)
+        expires_at = now + (
+            expires_in
+            if expires_in is not None
+            else timedelta(seconds=self._settings.default_expires_in_s)
+        )
+        domain.validate_new_pay_order(
+            order_no=order_no, amount=amount, currency=currency, expires_at=expires_at, now=now
+        )
+        pay_order_no = domain.pay_order_no_for(order_no)
+        workflow_id = domain.workflow_id_for(pay_order_no)
+        memo = {"amount": amount, "currency": currency, "expires_at": expires_at.isoformat()}
+        try:
+            handle: WorkflowHandle[Any, Any] = await self._client.start_workflow(
+                "PayOrderWorkflow",
+                PayOrderInput(
+                    pay_order_no=pay_order_no,
+                    order_no=order_no,
+                    amount=amount,
+                    currency=currency,
+                    expires_at=expires_at,
+                    settlement_window_s=self._settings.settlement_window_s,
+                    refund_retry=self._settings.refund_retry(),
+                    timeouts=self._settings.timeouts(),
+                ),
+                id=workflow_id,
+                task_queue=self._settings.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                search_attributes=TypedSearchAttributes(
+                    [
+                        SearchAttributePair(sa.PAY_ORDER_STATUS, PayOrderStatus.PAYING.value),
+                        SearchAttributePair(sa.ORDER_NO, order_no),
+                        SearchAttributePair(sa.EXPIRES_AT, expires_at),
+                    ]
+                ),
+                memo=memo,
+                static_summary=f"pay order for {order_no}: {amount} {currency}",
+            )
+        except WorkflowAlreadyStartedError:
+            handle = self._client.get_workflow_handle(workflow_id)
+        existing = await (await handle.describe()).memo()
+        if existing.get("amount") != amount or existing.get("currency") != currency:
+            raise PayOrderConflict(
+                f"order {order_no} already has pay order {pay_order_no}"
+                f" for {existing.get('amount')} {existing.get('currency')}"
+            )
+        return StartedPayOrder(
+            pay_order_no=pay_order_no,
+            order_no=order_no,
+            amount=amount,
+            currency=currency,
+            expires_at=datetime.fromisoformat(existing["expires_at"]),
+            workflow_id=workflow_id,
+            # Our own memo (down to the microsecond of expires_at) means we started it.
+            created=existing == memo,
+        )
+
+    async def notify_payment(
+        self, *, pay_order_no: str, txn_id: str, amount: int, currency: str, paid_at: datetime
+    ) -> NotifyOutcome:
+        """Report a confirmed payment. Returns once Temporal has durably accepted it.
+
+        Raises:
+            InvalidPayment: bad input; nothing was sent.
+            UnknownPayOrder: no such pay order; nothing was sent.
+        """
+        domain.validate_payment(txn_id=txn_id, amount=amount, currency=currency)
+        try:
+            domain.check_identifier(pay_order_no.removeprefix("po_"), "pay_order_no")
+        except domain.InvalidInput as e:
+            raise domain.InvalidPayment(str(e)) from None
+        payment = PaymentNotification(
+            txn_id=txn_id, amount=amount, currency=currency, paid_at=paid_at
+        )
+        handle = self._client.get_workflow_handle(domain.workflow_id_for(pay_order_no))
+        try:
+            await handle.signal("payment_succeeded", payment)
+            return NotifyOutcome.SIGNALLED
+        except RPCError as e:
+            if e.status is not RPCStatusCode.NOT_FOUND:
+                raise
+        # Not running: closed (late money, refund it) or never existed (refuse).
+        try:
+            desc = await handle.describe()
+        except RPCError as e:
+            if e.status is RPCStatusCode.NOT_FOUND:
+                raise UnknownPayOrder(f"no pay order {pay_order_no}") from None
+            raise
+        if desc.status is WorkflowExecutionStatus.RUNNING:
+            # It was completing while we signalled; the server delivers to the open run.
+            await handle.signal("payment_succeeded", payment)
+            return NotifyOutcome.SIGNALLED
+        try:
+            await self._client.start_workflow(
+                "LateRefundWorkflow",
+                LateRefundInput(
+                    pay_order_no=pay_order_no,
+                    payment=payment,
+                    refund_retry=self._settings.refund_retry(),
+                    timeouts=self._settings.timeouts(),
+                ),
+                id=domain.late_refund_workflow_id(txn_id),
+                task_queue=self._settings.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                static_summary=f"late payment {txn_id} for {pay_order_no}: refund",
+            )
+        except WorkflowAlreadyStartedError:
+            return NotifyOutcome.LATE_REFUND_EXISTS
+        return NotifyOutcome.LATE_REFUND_STARTED
+
+    async def get_pay_order(self, pay_order_no: str) -> PayOrderDetails:
+        row = await self._store.get_pay_order(pay_order_no)
+        if row is None:
+            raise UnknownPayOrder(f"no pay order {pay_order_no}")
+        handle = self._client.get_workflow_handle(domain.workflow_id_for(pay_order_no))
+        view: PayOrderView | None = None
+        wf_status: str | None = None
+        try:
+            desc = await handle.describe()
+            wf_status = desc.status.name if desc.status else None
+            if desc.status is WorkflowExecutionStatus.RUNNING:
+                view = await handle.query("status", result_type=PayOrderView)
+        except RPCError:
+            pass
+        return PayOrderDetails(
+            row=row,
+            payments=await self._store.payments_of(pay_order_no),
+            fund=domain.fund_check(
+                status=row.status,
+                amount=row.amount,
+                paid_amount=row.paid_amount,
+                refunded_amount=row.refunded_amount,
+            ),
+            workflow_status=wf_status,
+            view=view,
+        )

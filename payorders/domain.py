@@ -1,0 +1,225 @@
+"""The pay-order rules: states, transitions, payment decisions and the fund identity.
+
+Pure functions with no I/O and no clock of their own: time comes in as a parameter.
+The workflow, the SQL layer and reconciliation all obey this module.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import assert_never
+
+MAX_AMOUNT = 100_000_000_000
+"""Largest amount we accept, in minor units (one billion major units of a 2-decimal currency)."""
+
+MAX_EXPIRES_IN = timedelta(days=7)
+DEFAULT_EXPIRES_IN = timedelta(hours=1)
+DEFAULT_SETTLEMENT_WINDOW = timedelta(hours=25)
+
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+# Active ISO 4217 codes; an unknown currency is refused at the edge, never stored.
+CURRENCIES = frozenset(
+    """
+    AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN
+    BWP BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD
+    FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY
+    KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP
+    MRU MUR MVR MWK MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR
+    RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT
+    TND TOP TRY TTD TWD TZS UAH UGX USD UYU UZS VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR
+    ZMW ZWG
+    """.split()  # noqa: SIM905
+)
+
+
+class PayOrderStatus(StrEnum):
+    PAYING = "PAYING"
+    PAY_SUCCESS = "PAY_SUCCESS"
+    PAY_EXPIRED = "PAY_EXPIRED"
+
+
+class RefundReason(StrEnum):
+    """Why a payment does not settle its pay order and goes back to the customer."""
+
+    LATE = "LATE"  # the order had expired
+    DUPLICATE = "DUPLICATE"  # the order was already paid by another transaction
+    AMOUNT_MISMATCH = "AMOUNT_MISMATCH"
+    CURRENCY_MISMATCH = "CURRENCY_MISMATCH"
+
+
+class Settle(StrEnum):
+    SETTLE = "SETTLE"
+
+
+PaymentDecision = Settle | RefundReason
+
+
+class RefundStatus(StrEnum):
+    PENDING = "PENDING"
+    SUCCEEDED = "SUCCEEDED"
+    REJECTED = "REJECTED"
+
+
+class InvalidInput(ValueError):
+    """Bad input from a caller: nothing was started or written."""
+
+
+class InvalidPayOrder(InvalidInput):
+    pass
+
+
+class InvalidPayment(InvalidInput):
+    pass
+
+
+def is_terminal(status: PayOrderStatus) -> bool:
+    """Whether no code path may move the pay order out of ``status``."""
+    match status:
+        case PayOrderStatus.PAYING:
+            return False
+        case PayOrderStatus.PAY_SUCCESS | PayOrderStatus.PAY_EXPIRED:
+            return True
+        case _:
+            assert_never(status)
+
+
+def can_transition(current: PayOrderStatus, new: PayOrderStatus) -> bool:
+    """Only ``PAYING`` moves, and only to a terminal state."""
+    return current is PayOrderStatus.PAYING and is_terminal(new)
+
+
+def is_expired(expires_at: datetime, now: datetime) -> bool:
+    return now >= expires_at
+
+
+def decide_payment(
+    *,
+    status: PayOrderStatus,
+    order_amount: int,
+    order_currency: str,
+    amount: int,
+    currency: str,
+) -> PaymentDecision:
+    """What to do with a confirmed payment: settle the order with it, or refund it and why."""
+    if currency != order_currency:
+        return RefundReason.CURRENCY_MISMATCH
+    if amount != order_amount:
+        return RefundReason.AMOUNT_MISMATCH
+    match status:
+        case PayOrderStatus.PAYING:
+            return Settle.SETTLE
+        case PayOrderStatus.PAY_SUCCESS:
+            return RefundReason.DUPLICATE
+        case PayOrderStatus.PAY_EXPIRED:
+            return RefundReason.LATE
+        case _:
+            assert_never(status)
+
+
+@dataclass(frozen=True)
+class FundCheck:
+    """The fund identity of one pay order.
+
+    ``in_flight`` is money we hold that must still go back (a payment awaiting its refund);
+    the identity holds once nothing is in flight and the bounds are respected.
+    """
+
+    expected_net: int
+    net: int
+    in_flight: int
+    holds: bool
+
+
+def fund_check(
+    *, status: PayOrderStatus, amount: int, paid_amount: int, refunded_amount: int
+) -> FundCheck:
+    """``paid - refunded`` must equal ``amount`` for PAY_SUCCESS and ``0`` otherwise."""
+    expected = amount if status is PayOrderStatus.PAY_SUCCESS else 0
+    net = paid_amount - refunded_amount
+    bounded = 0 <= refunded_amount <= paid_amount
+    return FundCheck(
+        expected_net=expected,
+        net=net,
+        in_flight=net - expected,
+        holds=bounded and net == expected,
+    )
+
+
+def refund_key(pay_order_no: str, txn_id: str) -> str:
+    """The idempotency key of the one refund a payment can ever have."""
+    return f"refund-{pay_order_no}-{txn_id}"
+
+
+def pay_order_no_for(order_no: str) -> str:
+    """One pay order per order: a retried checkout lands on the same pay order."""
+    return f"po_{order_no}"
+
+
+def workflow_id_for(pay_order_no: str) -> str:
+    return f"pay-order-{pay_order_no}"
+
+
+def late_refund_workflow_id(txn_id: str) -> str:
+    return f"late-refund-{txn_id}"
+
+
+def check_identifier(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+        raise InvalidInput(f"{what} must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
+    return value
+
+
+def check_amount(value: object, what: str = "amount") -> int:
+    # bool is an int in Python; a payment of True cents is still bad input.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{what} must be an integer number of minor units")
+    if value <= 0:
+        raise InvalidInput(f"{what} must be greater than zero")
+    if value > MAX_AMOUNT:
+        raise InvalidInput(f"{what} must be at most {MAX_AMOUNT} minor units")
+    return value
+
+
+def check_currency(value: object) -> str:
+    if not isinstance(value, str) or value not in CURRENCIES:
+        raise InvalidInput("currency must be an ISO 4217 code in upper case, such as USD")
+    return value
+
+
+def validate_new_pay_order(
+    *, order_no: object, amount: object, currency: object, expires_at: datetime, now: datetime
+) -> None:
+    """Raises ``InvalidPayOrder`` with a clear message for any bad checkout input."""
+    try:
+        check_identifier(order_no, "order_no")
+        check_amount(amount)
+        check_currency(currency)
+    except InvalidInput as e:
+        raise InvalidPayOrder(str(e)) from None
+    if expires_at.tzinfo is None:
+        raise InvalidPayOrder("expires_at must carry a time zone")
+    if expires_at <= now:
+        raise InvalidPayOrder("expires_at must be in the future")
+    if expires_at - now > MAX_EXPIRES_IN:
+        raise InvalidPayOrder("expires_at must be at most 7 days away")
+
+
+def payment_problem(*, txn_id: object, amount: object, currency: object) -> str | None:
+    """Why a payment notification cannot be accepted, or ``None`` when it can."""
+    try:
+        check_identifier(txn_id, "txn_id")
+        check_amount(amount)
+        check_currency(currency)
+    except InvalidInput as e:
+        return str(e)
+    return None
+
+
+def validate_payment(*, txn_id: object, amount: object, currency: object) -> None:
+    problem = payment_problem(txn_id=txn_id, amount=amount, currency=currency)
+    if problem is not None:
+        raise InvalidPayment(problem)

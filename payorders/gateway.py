@@ -1,0 +1,98 @@
+"""The gateway port: the few calls we make to a payment gateway, in our own vocabulary.
+
+Adapters translate vendor statuses into these types at their edge; nothing else sees
+vendor strings. A client-side timeout never proves the gateway failed, so the errors
+separate "it did not happen" from "we cannot tell".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from payorders.domain import RefundStatus
+
+
+class GatewayError(Exception):
+    """Base of gateway failures."""
+
+
+class GatewayUnavailable(GatewayError):
+    """The gateway refused or failed the call before doing anything: safe to retry."""
+
+
+class GatewayAmbiguous(GatewayError):
+    """We cannot tell whether the gateway did the work (client timeout, reset, 5xx).
+
+    Retry with the same idempotency key, or query; never report it as a failure.
+    """
+
+    def __init__(self, message: str, *, observed_ms: float | None = None) -> None:
+        super().__init__(message)
+        self.observed_ms = observed_ms
+
+
+class GatewayRejected(GatewayError):
+    """A permanent business refusal (for example, refund exceeds the captured amount)."""
+
+
+@dataclass(frozen=True)
+class Capture:
+    txn_id: str
+    pay_order_no: str
+    amount: int
+    currency: str
+    captured_at: datetime
+
+
+@dataclass(frozen=True)
+class CloseResult:
+    """``capture`` is set when the gateway answered "already paid": the success path."""
+
+    closed: bool
+    capture: Capture | None = None
+
+
+@dataclass(frozen=True)
+class RefundRequest:
+    idempotency_key: str
+    pay_order_no: str
+    txn_id: str
+    amount: int
+    currency: str
+
+
+@dataclass(frozen=True)
+class GatewayRefund:
+    idempotency_key: str
+    gateway_refund_id: str
+    txn_id: str
+    amount: int
+    currency: str
+    status: RefundStatus
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Statement:
+    captures: list[Capture]
+    refunds: list[GatewayRefund]
+
+
+class Gateway(Protocol):
+    async def close_trade(self, pay_order_no: str) -> CloseResult:
+        """Close the trade so it can no longer be paid; or learn it already was."""
+        ...
+
+    async def refund(self, request: RefundRequest) -> GatewayRefund:
+        """Refund by the original route. The same key refunds at most once, ever."""
+        ...
+
+    async def query_refund(self, idempotency_key: str) -> GatewayRefund | None:
+        """The refund made under this key, or None if the gateway has none."""
+        ...
+
+    async def statement(self, start: datetime, end: datetime) -> Statement:
+        """Captures and refunds made in ``[start, end)``."""
+        ...

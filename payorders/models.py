@@ -1,0 +1,177 @@
+"""Payload models: one pydantic model in and one out for every workflow, signal, query and
+activity. Plain data, no I/O, safe to pass through the workflow sandbox."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, StrictInt
+
+from payorders.domain import PayOrderStatus, RefundReason, RefundStatus
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RetryConfig(_Model):
+    """Backoff of the refund retries: unlimited attempts, capped interval."""
+
+    initial_interval_ms: int = 1_000
+    maximum_interval_ms: int = 300_000
+
+
+class Timeouts(_Model):
+    """Gateway client timeout (longer than the gateway's own) and the activity timeout above it."""
+
+    gateway_client_ms: int = 10_000
+    activity_start_to_close_ms: int = 30_000
+    db_activity_start_to_close_ms: int = 10_000
+
+
+class PayOrderInput(_Model):
+    pay_order_no: str
+    order_no: str
+    amount: StrictInt
+    currency: str
+    expires_at: datetime
+    settlement_window_s: int = 25 * 3600
+    refund_retry: RetryConfig = RetryConfig()
+    timeouts: Timeouts = Timeouts()
+
+
+class PaymentNotification(_Model):
+    """The ``payment_succeeded`` signal: what the gateway says it captured."""
+
+    txn_id: str
+    amount: StrictInt
+    currency: str
+    paid_at: datetime
+
+
+class PaymentView(_Model):
+    txn_id: str
+    amount: int
+    currency: str
+    settled: bool
+    refund_reason: RefundReason | None = None
+    refund_key: str | None = None
+    refund_status: RefundStatus | None = None
+
+
+class PayOrderView(_Model):
+    """The workflow's own view of its pay order (query ``status``)."""
+
+    pay_order_no: str
+    order_no: str
+    amount: int
+    currency: str
+    status: PayOrderStatus
+    expires_at: datetime
+    paid_amount: int
+    refunded_amount: int
+    payments: list[PaymentView]
+    refunds_in_flight: int
+    rejected_notifications: int
+    duplicate_notifications: int
+    settlement_ends_at: datetime | None
+
+
+class PayOrderResult(_Model):
+    pay_order_no: str
+    status: PayOrderStatus
+    paid_amount: int
+    refunded_amount: int
+
+
+class LateRefundInput(_Model):
+    pay_order_no: str
+    payment: PaymentNotification
+    refund_retry: RetryConfig = RetryConfig()
+    timeouts: Timeouts = Timeouts()
+
+
+class LateRefundResult(_Model):
+    txn_id: str
+    refunded: bool
+    refund_key: str | None
+
+
+# --- activity payloads -------------------------------------------------------------------
+
+
+class CreatePayOrder(_Model):
+    pay_order_no: str
+    order_no: str
+    amount: int
+    currency: str
+    expires_at: datetime
+
+
+class PayOrderRow(_Model):
+    pay_order_no: str
+    order_no: str
+    amount: int
+    currency: str
+    status: PayOrderStatus
+    paid_amount: int
+    refunded_amount: int
+    lock_version: int
+    expires_at: datetime
+    created_at: datetime
+    updated_at: datetime
+
+
+class RecordPayment(_Model):
+    """Record a payment; settle the order with it when ``refund_reason`` is None and the
+    guarded update still finds the order ``PAYING`` at ``expected_lock_version``."""
+
+    pay_order_no: str
+    payment: PaymentNotification
+    refund_reason: RefundReason | None
+    expected_lock_version: int | None
+
+
+class RecordedPayment(_Model):
+    txn_id: str
+    pay_order_no: str
+    settled: bool
+    refund_reason: RefundReason | None
+    refund_key: str | None
+    order_status: PayOrderStatus
+    lock_version: int
+
+
+class ExpirePayOrder(_Model):
+    pay_order_no: str
+    expected_lock_version: int
+
+
+class TransitionResult(_Model):
+    """Outcome of a guarded status update: ``changed`` is False when the guard did not match."""
+
+    changed: bool
+    row: PayOrderRow
+
+
+class CloseTrade(_Model):
+    pay_order_no: str
+
+
+class CloseTradeResult(_Model):
+    already_paid: bool
+    payment: PaymentNotification | None = None
+
+
+class RefundPayment(_Model):
+    refund_key: str
+    pay_order_no: str
+    txn_id: str
+    amount: int
+    currency: str
+
+
+class RefundOutcome(_Model):
+    refund_key: str
+    status: RefundStatus
+    gateway_refund_id: str | None

@@ -1,0 +1,9 @@
+"""Search attributes operators filter on in the Temporal UI (no personal data in them)."""
+
+from temporalio.common import SearchAttributeKey
+
+PAY_ORDER_STATUS = SearchAttributeKey.for_keyword("PayOrderStatus")
+ORDER_NO = SearchAttributeKey.for_keyword("OrderNo")
+EXPIRES_AT = SearchAttributeKey.for_datetime("ExpiresAt")
+
+ALL = (PAY_ORDER_STATUS, ORDER_NO, EXPIRES_AT)

@@ -1,0 +1,79 @@
+"""One settings object, read from the environment in entry points and passed down."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, PositiveInt, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from payorders.models import RetryConfig, Timeouts
+
+TASK_QUEUE = "pay-orders"
+
+
+class Settings(BaseSettings):
+    """Configuration from ``PAYORDERS_*`` variables, plus Temporal's own two."""
+
+    model_config = SettingsConfigDict(env_prefix="PAYORDERS_", extra="ignore", frozen=True)
+
+    temporal_address: str = Field(
+        default="127.0.0.1:7233", validation_alias=AliasChoices("TEMPORAL_ADDRESS")
+    )
+    temporal_namespace: str = Field(
+        default="default", validation_alias=AliasChoices("TEMPORAL_NAMESPACE")
+    )
+    task_queue: str = TASK_QUEUE
+    database_url: str | None = None
+    """PostgreSQL URL; when unset, ``payorders dev`` runs an embedded server in ``data_dir``."""
+    data_dir: Path = Path("data")
+    db_pool_min: PositiveInt = 2
+    db_pool_max: PositiveInt = 10
+
+    default_expires_in_s: PositiveInt = 3600
+    settlement_window_s: PositiveInt = 25 * 3600
+
+    gateway_server_timeout_ms: PositiveInt = 5_000
+    """How long the gateway itself works on a request before it gives up (sandbox: enforced)."""
+    gateway_client_timeout_ms: PositiveInt = 10_000
+    """Our client's timeout: longer than the gateway's own, so a timeout is rare and ambiguous."""
+    refund_retry_initial_ms: PositiveInt = 1_000
+    refund_retry_max_ms: PositiveInt = 300_000
+    refund_alert_after_attempts: PositiveInt = 10
+
+    sandbox_schema: str = "sandbox_gateway"
+
+    @field_validator("sandbox_schema")
+    @classmethod
+    def _schema_is_identifier(cls, v: str) -> str:
+        if not v.isidentifier() or not v.islower():
+            raise ValueError("sandbox_schema must be a lower-case SQL identifier")
+        return v
+
+    @field_validator("gateway_client_timeout_ms")
+    @classmethod
+    def _client_outlasts_server(cls, v: int, info: object) -> int:
+        data = getattr(info, "data", {})
+        server = data.get("gateway_server_timeout_ms")
+        if server is not None and v <= server:
+            raise ValueError("gateway_client_timeout_ms must exceed gateway_server_timeout_ms")
+        return v
+
+    def timeouts(self) -> Timeouts:
+        # The activity does at most a call and a follow-up query, each bounded by the client.
+        client = self.gateway_client_timeout_ms
+        return Timeouts(
+            gateway_client_ms=client,
+            activity_start_to_close_ms=2 * client + 5_000,
+        )
+
+    def refund_retry(self) -> RetryConfig:
+        return RetryConfig(
+            initial_interval_ms=self.refund_retry_initial_ms,
+            maximum_interval_ms=self.refund_retry_max_ms,
+        )
+
+    @property
+    def default_expires_in(self) -> timedelta:
+        return timedelta(seconds=self.default_expires_in_s)

@@ -1,0 +1,381 @@
+"""All SQL of our own tables, as named statements, behind one small class.
+
+Every status write is a guarded update that reports whether it changed a row; every
+multi-statement write runs in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any, TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from payorders import domain
+from payorders.domain import PayOrderStatus, RefundReason, RefundStatus
+from payorders.models import (
+    CreatePayOrder,
+    PayOrderRow,
+    RecordedPayment,
+    RecordPayment,
+    TransitionResult,
+)
+
+# A connection taken from the pool (the stubs make the proxy generic; the runtime does not).
+Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
+
+MIGRATION_LOCK_ID = 0x7061796F72646572  # "payorder": one advisory lock for all migrators
+
+SQL_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    text PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)"""
+
+SQL_APPLIED_MIGRATIONS = "SELECT version FROM schema_migrations"
+SQL_RECORD_MIGRATION = "INSERT INTO schema_migrations (version) VALUES ($1)"
+
+SQL_INSERT_PAY_ORDER = """
+INSERT INTO pay_order (pay_order_no, order_no, amount, currency, expires_at)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT DO NOTHING
+RETURNING *"""
+SQL_GET_PAY_ORDER = "SELECT * FROM pay_order WHERE pay_order_no = $1"
+SQL_GET_PAY_ORDER_BY_ORDER_NO = "SELECT * FROM pay_order WHERE order_no = $1"
+SQL_LOCK_PAY_ORDER = "SELECT * FROM pay_order WHERE pay_order_no = $1 FOR UPDATE"
+
+# The original design's conditional update: only one of "paid" and "expired" can win.
+SQL_SETTLE = """
+UPDATE pay_order
+   SET status = 'PAY_SUCCESS', paid_amount = paid_amount + $3, lock_version = lock_version + 1
+ WHERE pay_order_no = $1 AND status = 'PAYING' AND lock_version = $2
+RETURNING *"""
+SQL_EXPIRE = """
+UPDATE pay_order
+   SET status = 'PAY_EXPIRED', lock_version = lock_version + 1
+ WHERE pay_order_no = $1 AND status = 'PAYING' AND lock_version = $2
+RETURNING *"""
+SQL_ADD_PAID = """
+UPDATE pay_order SET paid_amount = paid_amount + $2 WHERE pay_order_no = $1 RETURNING *"""
+SQL_ADD_REFUNDED = """
+UPDATE pay_order SET refunded_amount = refunded_amount + $2 WHERE pay_order_no = $1"""
+
+SQL_GET_PAYMENT = """
+SELECT p.*, r.refund_key FROM payment p LEFT JOIN refund r USING (txn_id) WHERE p.txn_id = $1"""
+SQL_INSERT_PAYMENT = """
+INSERT INTO payment (txn_id, pay_order_no, amount, currency, paid_at, settled, refund_reason)
+VALUES ($1, $2, $3, $4, $5, $6, $7)"""
+SQL_INSERT_REFUND = """
+INSERT INTO refund (refund_key, pay_order_no, txn_id, amount, currency, reason)
+VALUES ($1, $2, $3, $4, $5, $6)"""
+SQL_NOTE_REFUND_ATTEMPT = """
+UPDATE refund SET attempts = GREATEST(attempts, $2), last_error = $3
+ WHERE refund_key = $1 AND status = 'PENDING'"""
+SQL_CONFIRM_REFUND = """
+UPDATE refund
+   SET status = 'SUCCEEDED', gateway_refund_id = $2, succeeded_at = now(), last_error = NULL
+ WHERE refund_key = $1 AND status = 'PENDING'
+RETURNING pay_order_no, txn_id, amount, currency"""
+SQL_REJECT_REFUND = """
+UPDATE refund SET status = 'REJECTED', last_error = $2
+ WHERE refund_key = $1 AND status = 'PENDING'"""
+SQL_GET_REFUND_STATUS = "SELECT status FROM refund WHERE refund_key = $1"
+SQL_PAYMENTS_OF = """
+SELECT p.*, r.refund_key, r.status AS refund_status, r.attempts, r.gateway_refund_id
+  FROM payment p LEFT JOIN refund r USING (txn_id)
+ WHERE p.pay_order_no = $1 ORDER BY p.recorded_at, p.txn_id"""
+SQL_OUTBOX_OF = """
+SELECT event_type, dedupe_key, payload FROM outbox WHERE pay_order_no = $1 ORDER BY id"""
+
+SQL_INSERT_OUTBOX = """
+INSERT INTO outbox (event_type, pay_order_no, dedupe_key, payload)
+VALUES ($1, $2, $3, $4::jsonb)
+ON CONFLICT (dedupe_key) DO NOTHING"""
+
+
+class PayOrderNotFound(LookupError):
+    pass
+
+
+class TxnConflict(ValueError):
+    """A transaction id already recorded with other facts: never overwrite a payment."""
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+    assert pool is not None
+    return pool
+
+
+async def migrate(pool: asyncpg.Pool) -> list[str]:
+    """Apply the versioned migrations not applied yet; safe when workers start together.
+
+    The advisory lock is transaction-scoped, so a crashed migrator never leaves it held.
+    """
+    files = sorted(
+        (f.name, f.read_text())
+        for f in resources.files("payorders.migrations").iterdir()
+        if f.name.endswith(".sql")
+    )
+    applied_now: list[str] = []
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
+        await conn.execute(SQL_MIGRATIONS_TABLE)
+        applied = {r["version"] for r in await conn.fetch(SQL_APPLIED_MIGRATIONS)}
+        for name, sql in files:
+            version = name.removesuffix(".sql")
+            if version in applied:
+                continue
+            await conn.execute(sql)
+            await conn.execute(SQL_RECORD_MIGRATION, version)
+            applied_now.append(version)
+    return applied_now
+
+
+def _row(record: asyncpg.Record) -> PayOrderRow:
+    return PayOrderRow.model_validate(dict(record))
+
+
+async def _outbox(
+    conn: Conn, event_type: str, pay_order_no: str, dedupe: str, payload: Any
+) -> None:
+    await conn.execute(
+        SQL_INSERT_OUTBOX, event_type, pay_order_no, f"{event_type}:{dedupe}", json.dumps(payload)
+    )
+
+
+class PayOrderStore:
+    """Our side of the ledger: pay orders, payments, refunds and the outbox."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def create_pay_order(self, cmd: CreatePayOrder) -> PayOrderRow:
+        """Insert the row, or return the one already there (checkout retried)."""
+        async with self._pool.acquire() as conn:
+            rec = await conn.fetchrow(
+                SQL_INSERT_PAY_ORDER,
+                cmd.pay_order_no,
+                cmd.order_no,
+                cmd.amount,
+                cmd.currency,
+                cmd.expires_at,
+            )
+            if rec is None:
+                rec = await conn.fetchrow(SQL_GET_PAY_ORDER, cmd.pay_order_no)
+            if rec is None:
+                # order_no taken by another pay order number: cannot be ours to create.
+                raise TxnConflict(f"order {cmd.order_no} already has another pay order")
+            return _row(rec)
+
+    async def get_pay_order(self, pay_order_no: str) -> PayOrderRow | None:
+        async with self._pool.acquire() as conn:
+            rec = await conn.fetchrow(SQL_GET_PAY_ORDER, pay_order_no)
+        return None if rec is None else _row(rec)
+
+    async def get_pay_order_by_order_no(self, order_no: str) -> PayOrderRow | None:
+        async with self._pool.acquire() as conn:
+            rec = await conn.fetchrow(SQL_GET_PAY_ORDER_BY_ORDER_NO, order_no)
+        return None if rec is None else _row(rec)
+
+    async def record_payment(self, cmd: RecordPayment) -> RecordedPayment:
+        """Record a payment once: settle the order with it, or keep it for a refund.
+
+        Idempotent: the same ``txn_id`` again returns what was recorded the first time.
+        """
+        p = cmd.payment
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                existing = await conn.fetchrow(SQL_GET_PAYMENT, p.txn_id)
+                if existing is not None:
+                    return await self._recorded(conn, existing, cmd)
+                order = await conn.fetchrow(SQL_LOCK_PAY_ORDER, cmd.pay_order_no)
+                if order is None:
+                    raise PayOrderNotFound(cmd.pay_order_no)
+                if cmd.refund_reason is None and cmd.expected_lock_version is not None:
+                    settled = await conn.fetchrow(
+                        SQL_SETTLE, cmd.pay_order_no, cmd.expected_lock_version, p.amount
+                    )
+                    if settled is not None:
+                        await conn.execute(
+                            SQL_INSERT_PAYMENT,
+                            p.txn_id,
+                            cmd.pay_order_no,
+                            p.amount,
+                            p.currency,
+                            p.paid_at,
+                            True,
+                            None,
+                        )
+                        await _outbox(
+                            conn,
+                            "pay_order.succeeded",
+                            cmd.pay_order_no,
+                            cmd.pay_order_no,
+                            {
+                                "pay_order_no": cmd.pay_order_no,
+                                "order_no": settled["order_no"],
+                                "txn_id": p.txn_id,
+                                "amount": p.amount,
+                                "currency": p.currency,
+                            },
+                        )
+                        return RecordedPayment(
+                            txn_id=p.txn_id,
+                            pay_order_no=cmd.pay_order_no,
+                            settled=True,
+                            refund_reason=None,
+                            refund_key=None,
+                            order_status=PayOrderStatus.PAY_SUCCESS,
+                            lock_version=settled["lock_version"],
+                        )
+                    # The guard found the order moved on: re-read it and refund.
+                    order = await conn.fetchrow(SQL_GET_PAY_ORDER, cmd.pay_order_no)
+                    assert order is not None
+                    if order["status"] == PayOrderStatus.PAYING:
+                        raise TxnConflict(
+                            f"pay order {cmd.pay_order_no} is PAYING at another lock version"
+                        )
+                reason = cmd.refund_reason or _reason_from_row(order, p.amount, p.currency)
+                updated = await conn.fetchrow(SQL_ADD_PAID, cmd.pay_order_no, p.amount)
+                assert updated is not None
+                key = domain.refund_key(cmd.pay_order_no, p.txn_id)
+                await conn.execute(
+                    SQL_INSERT_PAYMENT,
+                    p.txn_id,
+                    cmd.pay_order_no,
+                    p.amount,
+                    p.currency,
+                    p.paid_at,
+                    False,
+                    reason.value,
+                )
+                await conn.execute(
+                    SQL_INSERT_REFUND,
+                    key,
+                    cmd.pay_order_no,
+                    p.txn_id,
+                    p.amount,
+                    p.currency,
+                    reason.value,
+                )
+                return RecordedPayment(
+                    txn_id=p.txn_id,
+                    pay_order_no=cmd.pay_order_no,
+                    settled=False,
+                    refund_reason=reason,
+                    refund_key=key,
+                    order_status=PayOrderStatus(updated["status"]),
+                    lock_version=updated["lock_version"],
+                )
+        except asyncpg.UniqueViolationError:
+            # A concurrent writer recorded the same transaction first: answer with its record.
+            async with self._pool.acquire() as conn:
+                existing = await conn.fetchrow(SQL_GET_PAYMENT, p.txn_id)
+                assert existing is not None
+                return await self._recorded(conn, existing, cmd)
+
+    async def _recorded(
+        self, conn: Conn, existing: asyncpg.Record, cmd: RecordPayment
+    ) -> RecordedPayment:
+        p = cmd.payment
+        if (
+            existing["pay_order_no"] != cmd.pay_order_no
+            or existing["amount"] != p.amount
+            or existing["currency"] != p.currency
+        ):
+            raise TxnConflict(
+                f"transaction {p.txn_id} is already recorded for"
+                f" {existing['pay_order_no']} with other facts"
+            )
+        order = await conn.fetchrow(SQL_GET_PAY_ORDER, existing["pay_order_no"])
+        assert order is not None
+        reason = existing["refund_reason"]
+        return RecordedPayment(
+            txn_id=p.txn_id,
+            pay_order_no=existing["pay_order_no"],
+            settled=existing["settled"],
+            refund_reason=None if reason is None else RefundReason(reason),
+            refund_key=existing["refund_key"],
+            order_status=PayOrderStatus(order["status"]),
+            lock_version=order["lock_version"],
+        )
+
+    async def expire(self, pay_order_no: str, expected_lock_version: int) -> TransitionResult:
+        """PAYING -> PAY_EXPIRED under the guard, with its outbox event in the same transaction."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rec = await conn.fetchrow(SQL_EXPIRE, pay_order_no, expected_lock_version)
+            if rec is not None:
+                await _outbox(
+                    conn,
+                    "pay_order.expired",
+                    pay_order_no,
+                    pay_order_no,
+                    {"pay_order_no": pay_order_no, "order_no": rec["order_no"]},
+                )
+                return TransitionResult(changed=True, row=_row(rec))
+            current = await conn.fetchrow(SQL_GET_PAY_ORDER, pay_order_no)
+            if current is None:
+                raise PayOrderNotFound(pay_order_no)
+            return TransitionResult(changed=False, row=_row(current))
+
+    async def note_refund_attempt(self, refund_key: str, attempt: int, error: str | None) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.execute(SQL_NOTE_REFUND_ATTEMPT, refund_key, attempt, error)
+
+    async def confirm_refund(self, refund_key: str, gateway_refund_id: str) -> bool:
+        """Mark the refund succeeded and raise ``refunded_amount``, once, in one transaction."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rec = await conn.fetchrow(SQL_CONFIRM_REFUND, refund_key, gateway_refund_id)
+            if rec is None:
+                status = await conn.fetchval(SQL_GET_REFUND_STATUS, refund_key)
+                if status is None:
+                    raise LookupError(f"no refund {refund_key}")
+                return False
+            await conn.execute(SQL_ADD_REFUNDED, rec["pay_order_no"], rec["amount"])
+            await _outbox(
+                conn,
+                "refund.succeeded",
+                rec["pay_order_no"],
+                refund_key,
+                {
+                    "pay_order_no": rec["pay_order_no"],
+                    "refund_key": refund_key,
+                    "txn_id": rec["txn_id"],
+                    "amount": rec["amount"],
+                    "currency": rec["currency"],
+                    "gateway_refund_id": gateway_refund_id,
+                },
+            )
+            return True
+
+    async def reject_refund(self, refund_key: str, error: str) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.execute(SQL_REJECT_REFUND, refund_key, error)
+
+    async def refund_status(self, refund_key: str) -> RefundStatus | None:
+        async with self._pool.acquire() as conn:
+            status = await conn.fetchval(SQL_GET_REFUND_STATUS, refund_key)
+        return None if status is None else RefundStatus(status)
+
+    async def payments_of(self, pay_order_no: str) -> list[dict[str, Any]]:
+        async with self._pool.acquire() as conn:
+            return [dict(r) for r in await conn.fetch(SQL_PAYMENTS_OF, pay_order_no)]
+
+    async def outbox_of(self, pay_order_no: str) -> list[dict[str, Any]]:
+        async with self._pool.acquire() as conn:
+            return [dict(r) for r in await conn.fetch(SQL_OUTBOX_OF, pay_order_no)]
+
+
+def _reason_from_row(order: asyncpg.Record, amount: int, currency: str) -> RefundReason:
+    decision = domain.decide_payment(
+        status=PayOrderStatus(order["status"]),
+        order_amount=order["amount"],
+        order_currency=order["currency"].strip(),
+        amount=amount,
+        currency=currency,
+    )
+    # A payment nobody may settle with (its order's workflow has closed) is late.
+    return decision if isinstance(decision, RefundReason) else RefundReason.LATE

@@ -1,0 +1,73 @@
+"""Activity options shared by the two workflows: retry policies are chosen here, where the
+activities are called, from values the workflow input carries (never the environment)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from payorders.models import (
+        RecordedPayment,
+        RecordPayment,
+        RefundOutcome,
+        RefundPayment,
+        RetryConfig,
+        Timeouts,
+    )
+
+# Short database writes: retried without a limit, since a database outage is temporary.
+DB_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=30)
+)
+
+
+def until_success(cfg: RetryConfig) -> RetryPolicy:
+    """Unlimited attempts, capped backoff: gateway calls are retried until they succeed."""
+    return RetryPolicy(
+        initial_interval=timedelta(milliseconds=cfg.initial_interval_ms),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(milliseconds=cfg.maximum_interval_ms),
+        maximum_attempts=0,
+    )
+
+
+async def record_payment(cmd: RecordPayment, timeouts: Timeouts) -> RecordedPayment:
+    p = cmd.payment
+    intent = (
+        "settle"
+        if cmd.refund_reason is None and cmd.expected_lock_version is not None
+        else (f"refund ({cmd.refund_reason or 'order closed'})")
+    )
+    result: RecordedPayment = await workflow.execute_activity(
+        "record_payment",
+        cmd,
+        result_type=RecordedPayment,
+        start_to_close_timeout=timedelta(milliseconds=timeouts.db_activity_start_to_close_ms),
+        retry_policy=DB_RETRY,
+        summary=f"record payment {p.txn_id} {p.amount} {p.currency} -> {intent}",
+    )
+    return result
+
+
+async def refund(
+    recorded: RecordedPayment, amount: int, currency: str, retry: RetryConfig, timeouts: Timeouts
+) -> RefundOutcome:
+    assert recorded.refund_key is not None
+    outcome: RefundOutcome = await workflow.execute_activity(
+        "refund_payment",
+        RefundPayment(
+            refund_key=recorded.refund_key,
+            pay_order_no=recorded.pay_order_no,
+            txn_id=recorded.txn_id,
+            amount=amount,
+            currency=currency,
+        ),
+        result_type=RefundOutcome,
+        start_to_close_timeout=timedelta(milliseconds=timeouts.activity_start_to_close_ms),
+        retry_policy=until_success(retry),
+        summary=f"refund {recorded.txn_id} {amount} {currency} ({recorded.refund_reason})",
+    )
+    return outcome

@@ -1,0 +1,249 @@
+"""PayOrderWorkflow: one pay order, from checkout to the end of its settlement window.
+
+The workflow is the single writer of its pay order. Payments arrive as signals and are
+queued; the run loop alone decides, from state, never from which await woke first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from payorders import domain
+    from payorders import search_attributes as sa
+    from payorders.domain import PayOrderStatus, RefundReason, RefundStatus, Settle
+    from payorders.models import (
+        CloseTrade,
+        CloseTradeResult,
+        CreatePayOrder,
+        ExpirePayOrder,
+        PaymentNotification,
+        PaymentView,
+        PayOrderInput,
+        PayOrderResult,
+        PayOrderRow,
+        PayOrderView,
+        RecordedPayment,
+        RecordPayment,
+        TransitionResult,
+    )
+    from workflows import _common
+
+
+@workflow.defn(name="PayOrderWorkflow")
+class PayOrderWorkflow:
+    @workflow.init
+    def __init__(self, input: PayOrderInput) -> None:
+        self._in = input
+        self._status = PayOrderStatus.PAYING
+        self._lock_version = 0
+        self._inbox: list[PaymentNotification] = []
+        self._seen: set[str] = set()
+        self._payments: dict[str, PaymentView] = {}
+        self._paid = 0
+        self._refunded = 0
+        self._refunds_in_flight = 0
+        self._rejected = 0
+        self._duplicates = 0
+        self._settlement_ends_at: datetime | None = None
+
+    @workflow.signal(name="payment_succeeded")
+    def payment_succeeded(self, payment: PaymentNotification) -> None:
+        """Queue a confirmed payment; drop (never raise on) what cannot be accepted."""
+        problem = domain.payment_problem(
+            txn_id=payment.txn_id, amount=payment.amount, currency=payment.currency
+        )
+        if problem is not None:
+            self._rejected += 1
+            workflow.logger.warning("dropped payment notification: %s", problem)
+            return
+        if payment.txn_id in self._seen:
+            self._duplicates += 1
+            return
+        self._seen.add(payment.txn_id)
+        self._inbox.append(payment)
+
+    @workflow.query(name="status")
+    def status(self) -> PayOrderView:
+        i = self._in
+        return PayOrderView(
+            pay_order_no=i.pay_order_no,
+            order_no=i.order_no,
+            amount=i.amount,
+            currency=i.currency,
+            status=self._status,
+            expires_at=i.expires_at,
+            paid_amount=self._paid,
+            refunded_amount=self._refunded,
+            payments=list(self._payments.values()),
+            refunds_in_flight=self._refunds_in_flight,
+            rejected_notifications=self._rejected,
+            duplicate_notifications=self._duplicates,
+            settlement_ends_at=self._settlement_ends_at,
+        )
+
+    @workflow.run
+    async def run(self, input: PayOrderInput) -> PayOrderResult:
+        row = await workflow.execute_activity(
+            "create_pay_order",
+            CreatePayOrder(
+                pay_order_no=input.pay_order_no,
+                order_no=input.order_no,
+                amount=input.amount,
+                currency=input.currency,
+                expires_at=input.expires_at,
+            ),
+            result_type=PayOrderRow,
+            start_to_close_timeout=self._db_timeout,
+            retry_policy=_common.DB_RETRY,
+            summary=f"create pay order {input.amount} {input.currency}",
+        )
+        self._lock_version = row.lock_version
+        if row.status is not PayOrderStatus.PAYING:
+            self._became(row.status)
+
+        while self._status is PayOrderStatus.PAYING:
+            await self._drain()
+            if self._status is not PayOrderStatus.PAYING:
+                break
+            remaining = input.expires_at - workflow.now()
+            if remaining > timedelta(0):
+                await self._wait_for_payment(remaining, "payment window")
+                continue
+            await self._expire()
+
+        assert self._settlement_ends_at is not None
+        while (remaining := self._settlement_ends_at - workflow.now()) > timedelta(0):
+            await self._drain()
+            await self._wait_for_payment(remaining, "settlement window")
+        # Complete only when every payment is handled and every refund has finished.
+        while True:
+            await workflow.wait_condition(
+                lambda: (
+                    bool(self._inbox)
+                    or (self._refunds_in_flight == 0 and workflow.all_handlers_finished())
+                )
+            )
+            if not self._inbox:
+                break
+            await self._drain()
+        return PayOrderResult(
+            pay_order_no=input.pay_order_no,
+            status=self._status,
+            paid_amount=self._paid,
+            refunded_amount=self._refunded,
+        )
+
+    @property
+    def _db_timeout(self) -> timedelta:
+        return timedelta(milliseconds=self._in.timeouts.db_activity_start_to_close_ms)
+
+    async def _wait_for_payment(self, wait: timedelta, what: str) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await workflow.wait_condition(
+                lambda: bool(self._inbox), timeout=wait, timeout_summary=what
+            )
+
+    async def _drain(self) -> None:
+        while self._inbox:
+            await self._handle(self._inbox.pop(0))
+
+    async def _handle(self, payment: PaymentNotification) -> None:
+        i = self._in
+        decision = domain.decide_payment(
+            status=self._status,
+            order_amount=i.amount,
+            order_currency=i.currency,
+            amount=payment.amount,
+            currency=payment.currency,
+        )
+        settle = decision is Settle.SETTLE
+        try:
+            recorded = await _common.record_payment(
+                RecordPayment(
+                    pay_order_no=i.pay_order_no,
+                    payment=payment,
+                    refund_reason=None if settle else RefundReason(decision),
+                    expected_lock_version=self._lock_version if settle else None,
+                ),
+                i.timeouts,
+            )
+        except ActivityError as e:
+            # Only non-retryable conflicts get here (a txn id reused with other facts):
+            # nothing was written; reconciliation reports it for a person.
+            workflow.logger.error("payment %s not recorded: %s", payment.txn_id, e.cause)
+            return
+        self._paid += payment.amount
+        self._lock_version = recorded.lock_version
+        self._payments[payment.txn_id] = PaymentView(
+            txn_id=payment.txn_id,
+            amount=payment.amount,
+            currency=payment.currency,
+            settled=recorded.settled,
+            refund_reason=recorded.refund_reason,
+            refund_key=recorded.refund_key,
+            refund_status=None if recorded.settled else RefundStatus.PENDING,
+        )
+        if recorded.order_status is not self._status:
+            self._became(recorded.order_status)
+        if not recorded.settled:
+            self._refunds_in_flight += 1
+            asyncio.create_task(self._refund(recorded, payment))  # noqa: RUF006
+
+    async def _refund(self, recorded: RecordedPayment, payment: PaymentNotification) -> None:
+        try:
+            outcome = await _common.refund(
+                recorded, payment.amount, payment.currency, self._in.refund_retry, self._in.timeouts
+            )
+            view = self._payments[payment.txn_id]
+            self._payments[payment.txn_id] = view.model_copy(
+                update={"refund_status": outcome.status}
+            )
+            if outcome.status is RefundStatus.SUCCEEDED:
+                self._refunded += payment.amount
+            else:
+                workflow.logger.error("refund %s rejected by the gateway", recorded.refund_key)
+        finally:
+            self._refunds_in_flight -= 1
+
+    async def _expire(self) -> None:
+        i = self._in
+        closed = await workflow.execute_activity(
+            "close_trade",
+            CloseTrade(pay_order_no=i.pay_order_no),
+            result_type=CloseTradeResult,
+            start_to_close_timeout=timedelta(milliseconds=i.timeouts.activity_start_to_close_ms),
+            retry_policy=_common.until_success(i.refund_retry),
+            summary="payment window over: close the trade at the gateway",
+        )
+        if closed.already_paid and closed.payment is not None:
+            if closed.payment.txn_id not in self._seen:
+                # The gateway was paid before it could close: that payment settles the order.
+                self._seen.add(closed.payment.txn_id)
+                self._inbox.insert(0, closed.payment)
+                return
+            if self._inbox:
+                return
+        result = await workflow.execute_activity(
+            "expire_pay_order",
+            ExpirePayOrder(pay_order_no=i.pay_order_no, expected_lock_version=self._lock_version),
+            result_type=TransitionResult,
+            start_to_close_timeout=self._db_timeout,
+            retry_policy=_common.DB_RETRY,
+            summary="trade closed: expire the pay order",
+        )
+        self._lock_version = result.row.lock_version
+        self._became(result.row.status)
+
+    def _became(self, status: PayOrderStatus) -> None:
+        self._status = status
+        if domain.is_terminal(status) and self._settlement_ends_at is None:
+            self._settlement_ends_at = workflow.now() + timedelta(
+                seconds=self._in.settlement_window_s
+            )
+        workflow.upsert_search_attributes([sa.PAY_ORDER_STATUS.value_set(status.value)])
