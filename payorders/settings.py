@@ -16,7 +16,13 @@ TASK_QUEUE = "pay-orders"
 class Settings(BaseSettings):
     """Configuration from ``PAYORDERS_*`` variables, plus Temporal's own two."""
 
-    model_config = SettingsConfigDict(env_prefix="PAYORDERS_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="PAYORDERS_",
+        extra="ignore",
+        frozen=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
 
     temporal_address: str = Field(
         default="127.0.0.1:7233", validation_alias=AliasChoices("TEMPORAL_ADDRESS")
