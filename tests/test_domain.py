@@ -1,0 +1,134 @@
+"""Pure rules of the pay order: no fixtures, no I/O."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from payorders import domain
+from payorders.domain import PayOrderStatus, RefundReason, Settle
+
+NOW = datetime(2026, 11, 27, 11, 0, tzinfo=UTC)
+
+
+def test_only_success_and_expired_are_terminal() -> None:
+    assert [s for s in PayOrderStatus if domain.is_terminal(s)] == [
+        PayOrderStatus.PAY_SUCCESS,
+        PayOrderStatus.PAY_EXPIRED,
+    ]
+
+
+@pytest.mark.parametrize("current", list(PayOrderStatus))
+@pytest.mark.parametrize("new", list(PayOrderStatus))
+def test_only_paying_moves_and_only_to_a_terminal_state(
+    current: PayOrderStatus, new: PayOrderStatus
+) -> None:
+    expected = current is PayOrderStatus.PAYING and new is not PayOrderStatus.PAYING
+    assert domain.can_transition(current, new) is expected
+
+
+def test_a_matching_payment_settles_a_paying_order() -> None:
+    decision = domain.decide_payment(
+        status=PayOrderStatus.PAYING,
+        order_amount=100,
+        order_currency="USD",
+        amount=100,
+        currency="USD",
+    )
+    assert decision is Settle.SETTLE
+
+
+@pytest.mark.parametrize(
+    ("status", "amount", "currency", "reason"),
+    [
+        (PayOrderStatus.PAY_EXPIRED, 100, "USD", RefundReason.LATE),
+        (PayOrderStatus.PAY_SUCCESS, 100, "USD", RefundReason.DUPLICATE),
+        (PayOrderStatus.PAYING, 99, "USD", RefundReason.AMOUNT_MISMATCH),
+        (PayOrderStatus.PAYING, 100, "EUR", RefundReason.CURRENCY_MISMATCH),
+        (PayOrderStatus.PAY_EXPIRED, 99, "EUR", RefundReason.CURRENCY_MISMATCH),
+    ],
+)
+def test_payments_that_cannot_settle_are_refunded_with_a_reason(
+    status: PayOrderStatus, amount: int, currency: str, reason: RefundReason
+) -> None:
+    decision = domain.decide_payment(
+        status=status, order_amount=100, order_currency="USD", amount=amount, currency=currency
+    )
+    assert decision is reason
+
+
+@pytest.mark.parametrize(
+    ("status", "paid", "refunded", "holds", "in_flight"),
+    [
+        (PayOrderStatus.PAY_SUCCESS, 100, 0, True, 0),
+        (PayOrderStatus.PAY_SUCCESS, 200, 100, True, 0),
+        (PayOrderStatus.PAY_SUCCESS, 200, 0, False, 100),
+        (PayOrderStatus.PAY_EXPIRED, 0, 0, True, 0),
+        (PayOrderStatus.PAY_EXPIRED, 100, 100, True, 0),
+        (PayOrderStatus.PAY_EXPIRED, 100, 0, False, 100),
+        (PayOrderStatus.PAYING, 0, 0, True, 0),
+        (PayOrderStatus.PAYING, 99, 0, False, 99),
+        (PayOrderStatus.PAY_EXPIRED, 0, 100, False, -100),
+    ],
+)
+def test_fund_identity(
+    status: PayOrderStatus, paid: int, refunded: int, holds: bool, in_flight: int
+) -> None:
+    check = domain.fund_check(status=status, amount=100, paid_amount=paid, refunded_amount=refunded)
+    assert (check.holds, check.in_flight) == (holds, in_flight)
+
+
+def test_refund_key_is_one_per_payment() -> None:
+    assert domain.refund_key("po_A1", "txn_9") == "refund-po_A1-txn_9"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("amount", 0, "greater than zero"),
+        ("amount", -1, "greater than zero"),
+        ("amount", 1.5, "integer"),
+        ("amount", True, "integer"),
+        ("amount", "100", "integer"),
+        ("amount", domain.MAX_AMOUNT + 1, "at most"),
+        ("currency", "usd", "ISO 4217"),
+        ("currency", "XYZ", "ISO 4217"),
+        ("order_no", "", "1-64"),
+        ("order_no", "x" * 65, "1-64"),
+        ("order_no", "a'; DROP TABLE pay_order;--", "1-64"),
+        ("order_no", "line\nbreak", "1-64"),
+    ],
+)
+def test_bad_checkout_input_is_refused_with_a_clear_message(
+    field: str, value: object, message: str
+) -> None:
+    args: dict[str, object] = {"order_no": "ord-1", "amount": 100, "currency": "USD"}
+    args[field] = value
+    with pytest.raises(domain.InvalidPayOrder, match=message):
+        domain.validate_new_pay_order(
+            **args,
+            expires_at=NOW + timedelta(hours=1),
+            now=NOW,  # type: ignore[arg-type]
+        )
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "message"),
+    [
+        (timedelta(0), "in the future"),
+        (timedelta(seconds=-1), "in the future"),
+        (timedelta(days=7, seconds=1), "7 days"),
+    ],
+)
+def test_expiry_must_be_ahead_and_within_a_week(expires_in: timedelta, message: str) -> None:
+    with pytest.raises(domain.InvalidPayOrder, match=message):
+        domain.validate_new_pay_order(
+            order_no="o", amount=1, currency="USD", expires_at=NOW + expires_in, now=NOW
+        )
+
+
+def test_a_good_payment_has_no_problem_and_bad_ones_say_why() -> None:
+    assert domain.payment_problem(txn_id="t_1", amount=1, currency="CNY") is None
+    assert "txn_id" in (domain.payment_problem(txn_id="t 1", amount=1, currency="CNY") or "")
+    assert "zero" in (domain.payment_problem(txn_id="t1", amount=0, currency="CNY") or "")

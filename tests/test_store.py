@@ -1,0 +1,204 @@
+"""Our tables on a real PostgreSQL: guarded updates, constraints, triggers, migrations,
+and the sandbox gateway's ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from payorders import store
+from payorders.domain import PayOrderStatus, RefundReason
+from payorders.gateway import GatewayRejected, RefundRequest
+from payorders.models import CreatePayOrder, PaymentNotification, RecordPayment
+from worker import Services
+
+from .conftest import order_no
+
+
+async def new_order(svc: Services, amount: int = 100) -> str:
+    no = order_no("st")
+    row = await svc.store.create_pay_order(
+        CreatePayOrder(
+            pay_order_no=f"po_{no}",
+            order_no=no,
+            amount=amount,
+            currency="USD",
+            expires_at=datetime.now(UTC) + timedelta(hours=1),
+        )
+    )
+    return row.pay_order_no
+
+
+def payment(txn: str, amount: int = 100) -> PaymentNotification:
+    return PaymentNotification(txn_id=txn, amount=amount, currency="USD", paid_at=datetime.now(UTC))
+
+
+async def test_creating_twice_returns_the_same_row(svc: Services) -> None:
+    no = await new_order(svc)
+    row = await svc.store.get_pay_order(no)
+    assert row is not None
+    again = await svc.store.create_pay_order(
+        CreatePayOrder(
+            pay_order_no=no,
+            order_no=row.order_no,
+            amount=100,
+            currency="USD",
+            expires_at=row.expires_at,
+        )
+    )
+    assert again == row
+
+
+@pytest.mark.parametrize("terminal", ["PAY_SUCCESS", "PAY_EXPIRED"])
+async def test_the_database_refuses_to_move_a_pay_order_out_of_a_terminal_state(
+    svc: Services, terminal: str
+) -> None:
+    no = await new_order(svc)
+    async with svc.pool.acquire() as conn:
+        await conn.execute("UPDATE pay_order SET status = $2 WHERE pay_order_no = $1", no, terminal)
+        for target in {"PAYING", "PAY_SUCCESS", "PAY_EXPIRED"} - {terminal}:
+            with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="terminal"):
+                await conn.execute(
+                    "UPDATE pay_order SET status = $2 WHERE pay_order_no = $1", no, target
+                )
+        with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="deleted"):
+            await conn.execute("DELETE FROM pay_order WHERE pay_order_no = $1", no)
+        assert (
+            await conn.fetchval("SELECT status FROM pay_order WHERE pay_order_no = $1", no)
+            == terminal
+        )
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE pay_order SET refunded_amount = paid_amount + 1 WHERE pay_order_no = $1",
+        "UPDATE pay_order SET refunded_amount = -1 WHERE pay_order_no = $1",
+        "UPDATE pay_order SET status = 'REFUNDED' WHERE pay_order_no = $1",
+        "UPDATE pay_order SET amount = 1 WHERE pay_order_no = $1",
+    ],
+)
+async def test_check_constraints_refuse_impossible_rows(svc: Services, sql: str) -> None:
+    no = await new_order(svc)
+    async with svc.pool.acquire() as conn:
+        with pytest.raises(asyncpg.IntegrityConstraintViolationError):
+            await conn.execute(sql, no)
+
+
+async def test_the_conditional_update_lets_only_one_terminal_state_win(svc: Services) -> None:
+    no = await new_order(svc)
+    settle = RecordPayment(
+        pay_order_no=no,
+        payment=payment(order_no("t")),
+        refund_reason=None,
+        expected_lock_version=0,
+    )
+    expired, settled = await asyncio.gather(
+        svc.store.expire(no, 0), svc.store.record_payment(settle)
+    )
+    row = await svc.store.get_pay_order(no)
+    assert row is not None and row.lock_version == 1
+    if expired.changed:
+        assert row.status is PayOrderStatus.PAY_EXPIRED
+        assert not settled.settled and settled.refund_reason is RefundReason.LATE
+    else:
+        assert row.status is PayOrderStatus.PAY_SUCCESS and settled.settled
+    assert (await svc.store.expire(no, 0)).changed is False
+
+
+async def test_recording_a_payment_twice_counts_its_money_once(svc: Services) -> None:
+    no = await new_order(svc)
+    cmd = RecordPayment(
+        pay_order_no=no,
+        payment=payment(order_no("t"), 50),
+        refund_reason=RefundReason.LATE,
+        expected_lock_version=None,
+    )
+    first, second = await asyncio.gather(
+        svc.store.record_payment(cmd), svc.store.record_payment(cmd)
+    )
+    assert first == second
+    row = await svc.store.get_pay_order(no)
+    assert row is not None and row.paid_amount == 50
+    assert first.refund_key is not None
+    assert await svc.store.confirm_refund(first.refund_key, "rf_1") is True
+    assert await svc.store.confirm_refund(first.refund_key, "rf_1") is False
+    row = await svc.store.get_pay_order(no)
+    assert row is not None and row.refunded_amount == 50
+    assert [e["event_type"] for e in await svc.store.outbox_of(no)] == ["refund.succeeded"]
+
+
+async def test_a_txn_id_reused_with_other_facts_is_refused(svc: Services) -> None:
+    no = await new_order(svc)
+    txn = order_no("t")
+    await svc.store.record_payment(
+        RecordPayment(
+            pay_order_no=no,
+            payment=payment(txn, 10),
+            refund_reason=RefundReason.LATE,
+            expected_lock_version=None,
+        )
+    )
+    with pytest.raises(store.TxnConflict):
+        await svc.store.record_payment(
+            RecordPayment(
+                pay_order_no=no,
+                payment=payment(txn, 11),
+                refund_reason=RefundReason.LATE,
+                expected_lock_version=None,
+            )
+        )
+
+
+async def test_migrations_are_safe_when_workers_start_together(db_url: str) -> None:
+    pools = [await store.create_pool(db_url, min_size=1, max_size=2) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(store.migrate(p) for p in pools))
+        assert results == [[], [], []]  # already applied by the session's first worker
+        async with pools[0].acquire() as conn:
+            versions = await conn.fetch("SELECT version FROM schema_migrations")
+        assert [v["version"] for v in versions] == ["0001_pay_orders"]
+    finally:
+        for p in pools:
+            await p.close()
+
+
+async def test_migrations_apply_once_on_a_fresh_database(pg_admin_url: str) -> None:
+    from payorders import embedded
+
+    url = await embedded.ensure_database(pg_admin_url, f"fresh_{order_no('db').replace('-', '_')}")
+    pools = [await store.create_pool(url, min_size=1, max_size=1) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(store.migrate(p) for p in pools))
+        assert sorted(results) == [[], [], ["0001_pay_orders"]]
+    finally:
+        for p in pools:
+            await p.close()
+
+
+async def test_the_sandbox_refunds_a_key_once_whatever_the_concurrency(svc: Services) -> None:
+    no = f"po_{order_no('gw')}"
+    cap = await svc.sandbox.capture(pay_order_no=no, amount=80, currency="USD")
+    req = RefundRequest(
+        idempotency_key=f"refund-{no}-{cap.txn_id}",
+        pay_order_no=no,
+        txn_id=cap.txn_id,
+        amount=80,
+        currency="USD",
+    )
+    refunds = await asyncio.gather(*(svc.sandbox.refund(req) for _ in range(5)))
+    assert len({r.gateway_refund_id for r in refunds}) == 1
+    ledger = await svc.sandbox.ledger_of(no)
+    assert (ledger["captured"], ledger["refunded"], len(ledger["refunds"])) == (80, 80, 1)
+    other_key = RefundRequest(
+        idempotency_key=f"refund-{no}-other",
+        pay_order_no=no,
+        txn_id=cap.txn_id,
+        amount=80,
+        currency="USD",
+    )
+    with pytest.raises(GatewayRejected, match="exceeds"):
+        await svc.sandbox.refund(other_key)
