@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     temporal_namespace: str = Field(
         default="default", validation_alias=AliasChoices("TEMPORAL_NAMESPACE")
     )
+    temporal_ui_url: str = "http://127.0.0.1:8233"
+    """Where operators open the Temporal UI; used to print links to pay orders."""
     task_queue: str = TASK_QUEUE
     database_url: str | None = None
     """PostgreSQL URL; when unset, ``payorders dev`` runs an embedded server in ``data_dir``."""
@@ -83,3 +85,8 @@ class Settings(BaseSettings):
     @property
     def default_expires_in(self) -> timedelta:
         return timedelta(seconds=self.default_expires_in_s)
+
+    def ui_link(self, workflow_id: str) -> str:
+        return (
+            f"{self.temporal_ui_url}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}"
+        )

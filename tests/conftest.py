@@ -30,8 +30,9 @@ from payorders.api import PayOrders, ensure_search_attributes
 from payorders.binaries import find_binary
 from payorders.domain import PayOrderStatus, workflow_id_for
 from payorders.models import PayOrderResult, PayOrderView
+from payorders.runtime import Resources, open_resources
 from payorders.settings import Settings
-from worker import Services, build_worker, services
+from worker import build_worker
 from workflows.pay_order import PayOrderWorkflow
 
 DEV_SERVER_TUNING = [
@@ -79,8 +80,8 @@ async def db_url(pg_admin_url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-async def svc(db_url: str) -> AsyncIterator[Services]:
-    async with services(make_settings(), db_url) as s:
+async def svc(db_url: str) -> AsyncIterator[Resources]:
+    async with open_resources(make_settings(), db_url) as s:
         yield s
 
 
@@ -115,7 +116,7 @@ class Stack:
     env: WorkflowEnvironment
     client: Client
     settings: Settings
-    svc: Services
+    svc: Resources
     api: PayOrders
 
     async def now(self) -> datetime:
@@ -153,10 +154,10 @@ class Stack:
 
 @asynccontextmanager
 async def running_stack(
-    env: WorkflowEnvironment, svc: Services, **overrides: Any
+    env: WorkflowEnvironment, svc: Resources, **overrides: Any
 ) -> AsyncIterator[Stack]:
     settings = make_settings(**overrides)
-    worker = build_worker(env.client, svc.activities, task_queue=settings.task_queue)
+    worker = build_worker(env.client, svc, task_queue=settings.task_queue)
     async with worker:
         yield Stack(
             env=env,

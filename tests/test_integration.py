@@ -18,7 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 from payorders.api import NotifyOutcome, StartedPayOrder, UnknownPayOrder
 from payorders.domain import InvalidPayment, InvalidPayOrder, PayOrderStatus, RefundStatus
 from payorders.models import LateRefundResult
-from worker import Services
+from payorders.runtime import Resources
 from workflows.late_refund import LateRefundWorkflow
 
 from .conftest import Stack, assert_settled, order_no, pay, running_stack
@@ -36,7 +36,7 @@ async def sleep_until(when: datetime) -> None:
 
 
 async def test_payment_and_expiry_landing_together_end_in_exactly_one_terminal_state(
-    dev_env: WorkflowEnvironment, svc: Services
+    dev_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(dev_env, svc, settlement_window_s=3) as stack:
         started = await asyncio.gather(
@@ -74,7 +74,7 @@ async def test_payment_and_expiry_landing_together_end_in_exactly_one_terminal_s
 
 
 async def test_a_notification_after_the_workflow_closed_is_refunded_by_a_late_refund_workflow(
-    dev_env: WorkflowEnvironment, svc: Services
+    dev_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(dev_env, svc, settlement_window_s=1) as stack:
         started = await stack.api.start_pay_order(order_no=order_no(), amount=250, currency="EUR")
@@ -116,7 +116,7 @@ async def test_a_notification_after_the_workflow_closed_is_refunded_by_a_late_re
 
 
 async def test_bad_calls_are_refused_and_start_nothing(
-    dev_env: WorkflowEnvironment, svc: Services
+    dev_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(dev_env, svc) as stack:
         for kwargs in (
@@ -155,7 +155,7 @@ async def test_bad_calls_are_refused_and_start_nothing(
 
 
 async def test_checkout_retried_returns_the_same_pay_order_and_refuses_another_amount(
-    dev_env: WorkflowEnvironment, svc: Services
+    dev_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     from payorders.api import PayOrderConflict
 
@@ -170,7 +170,7 @@ async def test_checkout_retried_returns_the_same_pay_order_and_refuses_another_a
 
 
 async def test_operators_find_orders_by_search_attributes(
-    dev_env: WorkflowEnvironment, svc: Services
+    dev_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(dev_env, svc, settlement_window_s=60) as stack:
         no = order_no("sa")
@@ -202,7 +202,7 @@ def _worker_process(stack: Stack, db_url: str) -> subprocess.Popen[bytes]:
 
 
 async def test_a_worker_killed_in_the_middle_of_a_refund_refunds_once_after_restart(
-    dev_env: WorkflowEnvironment, svc: Services, db_url: str
+    dev_env: WorkflowEnvironment, svc: Resources, db_url: str
 ) -> None:
     from .conftest import make_settings
 
@@ -253,7 +253,7 @@ async def test_a_worker_killed_in_the_middle_of_a_refund_refunds_once_after_rest
 
 @pytest.mark.parametrize("path", ["paid", "expired", "late_refund"])
 async def test_histories_of_each_path_replay(
-    dev_env: WorkflowEnvironment, svc: Services, path: str
+    dev_env: WorkflowEnvironment, svc: Resources, path: str
 ) -> None:
     """Runs each path and replays its fresh history; with PAYORDERS_RECORD_HISTORIES=1 it
     also saves it to tests/histories/ for the replay suite."""

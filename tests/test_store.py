@@ -13,12 +13,12 @@ from payorders import store
 from payorders.domain import PayOrderStatus, RefundReason
 from payorders.gateway import GatewayRejected, RefundRequest
 from payorders.models import CreatePayOrder, PaymentNotification, RecordPayment
-from worker import Services
+from payorders.runtime import Resources
 
 from .conftest import order_no
 
 
-async def new_order(svc: Services, amount: int = 100) -> str:
+async def new_order(svc: Resources, amount: int = 100) -> str:
     no = order_no("st")
     row = await svc.store.create_pay_order(
         CreatePayOrder(
@@ -36,7 +36,7 @@ def payment(txn: str, amount: int = 100) -> PaymentNotification:
     return PaymentNotification(txn_id=txn, amount=amount, currency="USD", paid_at=datetime.now(UTC))
 
 
-async def test_creating_twice_returns_the_same_row(svc: Services) -> None:
+async def test_creating_twice_returns_the_same_row(svc: Resources) -> None:
     no = await new_order(svc)
     row = await svc.store.get_pay_order(no)
     assert row is not None
@@ -54,7 +54,7 @@ async def test_creating_twice_returns_the_same_row(svc: Services) -> None:
 
 @pytest.mark.parametrize("terminal", ["PAY_SUCCESS", "PAY_EXPIRED"])
 async def test_the_database_refuses_to_move_a_pay_order_out_of_a_terminal_state(
-    svc: Services, terminal: str
+    svc: Resources, terminal: str
 ) -> None:
     no = await new_order(svc)
     async with svc.pool.acquire() as conn:
@@ -81,14 +81,14 @@ async def test_the_database_refuses_to_move_a_pay_order_out_of_a_terminal_state(
         "UPDATE pay_order SET amount = 1 WHERE pay_order_no = $1",
     ],
 )
-async def test_check_constraints_refuse_impossible_rows(svc: Services, sql: str) -> None:
+async def test_check_constraints_refuse_impossible_rows(svc: Resources, sql: str) -> None:
     no = await new_order(svc)
     async with svc.pool.acquire() as conn:
         with pytest.raises(asyncpg.IntegrityConstraintViolationError):
             await conn.execute(sql, no)
 
 
-async def test_the_conditional_update_lets_only_one_terminal_state_win(svc: Services) -> None:
+async def test_the_conditional_update_lets_only_one_terminal_state_win(svc: Resources) -> None:
     no = await new_order(svc)
     settle = RecordPayment(
         pay_order_no=no,
@@ -109,7 +109,7 @@ async def test_the_conditional_update_lets_only_one_terminal_state_win(svc: Serv
     assert (await svc.store.expire(no, 0)).changed is False
 
 
-async def test_recording_a_payment_twice_counts_its_money_once(svc: Services) -> None:
+async def test_recording_a_payment_twice_counts_its_money_once(svc: Resources) -> None:
     no = await new_order(svc)
     cmd = RecordPayment(
         pay_order_no=no,
@@ -131,7 +131,7 @@ async def test_recording_a_payment_twice_counts_its_money_once(svc: Services) ->
     assert [e["event_type"] for e in await svc.store.outbox_of(no)] == ["refund.succeeded"]
 
 
-async def test_a_txn_id_reused_with_other_facts_is_refused(svc: Services) -> None:
+async def test_a_txn_id_reused_with_other_facts_is_refused(svc: Resources) -> None:
     no = await new_order(svc)
     txn = order_no("t")
     await svc.store.record_payment(
@@ -179,7 +179,7 @@ async def test_migrations_apply_once_on_a_fresh_database(pg_admin_url: str) -> N
             await p.close()
 
 
-async def test_the_sandbox_refunds_a_key_once_whatever_the_concurrency(svc: Services) -> None:
+async def test_the_sandbox_refunds_a_key_once_whatever_the_concurrency(svc: Resources) -> None:
     no = f"po_{order_no('gw')}"
     cap = await svc.sandbox.capture(pay_order_no=no, amount=80, currency="USD")
     req = RefundRequest(

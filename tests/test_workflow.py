@@ -7,7 +7,7 @@ from datetime import timedelta
 from temporalio.testing import WorkflowEnvironment
 
 from payorders.domain import PayOrderStatus, RefundReason
-from worker import Services
+from payorders.runtime import Resources
 
 from .conftest import assert_settled, order_no, pay, running_stack
 
@@ -17,7 +17,7 @@ EXPIRED = PayOrderStatus.PAY_EXPIRED
 
 
 async def test_paid_before_expiry_succeeds_and_closes_after_the_25h_window(
-    ts_env: WorkflowEnvironment, svc: Services
+    ts_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         started = await stack.api.start_pay_order(
@@ -33,7 +33,7 @@ async def test_paid_before_expiry_succeeds_and_closes_after_the_25h_window(
 
 
 async def test_unpaid_order_expires_after_the_default_hour(
-    ts_env: WorkflowEnvironment, svc: Services
+    ts_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         t0 = await stack.now()
@@ -53,7 +53,7 @@ async def test_unpaid_order_expires_after_the_default_hour(
 
 
 async def test_gateway_already_paid_at_close_takes_the_success_path_without_refund(
-    ts_env: WorkflowEnvironment, svc: Services
+    ts_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         no = order_no()
@@ -71,7 +71,7 @@ async def test_gateway_already_paid_at_close_takes_the_success_path_without_refu
 
 
 async def test_late_payment_after_expiry_is_refunded_once(
-    ts_env: WorkflowEnvironment, svc: Services
+    ts_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         started = await stack.api.start_pay_order(
@@ -90,7 +90,7 @@ async def test_late_payment_after_expiry_is_refunded_once(
 
 
 async def test_refund_failing_five_times_then_succeeding_refunds_exactly_once(
-    ts_env: WorkflowEnvironment, svc: Services
+    ts_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         no = order_no()
@@ -117,7 +117,7 @@ async def test_refund_failing_five_times_then_succeeding_refunds_exactly_once(
 
 
 async def test_refund_timing_out_after_the_gateway_refunded_is_not_refunded_twice(
-    ts_env: WorkflowEnvironment, svc: Services
+    ts_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         no = order_no()
@@ -148,7 +148,7 @@ async def test_refund_timing_out_after_the_gateway_refunded_is_not_refunded_twic
 
 
 async def test_the_same_notification_twice_is_ignored(
-    ts_env: WorkflowEnvironment, svc: Services
+    ts_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         started = await stack.api.start_pay_order(
@@ -167,7 +167,7 @@ async def test_the_same_notification_twice_is_ignored(
 
 
 async def test_a_second_payment_is_refunded_as_a_duplicate(
-    ts_env: WorkflowEnvironment, svc: Services
+    ts_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         started = await stack.api.start_pay_order(
@@ -185,7 +185,7 @@ async def test_a_second_payment_is_refunded_as_a_duplicate(
 
 
 async def test_a_wrong_amount_or_currency_is_refunded_and_the_order_still_waits(
-    ts_env: WorkflowEnvironment, svc: Services
+    ts_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         started = await stack.api.start_pay_order(
@@ -213,7 +213,7 @@ async def test_a_wrong_amount_or_currency_is_refunded_and_the_order_still_waits(
 
 
 async def test_malformed_signals_are_dropped_without_crashing_the_workflow(
-    ts_env: WorkflowEnvironment, svc: Services
+    ts_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         started = await stack.api.start_pay_order(

@@ -1,0 +1,84 @@
+"""The resources every entry point needs, built from one settings object: a database pool
+(migrated), our store, and the sandbox gateway with its client-side timeout."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import asyncpg
+
+from payorders import stackinfo, store
+from payorders.sandbox_gateway import SandboxGateway, TimeoutClient
+from payorders.settings import Settings
+
+
+class StackNotRunning(RuntimeError):
+    """The local stack (or the database it names) cannot be reached."""
+
+
+@dataclass
+class Resources:
+    settings: Settings
+    pool: asyncpg.Pool
+    store: store.PayOrderStore
+    sandbox: SandboxGateway
+    gateway: TimeoutClient
+
+
+def database_url(settings: Settings) -> str:
+    """The configured URL, else the one of the running local stack."""
+    if settings.database_url:
+        return settings.database_url
+    info = stackinfo.read(settings.data_dir)
+    if info is None:
+        raise StackNotRunning(
+            f"no database: set PAYORDERS_DATABASE_URL, or start the local stack"
+            f" (scripts/dev, or payorders dev) with its data in {settings.data_dir}"
+        )
+    return info.database_url
+
+
+def with_stack_defaults(settings: Settings) -> Settings:
+    """Point unset addresses at the running local stack, if there is one."""
+    info = stackinfo.read(settings.data_dir)
+    if info is None:
+        return settings
+    updates: dict[str, str] = {}
+    if "temporal_address" not in settings.model_fields_set:
+        updates["temporal_address"] = info.temporal_address
+    if "temporal_ui_url" not in settings.model_fields_set:
+        updates["temporal_ui_url"] = info.temporal_ui_url
+    if "database_url" not in settings.model_fields_set:
+        updates["database_url"] = info.database_url
+    return settings.model_copy(update=updates)
+
+
+@asynccontextmanager
+async def open_resources(settings: Settings, url: str) -> AsyncIterator[Resources]:
+    try:
+        pool = await store.create_pool(
+            url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+        )
+    except (OSError, asyncpg.PostgresError) as e:
+        raise StackNotRunning(f"cannot reach PostgreSQL ({e})") from e
+    try:
+        await store.migrate(pool)
+        sandbox = SandboxGateway(
+            pool,
+            schema=settings.sandbox_schema,
+            server_timeout_s=settings.gateway_server_timeout_ms / 1000,
+        )
+        await sandbox.install()
+        yield Resources(
+            settings=settings,
+            pool=pool,
+            store=store.PayOrderStore(pool),
+            sandbox=sandbox,
+            gateway=TimeoutClient(
+                sandbox, client_timeout_s=settings.gateway_client_timeout_ms / 1000
+            ),
+        )
+    finally:
+        await pool.close()

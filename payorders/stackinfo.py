@@ -1,0 +1,44 @@
+"""What a running ``payorders dev`` stack tells other shells: its addresses, in a file in
+its data directory, present only while the stack runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+FILENAME = "stack.json"
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    pid: int
+    temporal_address: str
+    temporal_ui_url: str
+    database_url: str
+
+
+def write(data_dir: Path, info: StackInfo) -> None:
+    tmp = data_dir / f".{FILENAME}.tmp"
+    tmp.write_text(json.dumps(asdict(info), indent=2) + "\n")
+    tmp.replace(data_dir / FILENAME)
+
+
+def read(data_dir: Path) -> StackInfo | None:
+    """The running stack's info, or None (no file, or its process is gone)."""
+    try:
+        info = StackInfo(**json.loads((data_dir / FILENAME).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    try:
+        os.kill(info.pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return info
+
+
+def remove(data_dir: Path) -> None:
+    (data_dir / FILENAME).unlink(missing_ok=True)
