@@ -103,6 +103,9 @@ class PayOrders:
         self._store = store
         self._settings = settings
 
+    def ui_link(self, pay_order_no: str) -> str:
+        return self._settings.ui_link(domain.workflow_id_for(pay_order_no))
+
     async def start_pay_order(
         self,
         *,

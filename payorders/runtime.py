@@ -45,14 +45,19 @@ def with_stack_defaults(settings: Settings) -> Settings:
     info = stackinfo.read(settings.data_dir)
     if info is None:
         return settings
-    updates: dict[str, str] = {}
+    updates: dict[str, object] = {}
+    for env_name, value in info.tuning.items():
+        field = env_name.removeprefix("PAYORDERS_").lower()
+        if field in Settings.model_fields and field not in settings.model_fields_set:
+            updates[field] = value
     if "temporal_address" not in settings.model_fields_set:
         updates["temporal_address"] = info.temporal_address
     if "temporal_ui_url" not in settings.model_fields_set:
         updates["temporal_ui_url"] = info.temporal_ui_url
     if "database_url" not in settings.model_fields_set:
         updates["database_url"] = info.database_url
-    return settings.model_copy(update=updates)
+    # Validate again, so tuning strings become the fields' types.
+    return Settings(**{**settings.model_dump(), **updates})
 
 
 @asynccontextmanager

@@ -306,6 +306,16 @@ class SandboxGateway:
                 merged.paid_on_close_currency,
             )
 
+    async def list_faults(self) -> list[dict[str, Any]]:
+        """The faults still armed (spent counters are left out)."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT * FROM {self._s}.fault WHERE fail_next_refunds > 0"
+                " OR timeout_after_success_next > 0 OR delay_ms > 0"
+                " OR paid_on_close_amount IS NOT NULL ORDER BY scope"
+            )
+        return [dict(r) for r in rows]
+
     async def clear_faults(self, scope: str | None = None) -> None:
         async with self._pool.acquire() as conn:
             if scope is None:
