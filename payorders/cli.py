@@ -163,7 +163,7 @@ async def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
                 currency=args.currency,
                 expires_in=args.expires_in,
             )
-        except (domain.InvalidPayOrder, PayOrderConflict) as e:
+        except PayOrderConflict as e:
             raise CliError(str(e)) from None
         data = {**asdict(started), "ui": c.api.ui_link(started.pay_order_no)}
         _emit(args, data, pairs(list(data.items())))
@@ -209,7 +209,7 @@ async def cmd_notify(args: argparse.Namespace, settings: Settings) -> int:
                 currency=args.currency,
                 paid_at=args.paid_at or datetime.now(UTC),
             )
-        except (domain.InvalidPayment, UnknownPayOrder) as e:
+        except UnknownPayOrder as e:
             raise CliError(str(e)) from None
         _emit(args, {"notification": outcome.value}, f"notification: {outcome.value}")
     return 0
@@ -471,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except CliError as e:
         print(f"payorders {args.command}: error: {e}", file=sys.stderr)
         code = 1
-    except argparse.ArgumentTypeError as e:
+    except (argparse.ArgumentTypeError, domain.InvalidInput) as e:
         print(f"payorders {args.command}: error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

@@ -69,6 +69,8 @@ class DevOptions:
 
 def _check_port_free(ip: str, port: int, what: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the servers themselves do: a port with only TIME_WAIT connections left is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((ip, port))
         except OSError:

@@ -1,0 +1,298 @@
+"""``payorders dev`` and the CLI, used as a person would: real processes, real ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from payorders import stackinfo
+from payorders.binaries import find_binary
+
+pytestmark = pytest.mark.slow
+
+CLI = find_binary("payorders")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class DevProcess:
+    data_dir: Path
+    temporal_port: int
+    ui_port: int
+    proc: subprocess.Popen[str] | None = None
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PAYORDERS_", "TEMPORAL_"))}
+        env["PAYORDERS_DATA_DIR"] = str(self.data_dir)
+        return env
+
+    def start(self, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                CLI,
+                "dev",
+                "--temporal-port",
+                str(self.temporal_port),
+                "--ui-port",
+                str(self.ui_port),
+                *extra,
+            ],
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 90
+        while stackinfo.read(self.data_dir) is None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"payorders dev exited: {self.proc.stdout.read()}")  # type: ignore[union-attr]
+            if time.monotonic() > deadline:
+                raise AssertionError("payorders dev did not come up")
+            time.sleep(0.2)
+
+    def stop(self) -> str:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        out, _ = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, out
+        return out
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [CLI, *args], env=self.env(), capture_output=True, text=True, timeout=120
+        )
+        if check:
+            assert done.returncode == 0, done.stderr
+        return done
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+
+@pytest.fixture(scope="module")
+def dev() -> Iterator[DevProcess]:
+    tmp = Path(tempfile.mkdtemp(prefix="payorders-dev-"))
+    stack = DevProcess(data_dir=tmp / "data", temporal_port=free_port(), ui_port=free_port())
+    stack.start()
+    try:
+        yield stack
+    finally:
+        if stack.proc is not None and stack.proc.poll() is None:
+            stack.stop()
+
+
+def ui_query(dev: DevProcess, query: str) -> list[str]:
+    url = (
+        f"http://127.0.0.1:{dev.ui_port}/api/v1/namespaces/default/workflows?"
+        + urllib.parse.urlencode({"query": query})
+    )
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        body = json.load(resp)
+    return [e["execution"]["workflowId"] for e in body.get("executions") or []]
+
+
+def test_checkout_payment_and_status_through_the_cli(dev: DevProcess) -> None:
+    created = dev.cli_json("create", "--order-no", "cli-A", "--amount", "1999", "--currency", "USD")
+    assert created["pay_order_no"] == "po_cli-A" and created["created"] is True
+    again = dev.cli_json("create", "--order-no", "cli-A", "--amount", "1999", "--currency", "USD")
+    assert again["created"] is False and again["expires_at"] == created["expires_at"]
+    paid = dev.cli_json("pay", "po_cli-A")
+    assert paid["notification"] == "SIGNALLED"
+    deadline = time.monotonic() + 30
+    while (status := dev.cli_json("status", "po_cli-A"))["pay_order"]["status"] == "PAYING":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert status["pay_order"]["status"] == "PAY_SUCCESS"
+    assert status["fund_identity"]["holds"] is True
+    assert status["gateway"]["captured"] == 1999
+    assert status["workflow"]["status"] == "RUNNING"  # in its settlement window
+    assert status["ui"].endswith("/namespaces/default/workflows/pay-order-po_cli-A")
+    table = dev.cli("status", "po_cli-A").stdout
+    assert "PAY_SUCCESS" in table and "holds" in table
+    listed = dev.cli_json("list", "--status", "PAY_SUCCESS")
+    assert "pay-order-po_cli-A" in {r["workflow_id"] for r in listed}
+
+
+def test_notify_replays_a_notification_and_faults_can_be_set(dev: DevProcess) -> None:
+    dev.cli("create", "--order-no", "cli-B", "--amount", "500", "--currency", "EUR")
+    out = dev.cli_json(
+        "notify", "po_cli-B", "--txn-id", "manual-1", "--amount", "499", "--currency", "EUR"
+    )
+    assert out == {"notification": "SIGNALLED"}
+    faults = dev.cli_json("fault", "--order", "po_cli-B", "--fail-next-refunds", "3")
+    assert {"scope": "po_cli-B", "fail_next_refunds": 3}.items() <= faults[0].items()
+    assert dev.cli_json("fault", "--clear", "--order", "po_cli-B") == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["create", "--order-no", "bad order", "--amount", "1", "--currency", "USD"],
+        ["create", "--order-no", "o-1", "--amount", "1.5", "--currency", "USD"],
+        ["create", "--order-no", "o-1", "--amount", "-3", "--currency", "USD"],
+        ["create", "--order-no", "o-1", "--amount", "0", "--currency", "USD"],
+        ["create", "--order-no", "o-1", "--amount", "1", "--currency", "usd"],
+        ["create", "--order-no", "o-1", "--amount", "1", "--currency", "USD", "--expires-in", "x"],
+        ["create", "--order-no", "o-1", "--amount", "1", "--currency", "USD", "--expires-in", "8d"],
+        ["create", "--order-no", "o'--", "--amount", "1", "--currency", "USD"],
+        ["pay", "not-a-pay-order"],
+        ["pay", "po_cli-A", "--amount", "ten"],
+        ["notify", "po_cli-A", "--txn-id", "t 1", "--amount", "1", "--currency", "USD"],
+        [
+            "notify",
+            "po_cli-A",
+            "--txn-id",
+            "t1",
+            "--amount",
+            "1",
+            "--currency",
+            "USD",
+            "--paid-at",
+            "yesterday",
+        ],
+        ["status"],
+        ["list", "--status", "DONE"],
+        ["fault", "--fail-next-refunds", "-1"],
+        ["fault", "--paid-on-close", "12.5", "USD"],
+    ],
+)
+def test_malformed_arguments_get_one_line_and_change_nothing(
+    dev: DevProcess, args: list[str]
+) -> None:
+    before = dev.cli_json("list")
+    done = dev.cli(*args, check=False)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "error:" in done.stderr
+    assert dev.cli_json("list") == before
+
+
+def test_an_unknown_pay_order_is_reported_as_such(dev: DevProcess) -> None:
+    done = dev.cli("status", "po_never-was", check=False)
+    assert (done.returncode, done.stderr.strip()) == (
+        1,
+        "payorders status: error: no pay order po_never-was",
+    )
+    done = dev.cli(
+        "notify",
+        "po_never-was",
+        "--txn-id",
+        "t1",
+        "--amount",
+        "1",
+        "--currency",
+        "USD",
+        check=False,
+    )
+    assert done.returncode == 1 and "no pay order" in done.stderr
+
+
+def test_every_command_has_help() -> None:
+    for cmd in ("dev", "create", "pay", "notify", "status", "list", "fault", "demo"):
+        done = subprocess.run([CLI, cmd, "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and "usage: payorders" in done.stdout
+
+
+def test_commands_that_need_the_stack_say_how_to_start_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PAYORDERS_", "TEMPORAL_"))}
+    env["PAYORDERS_DATA_DIR"] = str(tmp_path)
+    done = subprocess.run([CLI, "status", "po_x"], env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and "scripts/dev" in done.stderr
+
+
+def test_the_demo_passes_and_its_orders_are_found_in_the_temporal_ui(dev: DevProcess) -> None:
+    done = dev.cli("demo")
+    assert "the fund identity holds for every one" in done.stdout
+    for scenario in ("paid in time", "late payment", "double payment", "already paid"):
+        assert scenario in done.stdout
+    run_id = done.stdout.split("demo ", 1)[1].split(":", 1)[0]
+    success = ui_query(
+        dev, f"PayOrderStatus = 'PAY_SUCCESS' AND OrderNo STARTS_WITH 'demo-{run_id}'"
+    )
+    expired = ui_query(
+        dev, f"PayOrderStatus = 'PAY_EXPIRED' AND OrderNo STARTS_WITH 'demo-{run_id}'"
+    )
+    assert f"pay-order-po_demo-{run_id}-paid-0" in success
+    assert f"pay-order-po_demo-{run_id}-closepaid-0" in success
+    assert f"pay-order-po_demo-{run_id}-late-0" in expired
+    assert len(success) + len(expired) == 58
+
+
+def test_a_second_stack_on_the_same_data_or_ports_is_a_clear_error(dev: DevProcess) -> None:
+    same_data = subprocess.run(
+        [CLI, "dev", "--temporal-port", str(free_port()), "--ui-port", str(free_port())],
+        env=dev.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert same_data.returncode == 2 and "is held by another payorders dev" in same_data.stderr
+    other = DevProcess(
+        data_dir=dev.data_dir.parent / "other", temporal_port=dev.temporal_port, ui_port=free_port()
+    )
+    same_port = subprocess.run(
+        [CLI, "dev", "--temporal-port", str(other.temporal_port), "--ui-port", str(other.ui_port)],
+        env=other.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert same_port.returncode == 2 and "already in use" in same_port.stderr
+
+
+def test_restart_carries_on_with_the_open_workflows(dev: DevProcess) -> None:
+    dev.cli(
+        "create",
+        "--order-no",
+        "restart-A",
+        "--amount",
+        "100",
+        "--currency",
+        "USD",
+        "--expires-in",
+        "6s",
+    )
+    out = dev.stop()
+    assert "stopped" in out
+    assert stackinfo.read(dev.data_dir) is None
+    children = subprocess.run(
+        ["pgrep", "-f", str(dev.data_dir)], capture_output=True, text=True
+    ).stdout.split()
+    assert children == []  # PostgreSQL, Temporal and the worker all stopped
+    time.sleep(7)  # the order expires while nothing runs
+    dev.start()
+    deadline = time.monotonic() + 60
+    while (status := dev.cli_json("status", "po_restart-A"))["pay_order"]["status"] == "PAYING":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert status["pay_order"]["status"] == "PAY_EXPIRED"
+    # An order paid before the restart is still in its settlement window, still served.
+    assert dev.cli_json("status", "po_cli-A")["workflow"]["status"] == "RUNNING"
+    assert dev.cli_json("pay", "po_cli-A")["notification"] == "SIGNALLED"
+    deadline = time.monotonic() + 60
+    while dev.cli_json("status", "po_cli-A")["pay_order"]["refunded_amount"] != 1999:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+
+
+def test_the_cli_module_is_the_installed_entry_point() -> None:
+    assert Path(CLI).parent == Path(sys.executable).parent
