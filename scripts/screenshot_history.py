@@ -50,7 +50,7 @@ async def main(argv: list[str]) -> None:
     chromium = shutil.which("chromium")
     if chromium is None:
         raise SystemExit("chromium not found: apt-get install chromium")
-    url = f"{settings.temporal_ui_url}/namespaces/{settings.temporal_namespace}/workflows/{workflow_id}"
+    url = settings.ui_link(workflow_id)
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         page = await browser.new_page(viewport={"width": 1500, "height": 1100})
