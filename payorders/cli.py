@@ -23,6 +23,7 @@ from temporalio.service import RPCError
 
 from payorders import domain
 from payorders.api import PayOrderConflict, PayOrders, UnknownPayOrder, connect
+from payorders.customer import customer_pays
 from payorders.runtime import (
     Resources,
     StackNotRunning,
@@ -177,15 +178,13 @@ async def cmd_pay(args: argparse.Namespace, settings: Settings) -> int:
             raise CliError(f"no pay order {args.pay_order_no}")
         amount = args.amount if args.amount is not None else row.amount
         currency = args.currency or row.currency
-        cap = await c.res.sandbox.capture(
-            pay_order_no=row.pay_order_no, amount=amount, currency=currency, txn_id=args.txn_id
-        )
-        outcome = await c.api.notify_payment(
+        cap, outcome = await customer_pays(
+            c.api,
+            c.res.sandbox,
             pay_order_no=row.pay_order_no,
-            txn_id=cap.txn_id,
             amount=amount,
             currency=currency,
-            paid_at=cap.captured_at,
+            txn_id=args.txn_id,
         )
         data = {
             "pay_order_no": row.pay_order_no,

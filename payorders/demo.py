@@ -13,6 +13,7 @@ from typing import Any
 
 from payorders import domain
 from payorders.api import PayOrders, StartedPayOrder
+from payorders.customer import customer_pays
 from payorders.domain import PayOrderStatus
 from payorders.runtime import Resources
 from payorders.table import render
@@ -52,15 +53,13 @@ class Ctx:
 
     async def pay(self, pay_order_no: str, amount: int = 1999, txn_id: str | None = None) -> str:
         """The customer pays at the sandbox gateway, which notifies the adapter."""
-        cap = await self.res.sandbox.capture(
-            pay_order_no=pay_order_no, amount=amount, currency="USD", txn_id=txn_id
-        )
-        await self.api.notify_payment(
+        cap, _ = await customer_pays(
+            self.api,
+            self.res.sandbox,
             pay_order_no=pay_order_no,
-            txn_id=cap.txn_id,
             amount=amount,
             currency="USD",
-            paid_at=cap.captured_at,
+            txn_id=txn_id,
         )
         return cap.txn_id
 
@@ -97,29 +96,27 @@ async def fifty_at_the_expiry_instant(c: Ctx) -> list[str]:
     return [s.pay_order_no for s in started]
 
 
-async def late_payment(c: Ctx) -> list[str]:
-    no = await c.create("late")
+async def _late_payment(c: Ctx, scenario: str, **faults: Any) -> list[str]:
+    """An order expires, then its payment lands; ``faults`` arm the gateway for its refund."""
+    no = domain.pay_order_no_for(c.order_no(scenario))
+    if faults:
+        await c.res.sandbox.set_faults(no, **faults)
+    await c.create(scenario)
     await c.wait_status(no, PayOrderStatus.PAY_EXPIRED)
     await c.pay(no)
     return [no]
+
+
+async def late_payment(c: Ctx) -> list[str]:
+    return await _late_payment(c, "late")
 
 
 async def refund_fails_five_times(c: Ctx) -> list[str]:
-    no = domain.pay_order_no_for(c.order_no("flaky"))
-    await c.res.sandbox.set_faults(no, fail_next_refunds=5)
-    await c.create("flaky")
-    await c.wait_status(no, PayOrderStatus.PAY_EXPIRED)
-    await c.pay(no)
-    return [no]
+    return await _late_payment(c, "flaky", fail_next_refunds=5)
 
 
 async def refund_times_out_after_success(c: Ctx) -> list[str]:
-    no = domain.pay_order_no_for(c.order_no("ambiguous"))
-    await c.res.sandbox.set_faults(no, timeout_after_success_next=1)
-    await c.create("ambiguous")
-    await c.wait_status(no, PayOrderStatus.PAY_EXPIRED)
-    await c.pay(no)
-    return [no]
+    return await _late_payment(c, "ambiguous", timeout_after_success_next=1)
 
 
 async def duplicate_notification(c: Ctx) -> list[str]:

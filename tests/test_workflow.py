@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from temporalio.testing import WorkflowEnvironment
 
 from payorders.domain import PayOrderStatus, RefundReason
 from payorders.runtime import Resources
 
-from .conftest import assert_settled, order_no, pay, running_stack
+from .conftest import Stack, assert_settled, order_no, pay, running_stack
 
 PAYING = PayOrderStatus.PAYING
 SUCCESS = PayOrderStatus.PAY_SUCCESS
 EXPIRED = PayOrderStatus.PAY_EXPIRED
+
+
+async def expire_then_pay(stack: Stack, amount: int, currency: str = "USD", **faults: Any) -> str:
+    """An order expires unpaid; then its payment lands. ``faults`` arm the gateway first."""
+    no = order_no()
+    if faults:
+        await stack.svc.sandbox.set_faults(f"po_{no}", **faults)
+    started = await stack.api.start_pay_order(
+        order_no=no, amount=amount, currency=currency, now=await stack.now()
+    )
+    await stack.env.sleep(timedelta(hours=2))
+    await stack.wait_view(started.pay_order_no, lambda v: v.status is EXPIRED)
+    await pay(stack, started.pay_order_no, amount, currency)
+    await stack.result(started.pay_order_no)
+    return started.pay_order_no
 
 
 async def test_paid_before_expiry_succeeds_and_closes_after_the_25h_window(
@@ -74,45 +90,22 @@ async def test_late_payment_after_expiry_is_refunded_once(
     ts_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
-        started = await stack.api.start_pay_order(
-            order_no=order_no(), amount=700, currency="GBP", now=await stack.now()
-        )
-        await ts_env.sleep(timedelta(hours=2))
-        await stack.wait_view(started.pay_order_no, lambda v: v.status is EXPIRED)
-        txn = await pay(stack, started.pay_order_no, 700, "GBP")
-        result = await stack.result(started.pay_order_no)
-        assert (result.status, result.paid_amount, result.refunded_amount) == (EXPIRED, 700, 700)
-        await assert_settled(
-            stack, started.pay_order_no, status=EXPIRED, paid=700, refunded=700, gateway_refunds=1
-        )
-        [payment] = await svc.store.payments_of(started.pay_order_no)
-        assert (payment["txn_id"], payment["refund_reason"]) == (txn, "LATE")
+        no = await expire_then_pay(stack, 700, "GBP")
+        await assert_settled(stack, no, status=EXPIRED, paid=700, refunded=700, gateway_refunds=1)
+        [payment] = await svc.store.payments_of(no)
+        assert payment["refund_reason"] == "LATE"
 
 
 async def test_refund_failing_five_times_then_succeeding_refunds_exactly_once(
     ts_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
-        no = order_no()
-        await svc.sandbox.set_faults(f"po_{no}", fail_next_refunds=5)
-        started = await stack.api.start_pay_order(
-            order_no=no,
-            amount=300,
-            currency="USD",
-            expires_in=timedelta(minutes=5),
-            now=await stack.now(),
-        )
-        await ts_env.sleep(timedelta(minutes=10))
-        await stack.wait_view(started.pay_order_no, lambda v: v.status is EXPIRED)
-        await pay(stack, started.pay_order_no, 300)
-        await stack.result(started.pay_order_no)
-        await assert_settled(
-            stack, started.pay_order_no, status=EXPIRED, paid=300, refunded=300, gateway_refunds=1
-        )
-        ledger = await svc.sandbox.ledger_of(started.pay_order_no)
+        no = await expire_then_pay(stack, 300, fail_next_refunds=5)
+        await assert_settled(stack, no, status=EXPIRED, paid=300, refunded=300, gateway_refunds=1)
+        ledger = await svc.sandbox.ledger_of(no)
         outcomes = [outcome for _, outcome in ledger["refund_calls"]]
         assert outcomes == ["FAILED_INJECTED"] * 5 + ["SUCCEEDED"]
-        [payment] = await svc.store.payments_of(started.pay_order_no)
+        [payment] = await svc.store.payments_of(no)
         assert payment["attempts"] == 6
 
 
@@ -120,28 +113,9 @@ async def test_refund_timing_out_after_the_gateway_refunded_is_not_refunded_twic
     ts_env: WorkflowEnvironment, svc: Resources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
-        no = order_no()
-        await svc.sandbox.set_faults(f"po_{no}", timeout_after_success_next=1)
-        started = await stack.api.start_pay_order(
-            order_no=no,
-            amount=4200,
-            currency="JPY",
-            expires_in=timedelta(minutes=5),
-            now=await stack.now(),
-        )
-        await ts_env.sleep(timedelta(minutes=10))
-        await stack.wait_view(started.pay_order_no, lambda v: v.status is EXPIRED)
-        await pay(stack, started.pay_order_no, 4200, "JPY")
-        await stack.result(started.pay_order_no)
-        await assert_settled(
-            stack,
-            started.pay_order_no,
-            status=EXPIRED,
-            paid=4200,
-            refunded=4200,
-            gateway_refunds=1,
-        )
-        ledger = await svc.sandbox.ledger_of(started.pay_order_no)
+        no = await expire_then_pay(stack, 4200, "JPY", timeout_after_success_next=1)
+        await assert_settled(stack, no, status=EXPIRED, paid=4200, refunded=4200, gateway_refunds=1)
+        ledger = await svc.sandbox.ledger_of(no)
         outcomes = [outcome for _, outcome in ledger["refund_calls"]]
         # The caller saw a timeout after the money moved; it asked instead of refunding again.
         assert outcomes == ["SUCCEEDED", "ANSWER_WITHHELD"]
