@@ -22,7 +22,7 @@ from temporalio.common import (
 )
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 
 from payorders import domain
 from payorders import search_attributes as sa
@@ -46,11 +46,23 @@ class PayOrderConflict(ValueError):
     """The order already has a pay order with another amount or currency."""
 
 
-async def connect(settings: Settings) -> Client:
+# A request handler answers within its caller's patience: give up on an unreachable
+# Temporal after about 2 s (and say 503) rather than after the SDK's default 10 s.
+FAIL_FAST = RetryConfig(max_elapsed_time_millis=2_000, max_retries=4)
+
+
+async def connect(settings: Settings, *, service: bool = False) -> Client:
+    """The one Temporal client of a process, with the pydantic data converter.
+
+    ``service``: for a request-serving process: connect on first use (so it can start,
+    and answer 503, while Temporal is down) and fail fast instead of retrying for long.
+    """
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
+        lazy=service,
+        retry_config=FAIL_FAST if service else None,
     )
 
 
@@ -235,8 +247,6 @@ class PayOrders:
 
     async def get_pay_order(self, pay_order_no: str) -> PayOrderDetails:
         row = await self._store.get_pay_order(pay_order_no)
-        if row is None:
-            raise UnknownPayOrder(f"no pay order {pay_order_no}")
         handle = self._client.get_workflow_handle(domain.workflow_id_for(pay_order_no))
         view: PayOrderView | None = None
         wf_status: str | None = None
@@ -246,7 +256,24 @@ class PayOrders:
             if desc.status is WorkflowExecutionStatus.RUNNING:
                 view = await handle.query("status", result_type=PayOrderView)
         except RPCError:
-            pass
+            desc = None
+        if row is None and view is not None and desc is not None:
+            # Started, but its first activity has not written the row yet: still PAYING.
+            row = PayOrderRow(
+                pay_order_no=pay_order_no,
+                order_no=view.order_no,
+                amount=view.amount,
+                currency=view.currency,
+                status=PayOrderStatus.PAYING,
+                paid_amount=0,
+                refunded_amount=0,
+                lock_version=0,
+                expires_at=view.expires_at,
+                created_at=desc.start_time,
+                updated_at=desc.start_time,
+            )
+        if row is None:
+            raise UnknownPayOrder(f"no pay order {pay_order_no}")
         return PayOrderDetails(
             row=row,
             payments=await self._store.payments_of(pay_order_no),

@@ -9,28 +9,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from temporalio.client import Client
 from temporalio.service import RPCError
 
-from payorders import domain
-from payorders.api import PayOrderConflict, PayOrders, UnknownPayOrder, connect
-from payorders.customer import customer_pays
-from payorders.runtime import (
-    Resources,
-    StackNotRunning,
-    database_url,
-    open_resources,
-    with_stack_defaults,
-)
+from payorders import domain, stackinfo
+from payorders.api import connect
+from payorders.http_clients import SandboxClient, ServiceClient, ServiceError, Unreachable
+from payorders.runtime import with_stack_defaults
 from payorders.settings import Settings
 from payorders.table import pairs, render
 
@@ -115,34 +109,31 @@ def _timestamp(text: str) -> datetime:
 @dataclass
 class Ctx:
     settings: Settings
-    client: Client
-    res: Resources
-    api: PayOrders
+    service: ServiceClient
+    gateway: SandboxClient
 
 
 @asynccontextmanager
 async def connected(settings: Settings) -> AsyncIterator[Ctx]:
+    """HTTP clients of the service API and the sandbox gateway of the running stack."""
     settings = with_stack_defaults(settings)
+    if stackinfo.read(settings.data_dir) is None and "api_url" not in settings.model_fields_set:
+        raise CliError(f"no local stack is running in {settings.data_dir}; {START_HINT}")
     try:
-        url = database_url(settings)
-    except StackNotRunning as e:
-        raise CliError(str(e)) from None
-    try:
-        client = await asyncio.wait_for(connect(settings), 10)
-    except (RPCError, RuntimeError, TimeoutError, OSError) as e:
-        raise CliError(
-            f"cannot reach Temporal at {settings.temporal_address} ({e}); {START_HINT}"
-        ) from None
-    try:
-        async with open_resources(settings, url) as res:
-            yield Ctx(
-                settings=settings,
-                client=client,
-                res=res,
-                api=PayOrders(client, res.store, settings),
-            )
-    except StackNotRunning as e:
+        service, gateway = ServiceClient(settings), SandboxClient(settings)
+    except Unreachable as e:
         raise CliError(f"{e}; {START_HINT}") from None
+    try:
+        yield Ctx(settings=settings, service=service, gateway=gateway)
+    except Unreachable as e:
+        raise CliError(f"{e}; {START_HINT}") from None
+    except ServiceError as e:
+        if e.status == 422:
+            raise domain.InvalidInput(e.message) from None
+        raise CliError(e.message) from None
+    finally:
+        await service.aclose()
+        await gateway.aclose()
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -157,117 +148,86 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 async def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
     async with connected(settings) as c:
-        try:
-            started = await c.api.start_pay_order(
-                order_no=args.order_no,
-                amount=args.amount,
-                currency=args.currency,
-                expires_in=args.expires_in,
-            )
-        except PayOrderConflict as e:
-            raise CliError(str(e)) from None
-        data = {**asdict(started), "ui": c.api.ui_link(started.pay_order_no)}
-        _emit(args, data, pairs(list(data.items())))
+        doc = await c.service.create(
+            order_no=args.order_no,
+            amount=args.amount,
+            currency=args.currency,
+            expires_in_s=None if args.expires_in is None else int(args.expires_in.total_seconds()),
+        )
+        doc["ui"] = _ui(c, doc["pay_order_no"])
+        _emit(args, doc, pairs(list(doc.items())))
     return 0
 
 
 async def cmd_pay(args: argparse.Namespace, settings: Settings) -> int:
     async with connected(settings) as c:
-        row = await c.res.store.get_pay_order(args.pay_order_no)
-        if row is None:
-            raise CliError(f"no pay order {args.pay_order_no}")
-        amount = args.amount if args.amount is not None else row.amount
-        currency = args.currency or row.currency
-        cap, outcome = await customer_pays(
-            c.api,
-            c.res.sandbox,
-            pay_order_no=row.pay_order_no,
-            amount=amount,
-            currency=currency,
+        order = await c.service.get(args.pay_order_no)
+        capture = await c.gateway.pay(
+            pay_order_no=order["pay_order_no"],
+            amount=args.amount if args.amount is not None else order["amount"],
+            currency=args.currency or order["currency"],
             txn_id=args.txn_id,
         )
-        data = {
-            "pay_order_no": row.pay_order_no,
-            "txn_id": cap.txn_id,
-            "amount": amount,
-            "currency": currency,
-            "captured_at": cap.captured_at,
-            "notification": outcome.value,
-        }
-        _emit(args, data, pairs(list(data.items())))
+        capture["notification"] = "the gateway sends its webhook to the service"
+        _emit(args, capture, pairs(list(capture.items())))
     return 0
 
 
 async def cmd_notify(args: argparse.Namespace, settings: Settings) -> int:
     async with connected(settings) as c:
-        try:
-            outcome = await c.api.notify_payment(
-                pay_order_no=args.pay_order_no,
-                txn_id=args.txn_id,
-                amount=args.amount,
-                currency=args.currency,
-                paid_at=args.paid_at or datetime.now(UTC),
-            )
-        except UnknownPayOrder as e:
-            raise CliError(str(e)) from None
-        _emit(args, {"notification": outcome.value}, f"notification: {outcome.value}")
+        doc = await c.service.send_webhook(
+            pay_order_no=args.pay_order_no,
+            txn_id=args.txn_id,
+            amount=args.amount,
+            currency=args.currency,
+            paid_at=args.paid_at or datetime.now(UTC),
+        )
+        _emit(args, doc, pairs(list(doc.items())))
     return 0
 
 
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     async with connected(settings) as c:
-        try:
-            details = await c.api.get_pay_order(args.pay_order_no)
-        except UnknownPayOrder as e:
-            raise CliError(str(e)) from None
-        ledger = await c.res.sandbox.ledger_of(args.pay_order_no)
-        row = details.row
-        data = {
-            "pay_order": row.model_dump(mode="json"),
-            "payments": details.payments,
-            "fund_identity": asdict(details.fund),
-            "workflow": {
-                "status": details.workflow_status,
-                "view": None if details.view is None else details.view.model_dump(mode="json"),
-            },
-            "gateway": {
-                "trade_state": ledger["trade_state"],
-                "captured": ledger["captured"],
-                "refunded": ledger["refunded"],
-                "captures": [asdict(x) for x in ledger["captures"]],
-                "refunds": [asdict(x) for x in ledger["refunds"]],
-            },
-            "ui": c.api.ui_link(row.pay_order_no),
-        }
-        fund = details.fund
+        order = await c.service.get(args.pay_order_no)
+        ledger = await c.gateway.ledger(args.pay_order_no)
+        data = {**order, "gateway": ledger, "ui": _ui(c, args.pay_order_no)}
+        fund = order["fund_identity"]
+        wf = order.get("workflow") or {}
         text = [
             pairs(
                 [
-                    ("pay order", row.pay_order_no),
-                    ("order", row.order_no),
-                    ("status", row.status.value),
-                    ("amount", f"{row.amount} {row.currency}"),
-                    ("expires at", row.expires_at.isoformat()),
-                    ("paid / refunded", f"{row.paid_amount} / {row.refunded_amount}"),
+                    ("pay order", order["pay_order_no"]),
+                    ("order", order["order_no"]),
+                    ("status", order["status"]),
+                    ("amount", f"{order['amount']} {order['currency']}"),
+                    ("expires at", order["expires_at"]),
+                    ("paid / refunded", f"{order['paid_amount']} / {order['refunded_amount']}"),
                     (
                         "fund identity",
                         "holds"
-                        if fund.holds
-                        else f"not yet: {fund.in_flight} in flight (paid - refunded = {fund.net},"
-                        f" expected {fund.expected_net})",
+                        if fund["holds"]
+                        else f"not yet: {fund['in_flight']} in flight (paid - refunded ="
+                        f" {fund['net']}, expected {fund['expected_net']})",
                     ),
-                    ("lock version", row.lock_version),
-                    ("workflow", details.workflow_status or "not found"),
+                    ("lock version", order["lock_version"]),
+                    ("workflow", order["workflow_status"] or "not found"),
+                    (
+                        "workflow's view",
+                        f"{wf.get('status')}, {wf.get('refunds_in_flight')} refund(s) in flight,"
+                        f" {wf.get('duplicate_notifications')} duplicate notification(s)"
+                        if wf
+                        else "-",
+                    ),
                     (
                         "gateway",
                         f"trade {ledger['trade_state']}, captured {ledger['captured']},"
                         f" refunded {ledger['refunded']} in {len(ledger['refunds'])} refund(s)",
                     ),
-                    ("Temporal UI", c.api.ui_link(row.pay_order_no)),
+                    ("Temporal UI", data["ui"]),
                 ]
             )
         ]
-        if details.payments:
+        if order["payments"]:
             text.append("")
             text.append(
                 render(
@@ -275,13 +235,13 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                     [
                         [
                             p["txn_id"],
-                            f"{p['amount']} {p['currency'].strip()}",
+                            f"{p['amount']} {p['currency']}",
                             "yes" if p["settled"] else "no",
                             p["refund_reason"],
                             p["refund_status"],
-                            p["attempts"],
+                            p["refund_attempts"],
                         ]
-                        for p in details.payments
+                        for p in order["payments"]
                     ],
                 )
             )
@@ -290,85 +250,83 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    async with connected(settings) as c:
-        query = "WorkflowType = 'PayOrderWorkflow'"
-        if args.status:
-            query += f" AND PayOrderStatus = '{args.status}'"
-        rows: list[dict[str, Any]] = []
-        async for wf in c.client.list_workflows(query, limit=args.limit):
-            attrs = wf.search_attributes
-            rows.append(
-                {
-                    "workflow_id": wf.id,
-                    "pay_order_status": (attrs.get("PayOrderStatus") or [None])[0],
-                    "order_no": (attrs.get("OrderNo") or [None])[0],
-                    "expires_at": (attrs.get("ExpiresAt") or [None])[0],
-                    "workflow_status": wf.status.name if wf.status else None,
-                }
-            )
-        table = render(
-            ["workflow", "status", "order", "expires at", "workflow status"],
-            [list(r.values()) for r in rows],
+    settings = with_stack_defaults(settings)
+    try:
+        client = await asyncio.wait_for(connect(settings), 10)
+    except (RPCError, RuntimeError, TimeoutError, OSError) as e:
+        raise CliError(
+            f"cannot reach Temporal at {settings.temporal_address} ({e}); {START_HINT}"
+        ) from None
+    query = "WorkflowType = 'PayOrderWorkflow'"
+    if args.status:
+        query += f" AND PayOrderStatus = '{args.status}'"
+    rows: list[dict[str, Any]] = []
+    async for wf in client.list_workflows(query, limit=args.limit):
+        attrs = wf.search_attributes
+        rows.append(
+            {
+                "workflow_id": wf.id,
+                "pay_order_status": (attrs.get("PayOrderStatus") or [None])[0],
+                "order_no": (attrs.get("OrderNo") or [None])[0],
+                "expires_at": (attrs.get("ExpiresAt") or [None])[0],
+                "workflow_status": wf.status.name if wf.status else None,
+            }
         )
-        _emit(args, rows, table + f"\n({len(rows)} shown; query: {query})")
+    table = render(
+        ["workflow", "status", "order", "expires at", "workflow status"],
+        [list(r.values()) for r in rows],
+    )
+    _emit(args, rows, table + f"\n({len(rows)} shown; query: {query})")
     return 0
 
 
+FAULT_FIELDS = {
+    "fail_next_refunds": "fail_next_refunds",
+    "timeout_after_success": "timeout_after_success_next",
+    "delay_ms": "delay_ms",
+    "webhook_delay_ms": "webhook_delay_ms",
+    "webhook_duplicate": "webhook_duplicate_next",
+    "webhook_drop": "webhook_drop_next",
+    "webhook_reorder": "webhook_reorder_next",
+}
+
+
 async def cmd_fault(args: argparse.Namespace, settings: Settings) -> int:
-    changes: dict[str, Any] = {}
-    if args.fail_next_refunds is not None:
-        changes["fail_next_refunds"] = args.fail_next_refunds
-    if args.timeout_after_success is not None:
-        changes["timeout_after_success_next"] = args.timeout_after_success
-    if args.delay_ms is not None:
-        changes["delay_ms"] = args.delay_ms
+    changes: dict[str, Any] = {
+        field: getattr(args, arg)
+        for arg, field in FAULT_FIELDS.items()
+        if getattr(args, arg) is not None
+    }
     if args.paid_on_close is not None:
         amount, currency = args.paid_on_close
         changes["paid_on_close_amount"] = _amount(amount)
         changes["paid_on_close_currency"] = _currency(currency)
-    scope = args.order or "*"
     async with connected(settings) as c:
-        sandbox = c.res.sandbox
         if args.clear:
-            await sandbox.clear_faults(args.order)
+            await c.gateway.clear_faults(args.order)
         if changes:
-            await sandbox.set_faults(scope, **changes)
-        faults = await sandbox.list_faults()
+            await c.gateway.set_faults(args.order or "*", **changes)
+        faults = await c.gateway.faults()
+        columns = ["scope", *FAULT_FIELDS.values(), "paid_on_close_amount"]
         _emit(
             args,
             faults,
-            render(
-                [
-                    "scope",
-                    "fail next refunds",
-                    "timeout after success",
-                    "delay ms",
-                    "paid on close",
-                ],
-                [
-                    [
-                        f["scope"],
-                        f["fail_next_refunds"],
-                        f["timeout_after_success_next"],
-                        f["delay_ms"],
-                        f"{f['paid_on_close_amount']} {f['paid_on_close_currency']}"
-                        if f["paid_on_close_amount"]
-                        else "",
-                    ]
-                    for f in faults
-                ],
-            )
+            render(columns, [[f.get(k) for k in columns] for f in faults])
             if faults
             else "no faults set",
         )
     return 0
 
 
+def _ui(c: Ctx, pay_order_no: str) -> str:
+    return c.settings.ui_link(domain.workflow_id_for(pay_order_no))
+
+
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from payorders.demo import run_demo
 
     async with connected(settings) as c:
-        return await run_demo(c.api, c.res)
+        return await run_demo(c.settings)
 
 
 async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
@@ -376,14 +334,18 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.data_dir is not None:
         settings = settings.model_copy(update={"data_dir": args.data_dir})
-    options = DevOptions(temporal_port=args.temporal_port, ui_port=args.ui_port)
+    options = DevOptions(
+        temporal_port=args.temporal_port,
+        ui_port=args.ui_port,
+        api_port=args.api_port,
+        gateway_port=args.gateway_port,
+    )
 
     async def demo(stack: DevStack) -> int:
         from payorders.demo import run_demo
 
         # The stack has written its addresses and tuning to the data directory.
-        async with connected(settings) as c:
-            return await run_demo(c.api, c.res)
+        return await run_demo(with_stack_defaults(settings))
 
     return await run_dev(settings, options, after_start=demo if args.demo else None)
 
@@ -412,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-dir", type=Path, help="where the stack keeps its data (default: ./data)")
     c.add_argument("--temporal-port", type=_count, default=7233, help="Temporal gRPC port")
     c.add_argument("--ui-port", type=_count, default=8233, help="Temporal Web UI port")
+    c.add_argument("--api-port", type=_count, default=8000, help="service API port")
+    c.add_argument("--gateway-port", type=_count, default=8001, help="sandbox gateway port")
 
     c = command("create", "checkout: create the pay order of an order (idempotent)", cmd_create)
     c.add_argument("--order-no", required=True, type=_identifier("order_no"))
@@ -448,7 +412,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="refund, then withhold the answer from the next N callers",
     )
-    c.add_argument("--delay-ms", type=_count, metavar="MS")
+    c.add_argument("--delay-ms", type=_count, metavar="MS", help="slow every gateway call")
+    c.add_argument("--webhook-delay-ms", type=_count, metavar="MS")
+    c.add_argument(
+        "--webhook-duplicate", type=_count, metavar="N", help="deliver the next N webhooks twice"
+    )
+    c.add_argument(
+        "--webhook-drop",
+        type=_count,
+        metavar="N",
+        help="lose the first delivery of the next N webhooks (the retry delivers)",
+    )
+    c.add_argument(
+        "--webhook-reorder",
+        type=_count,
+        metavar="N",
+        help="hold back the next N webhooks so later ones overtake them",
+    )
     c.add_argument(
         "--paid-on-close",
         nargs=2,
@@ -475,4 +455,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 2
     except KeyboardInterrupt:
         code = 130
-    sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: the Temporal SDK's native threads can abort it after a
+    # client was used (temporalio/sdk-python#300), turning a finished command into SIGABRT.
+    os._exit(code)

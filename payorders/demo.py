@@ -12,10 +12,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from payorders import domain
-from payorders.api import PayOrders, StartedPayOrder
-from payorders.customer import customer_pays
 from payorders.domain import PayOrderStatus
-from payorders.runtime import Resources
+from payorders.http_clients import SandboxClient, ServiceClient
+from payorders.settings import Settings
 from payorders.table import render
 
 SHORT = timedelta(seconds=4)
@@ -33,41 +32,43 @@ class Outcome:
 
 
 @dataclass
+class Started:
+    pay_order_no: str
+    expires_at: datetime
+
+
+@dataclass
 class Ctx:
-    api: PayOrders
-    res: Resources
+    """The demo's hands: checkout through the service API, customers at the sandbox
+    gateway (whose webhooks reach the adapter), and reads through both."""
+
+    service: ServiceClient
+    gateway: SandboxClient
+    settings: Settings
     run_id: str
 
     def order_no(self, scenario: str, i: int = 0) -> str:
         return f"demo-{self.run_id}-{scenario}-{i}"
 
-    async def start(
-        self, scenario: str, i: int = 0, *, expires_in: timedelta = SHORT
-    ) -> StartedPayOrder:
-        return await self.api.start_pay_order(
-            order_no=self.order_no(scenario, i), amount=1999, currency="USD", expires_in=expires_in
+    async def start(self, scenario: str, i: int = 0, *, expires_in: timedelta = SHORT) -> Started:
+        doc = await self.service.create(
+            order_no=self.order_no(scenario, i),
+            amount=1999,
+            currency="USD",
+            expires_in_s=int(expires_in.total_seconds()),
         )
+        return Started(doc["pay_order_no"], datetime.fromisoformat(doc["expires_at"]))
 
     async def create(self, scenario: str, i: int = 0, *, expires_in: timedelta = SHORT) -> str:
         return (await self.start(scenario, i, expires_in=expires_in)).pay_order_no
 
-    async def pay(self, pay_order_no: str, amount: int = 1999, txn_id: str | None = None) -> str:
-        """The customer pays at the sandbox gateway, which notifies the adapter."""
-        cap, _ = await customer_pays(
-            self.api,
-            self.res.sandbox,
-            pay_order_no=pay_order_no,
-            amount=amount,
-            currency="USD",
-            txn_id=txn_id,
-        )
-        return cap.txn_id
+    async def pay(self, pay_order_no: str) -> str:
+        """The customer pays at the sandbox gateway, which then sends its webhook."""
+        capture = await self.gateway.pay(pay_order_no=pay_order_no, amount=1999, currency="USD")
+        return str(capture["txn_id"])
 
     async def wait_status(self, pay_order_no: str, status: PayOrderStatus) -> None:
-        while True:
-            row = await self.res.store.get_pay_order(pay_order_no)
-            if row is not None and row.status is status:
-                return
+        while (await self.service.get(pay_order_no))["status"] != status.value:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
 
 
@@ -88,7 +89,7 @@ async def expired(c: Ctx) -> list[str]:
 async def fifty_at_the_expiry_instant(c: Ctx) -> list[str]:
     started = await asyncio.gather(*(c.start("race", i) for i in range(50)))
 
-    async def pay_at_expiry(order: StartedPayOrder) -> None:
+    async def pay_at_expiry(order: Started) -> None:
         await _sleep_until(order.expires_at)
         await c.pay(order.pay_order_no)
 
@@ -100,7 +101,7 @@ async def _late_payment(c: Ctx, scenario: str, **faults: Any) -> list[str]:
     """An order expires, then its payment lands; ``faults`` arm the gateway for its refund."""
     no = domain.pay_order_no_for(c.order_no(scenario))
     if faults:
-        await c.res.sandbox.set_faults(no, **faults)
+        await c.gateway.set_faults(no, **faults)
     await c.create(scenario)
     await c.wait_status(no, PayOrderStatus.PAY_EXPIRED)
     await c.pay(no)
@@ -120,9 +121,10 @@ async def refund_times_out_after_success(c: Ctx) -> list[str]:
 
 
 async def duplicate_notification(c: Ctx) -> list[str]:
-    no = await c.create("dupnotify", expires_in=timedelta(minutes=10))
-    txn = await c.pay(no)
-    await c.pay(no, txn_id=txn)
+    no = domain.pay_order_no_for(c.order_no("dupnotify"))
+    await c.gateway.set_faults(no, webhook_duplicate_next=1)  # the gateway sends it twice
+    await c.create("dupnotify", expires_in=timedelta(minutes=10))
+    await c.pay(no)
     return [no]
 
 
@@ -135,7 +137,7 @@ async def double_payment(c: Ctx) -> list[str]:
 
 async def already_paid_on_close(c: Ctx) -> list[str]:
     no = domain.pay_order_no_for(c.order_no("closepaid"))
-    await c.res.sandbox.set_faults(no, paid_on_close_amount=1999, paid_on_close_currency="USD")
+    await c.gateway.set_faults(no, paid_on_close_amount=1999, paid_on_close_currency="USD")
     await c.create("closepaid")
     return [no]
 
@@ -158,37 +160,40 @@ SCENARIOS: list[tuple[str, str, Callable[[Ctx], Awaitable[list[str]]]]] = [
 
 
 async def _outcome(c: Ctx, no: str) -> tuple[Outcome, bool]:
-    """The order as our rows and the gateway's ledger see it, and whether it has settled."""
-    row = await c.res.store.get_pay_order(no)
-    assert row is not None
-    payments = await c.res.store.payments_of(no)
-    ledger = await c.res.sandbox.ledger_of(no)
-    fund = domain.fund_check(
-        status=row.status,
-        amount=row.amount,
-        paid_amount=row.paid_amount,
-        refunded_amount=row.refunded_amount,
-    )
+    """The order as our service and the gateway's ledger see it, and whether it settled."""
+    order = await c.service.get(no)
+    ledger = await c.gateway.ledger(no)
     settled = (
-        domain.is_terminal(row.status)
-        and all(p["settled"] or p["refund_status"] == "SUCCEEDED" for p in payments)
-        and ledger["captured"] == row.paid_amount
+        order["status"] != PayOrderStatus.PAYING.value
+        and all(p["settled"] or p["refund_status"] == "SUCCEEDED" for p in order["payments"])
+        and ledger["captured"] == order["paid_amount"]
     )
     return (
         Outcome(
             pay_order_no=no,
-            status=row.status.value,
-            paid=row.paid_amount,
-            refunded=row.refunded_amount,
+            status=order["status"],
+            paid=order["paid_amount"],
+            refunded=order["refunded_amount"],
             refunds_at_gateway=len(ledger["refunds"]),
-            identity_holds=fund.holds and ledger["refunded"] == row.refunded_amount,
+            identity_holds=order["fund_identity"]["holds"]
+            and ledger["refunded"] == order["refunded_amount"],
         ),
         settled,
     )
 
 
-async def run_demo(api: PayOrders, res: Resources, *, out: Callable[[str], None] = print) -> int:
-    c = Ctx(api=api, res=res, run_id=datetime.now(UTC).strftime("%H%M%S"))
+async def run_demo(settings: Settings, *, out: Callable[[str], None] = print) -> int:
+    service, gateway = ServiceClient(settings), SandboxClient(settings)
+    try:
+        return await _run(
+            Ctx(service, gateway, settings, datetime.now(UTC).strftime("%H%M%S")), out
+        )
+    finally:
+        await service.aclose()
+        await gateway.aclose()
+
+
+async def _run(c: Ctx, out: Callable[[str], None]) -> int:
     t0 = time.monotonic()
     out(f"demo {c.run_id}: driving {len(SCENARIOS)} scenarios against the running stack")
 
@@ -215,13 +220,13 @@ async def run_demo(api: PayOrders, res: Resources, *, out: Callable[[str], None]
         await asyncio.sleep(0.25)
     out(f"  [{time.monotonic() - t0:5.1f}s] settled: {done}/{len(every)} orders\n")
     for no in every:  # disarm what the scenarios armed at the gateway
-        await res.sandbox.clear_faults(no)
+        await c.gateway.clear_faults(no)
     broken = 0
     for (name, expect, _), orders in zip(SCENARIOS, driven, strict=True):
         rows = [outcomes[no] for no in orders]
         broken += sum(1 for o in rows if not o.identity_holds)
         out(f"== {name}  (expected: {expect})")
-        out(_scenario_table(rows, api))
+        out(_scenario_table(rows, c.settings))
         out("")
     if done != len(every):
         out(f"demo: {len(every) - done} order(s) did not settle within {SETTLE_WITHIN_S:.0f}s")
@@ -233,7 +238,7 @@ async def run_demo(api: PayOrders, res: Resources, *, out: Callable[[str], None]
     return 0
 
 
-def _scenario_table(rows: list[Outcome], api: PayOrders) -> str:
+def _scenario_table(rows: list[Outcome], settings: Settings) -> str:
     headers = ["pay order", "status", "paid", "refunded", "gateway refunds", "identity", "UI"]
     if len(rows) > 3:
         by_status: dict[str, int] = {}
@@ -262,7 +267,7 @@ def _scenario_table(rows: list[Outcome], api: PayOrders) -> str:
             o.refunded,
             o.refunds_at_gateway,
             "holds" if o.identity_holds else "BROKEN",
-            api.ui_link(o.pay_order_no),
+            settings.ui_link(domain.workflow_id_for(o.pay_order_no)),
         ]
         for o in rows
     ]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import httpx
 from temporalio.client import Client
 
 from payorders import embedded, stackinfo
@@ -64,7 +65,19 @@ class StackError(RuntimeError):
 class DevOptions:
     temporal_port: int = 7233
     ui_port: int = 8233
+    api_port: int = 8000
+    gateway_port: int = 8001
     ip: str = "127.0.0.1"
+
+
+@dataclass
+class Child:
+    """A supervised child process of the stack: restarted if it dies."""
+
+    name: str
+    args: list[str]
+    health_url: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
 
 
 def _check_port_free(ip: str, port: int, what: str) -> None:
@@ -110,11 +123,33 @@ class DevStack:
         self._lock: IO[str] | None = None
         self._pg: Any = None
         self._temporal: subprocess.Popen[bytes] | None = None
-        self._worker: subprocess.Popen[bytes] | None = None
         self.database_url = ""
         self.temporal_address = f"{options.ip}:{options.temporal_port}"
         self.ui_url = f"http://{options.ip}:{options.ui_port}"
+        self.api_url = f"http://{options.ip}:{options.api_port}"
+        self.gateway_url = f"http://{options.ip}:{options.gateway_port}"
         self._stopping = False
+        uvicorn = [sys.executable, "-m", "uvicorn", "--factory", "--host", options.ip]
+        quiet = ["--log-level", "warning", "--no-access-log"]
+        self.children = {
+            "api": Child(
+                "api",
+                [*uvicorn, "--port", str(options.api_port), *quiet, "payorders.http_api:app"],
+                f"{self.api_url}/healthz",
+            ),
+            "gateway": Child(
+                "gateway",
+                [
+                    *uvicorn,
+                    "--port",
+                    str(options.gateway_port),
+                    *quiet,
+                    "payorders.sandbox_http:app",
+                ],
+                f"{self.gateway_url}/healthz",
+            ),
+            "worker": Child("worker", [sys.executable, str(ROOT / "worker.py")]),
+        }
 
     # --- start ---------------------------------------------------------------------------
 
@@ -123,12 +158,23 @@ class DevStack:
         self.logs.mkdir(exist_ok=True)
         _check_port_free(self.options.ip, self.options.temporal_port, "temporal")
         _check_port_free(self.options.ip, self.options.ui_port, "ui")
+        _check_port_free(self.options.ip, self.options.api_port, "api")
+        _check_port_free(self.options.ip, self.options.gateway_port, "gateway")
         say("starting PostgreSQL")
         await self._start_postgres()
         say(f"starting the Temporal dev server on {self.temporal_address}")
         await self._start_temporal()
-        say("starting the worker")
-        self._start_worker()
+        for child in self.children.values():
+            say(f"starting the {child.name}")
+            self._spawn(child)
+        for child in self.children.values():
+            if child.health_url is not None:
+                await _wait_until(
+                    _http_ok(child.health_url),
+                    process=child.proc,  # type: ignore[arg-type]
+                    what=f"the {child.name}",
+                    log=self.logs / f"{child.name}.log",
+                )
         stackinfo.write(
             self.data_dir,
             stackinfo.StackInfo(
@@ -136,6 +182,8 @@ class DevStack:
                 temporal_address=self.temporal_address,
                 temporal_ui_url=self.ui_url,
                 database_url=self.database_url,
+                api_url=self.api_url,
+                gateway_url=self.gateway_url,
                 tuning=DEV_WORKER_DEFAULTS,
             ),
         )
@@ -185,7 +233,8 @@ class DevStack:
             args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
 
-    def worker_env(self) -> dict[str, str]:
+    def child_env(self) -> dict[str, str]:
+        """The environment of every child: the stack's addresses, then local tuning."""
         env = {**DEV_WORKER_DEFAULTS, **os.environ}
         env.update(
             {
@@ -194,15 +243,18 @@ class DevStack:
                 "PAYORDERS_DATABASE_URL": self.database_url,
                 "PAYORDERS_TEMPORAL_UI_URL": self.ui_url,
                 "PAYORDERS_DATA_DIR": str(self.data_dir),
+                "PAYORDERS_API_URL": self.api_url,
+                "PAYORDERS_GATEWAY_URL": self.gateway_url,
+                "PAYORDERS_WEBHOOK_URL": f"{self.api_url}/v1/webhooks/gateway",
             }
         )
         return env
 
-    def _start_worker(self) -> None:
-        log = (self.logs / "worker.log").open("ab")
-        self._worker = subprocess.Popen(
-            [sys.executable, str(ROOT / "worker.py")],
-            env=self.worker_env(),
+    def _spawn(self, child: Child) -> None:
+        log = (self.logs / f"{child.name}.log").open("ab")
+        child.proc = subprocess.Popen(
+            child.args,
+            env=self.child_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -212,7 +264,7 @@ class DevStack:
     # --- run -----------------------------------------------------------------------------
 
     async def supervise(self, stop: asyncio.Event, say: Callable[[str], None]) -> None:
-        """Until ``stop``: restart the worker if it dies; fail if the server dies."""
+        """Until ``stop``: restart a child that dies; fail if the Temporal server dies."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
@@ -223,16 +275,17 @@ class DevStack:
                     f"the Temporal dev server exited ({self._temporal.returncode});"
                     f" see {self.logs / 'temporal.log'}"
                 )
-            if self._worker is not None and self._worker.poll() is not None:
-                say(f"worker exited ({self._worker.returncode}); restarting it")
-                self._start_worker()
+            for child in self.children.values():
+                if child.proc is not None and child.proc.poll() is not None:
+                    say(f"{child.name} exited ({child.proc.returncode}); restarting it")
+                    self._spawn(child)
 
-    def restart_worker(self, sig: int = signal.SIGKILL) -> None:
-        """Kill the worker (chaos) and start a new one."""
-        if self._worker is not None:
-            self._worker.send_signal(sig)
-            self._worker.wait()
-        self._start_worker()
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kill a child (chaos); the supervisor starts a new one."""
+        proc = self.children[name].proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait()
 
     # --- stop ----------------------------------------------------------------------------
 
@@ -242,7 +295,8 @@ class DevStack:
         self._stopping = True
         if self._lock is not None:  # never remove the file of a stack we do not own
             stackinfo.remove(self.data_dir)
-        for proc, grace in ((self._worker, 15), (self._temporal, 15)):
+        procs = [c.proc for c in reversed(self.children.values())]
+        for proc, grace in [*((p, 15) for p in procs), (self._temporal, 15)]:
             if proc is None or proc.poll() is not None:
                 continue
             proc.send_signal(signal.SIGINT)
@@ -262,6 +316,8 @@ class DevStack:
         rows = [
             ("Temporal (gRPC)", self.temporal_address),
             ("Temporal Web UI", self.ui_url),
+            ("service API", f"{self.api_url}  (OpenAPI: {self.api_url}/docs)"),
+            ("sandbox gateway", self.gateway_url),
             ("PostgreSQL", self.database_url),
             ("task queue", self.settings.task_queue),
             ("data directory", str(self.data_dir)),
@@ -276,6 +332,8 @@ class DevStack:
             f"    export TEMPORAL_NAMESPACE={self.settings.temporal_namespace}",
             f"    export PAYORDERS_DATABASE_URL='{self.database_url}'",
             f"    export PAYORDERS_TEMPORAL_UI_URL={self.ui_url}",
+            f"    export PAYORDERS_API_URL={self.api_url}",
+            f"    export PAYORDERS_GATEWAY_URL={self.gateway_url}",
         ]
         return "\n".join(lines)
 
@@ -283,6 +341,14 @@ class DevStack:
 def _sa_arg(key: Any) -> str:
     kind = {"KEYWORD": "Keyword", "DATETIME": "Datetime"}[key.indexed_value_type.name]
     return f"{key.name}={kind}"
+
+
+def _http_ok(url: str) -> Callable[[], Awaitable[object]]:
+    async def probe() -> object:
+        async with httpx.AsyncClient(timeout=2) as http:
+            return (await http.get(url)).raise_for_status()
+
+    return probe
 
 
 def _tail(log: Path, lines: int = 15) -> str:

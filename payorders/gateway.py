@@ -93,6 +93,10 @@ class Gateway(Protocol):
         """The refund made under this key, or None if the gateway has none."""
         ...
 
+    async def query_capture(self, txn_id: str) -> Capture | None:
+        """The capture of a transaction, to verify a notification against the gateway."""
+        ...
+
     async def statement(self, start: datetime, end: datetime) -> Statement:
         """Captures and refunds made in ``[start, end)``."""
         ...

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import asyncpg
 
 from payorders import stackinfo, store
+from payorders.gateway import Gateway
+from payorders.http_gateway import HttpGateway
 from payorders.sandbox_gateway import SandboxGateway, TimeoutClient
 from payorders.settings import Settings
 
@@ -24,7 +26,9 @@ class Resources:
     pool: asyncpg.Pool
     store: store.PayOrderStore
     sandbox: SandboxGateway
-    gateway: TimeoutClient
+    """The sandbox's ledger, in-process: tests and local tools read and arm it directly."""
+    gateway: Gateway
+    """What activities and the webhook adapter call: HTTP when ``gateway_url`` is set."""
 
 
 def database_url(settings: Settings) -> str:
@@ -54,8 +58,9 @@ def with_stack_defaults(settings: Settings) -> Settings:
         updates["temporal_address"] = info.temporal_address
     if "temporal_ui_url" not in settings.model_fields_set:
         updates["temporal_ui_url"] = info.temporal_ui_url
-    if "database_url" not in settings.model_fields_set:
-        updates["database_url"] = info.database_url
+    for field in ("database_url", "api_url", "gateway_url"):
+        if field not in settings.model_fields_set:
+            updates[field] = getattr(info, field)
     # Validate again, so tuning strings become the fields' types.
     return Settings(**{**settings.model_dump(), **updates})
 
@@ -68,6 +73,7 @@ async def open_resources(settings: Settings, url: str) -> AsyncIterator[Resource
         )
     except (OSError, asyncpg.PostgresError) as e:
         raise StackNotRunning(f"cannot reach PostgreSQL ({e})") from e
+    stack = AsyncExitStack()
     try:
         await store.migrate(pool)
         sandbox = SandboxGateway(
@@ -76,14 +82,21 @@ async def open_resources(settings: Settings, url: str) -> AsyncIterator[Resource
             server_timeout_s=settings.gateway_server_timeout_ms / 1000,
         )
         await sandbox.install()
+        client_timeout_s = settings.gateway_client_timeout_ms / 1000
+        gateway: Gateway
+        if settings.gateway_url:
+            http = HttpGateway(settings.gateway_url, client_timeout_s=client_timeout_s)
+            stack.push_async_callback(http.aclose)
+            gateway = http
+        else:
+            gateway = TimeoutClient(sandbox, client_timeout_s=client_timeout_s)
         yield Resources(
             settings=settings,
             pool=pool,
             store=store.PayOrderStore(pool),
             sandbox=sandbox,
-            gateway=TimeoutClient(
-                sandbox, client_timeout_s=settings.gateway_client_timeout_ms / 1000
-            ),
+            gateway=gateway,
         )
     finally:
+        await stack.aclose()
         await pool.close()

@@ -3,19 +3,26 @@
 The ledger is the gateway's truth, separate from ours, so tests and reconciliation can
 compare the two. Faults are rows too, so another process (the CLI, a test) can set them.
 A fault row's ``scope`` is a pay order number, or ``*`` for every order.
+
+Webhooks are rows too (``webhook_delivery``), written in the capture's transaction and sent
+by ``deliver_due``, so a notification survives a restart and is retried like a real
+gateway's, on a short schedule for local use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, TypeVar
 
 import asyncpg
 
+from payorders import webhook
 from payorders.domain import RefundStatus
 from payorders.gateway import (
     Capture,
@@ -72,10 +79,46 @@ CREATE TABLE IF NOT EXISTS {s}.fault (
     paid_on_close_amount      bigint CHECK (paid_on_close_amount > 0),
     paid_on_close_currency    text
 );
-
+-- Added after the first release: upgrade an existing schema in place.
+ALTER TABLE {s}.refund ADD COLUMN IF NOT EXISTS processing_ms double precision;
+ALTER TABLE {s}.fault
+    ADD COLUMN IF NOT EXISTS webhook_delay_ms integer NOT NULL DEFAULT 0
+        CHECK (webhook_delay_ms >= 0),
+    ADD COLUMN IF NOT EXISTS webhook_duplicate_next integer NOT NULL DEFAULT 0
+        CHECK (webhook_duplicate_next >= 0),
+    ADD COLUMN IF NOT EXISTS webhook_drop_next integer NOT NULL DEFAULT 0
+        CHECK (webhook_drop_next >= 0),
+    ADD COLUMN IF NOT EXISTS webhook_reorder_next integer NOT NULL DEFAULT 0
+        CHECK (webhook_reorder_next >= 0);
+CREATE TABLE IF NOT EXISTS {s}.webhook_delivery (
+    event_id        text PRIMARY KEY,
+    pay_order_no    text NOT NULL,
+    txn_id          text NOT NULL,
+    body            bytea NOT NULL,
+    copies          integer NOT NULL DEFAULT 1 CHECK (copies >= 1),
+    deliveries      integer NOT NULL DEFAULT 0,
+    drop_first      boolean NOT NULL DEFAULT false,
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    delivered_at    timestamptz,
+    last_status     integer,
+    last_error      text,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS webhook_delivery_due ON {s}.webhook_delivery (next_attempt_at)
+    WHERE deliveries < copies;
+CREATE INDEX IF NOT EXISTS webhook_delivery_pay_order_no
+    ON {s}.webhook_delivery (pay_order_no);
 """
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+REORDER_HOLD_S = 1.5
+"""How long a reordered webhook is held back, so an event created after it goes first."""
+RETRY_CAP_MS = 60_000
+DELIVERY_BATCH = 50
 
 
 @dataclass(frozen=True)
@@ -85,6 +128,37 @@ class Faults:
     delay_ms: int = 0
     paid_on_close_amount: int | None = None
     paid_on_close_currency: str | None = None
+    webhook_delay_ms: int = 0
+    """The first delivery attempt of each new event waits this long."""
+    webhook_duplicate_next: int = 0
+    """The next N events are delivered twice (same event id and body)."""
+    webhook_drop_next: int = 0
+    """The first attempt of the next N events is lost: counted, never sent, retried later."""
+    webhook_reorder_next: int = 0
+    """The next N events are held back by ``REORDER_HOLD_S`` so later ones overtake them."""
+
+
+FAULT_FIELDS = tuple(f.name for f in fields(Faults))
+_COUNTERS = frozenset(
+    {
+        "fail_next_refunds",
+        "timeout_after_success_next",
+        "webhook_duplicate_next",
+        "webhook_drop_next",
+        "webhook_reorder_next",
+    }
+)
+
+
+@dataclass(frozen=True)
+class SandboxRefund(GatewayRefund):
+    """A refund as the sandbox's ledger holds it: also how long the gateway took to make it."""
+
+    processing_ms: float | None = None
+
+
+SendWebhook = Callable[[str, dict[str, str], bytes], Awaitable[int]]
+"""``send(url, headers, body)``: the HTTP status of the answer; raises on a network error."""
 
 
 class SandboxGateway:
@@ -92,14 +166,25 @@ class SandboxGateway:
 
     ``server_timeout_s`` is the gateway's own limit: a request slowed past it is answered
     with an error before any work is done, as a real gateway's front end would.
+    ``withhold_answer_s`` is how long the "timeout after success" fault keeps the answer
+    back once the refund is committed: ``None`` (in-process) never answers; a server
+    bounds it so a request cannot hold it forever.
     """
 
-    def __init__(self, pool: asyncpg.Pool, *, schema: str, server_timeout_s: float) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        schema: str,
+        server_timeout_s: float,
+        withhold_answer_s: float | None = None,
+    ) -> None:
         if not schema.isidentifier():
             raise ValueError("schema must be an SQL identifier")
         self._pool = pool
         self._s = schema
         self._server_timeout_s = server_timeout_s
+        self._withhold_answer_s = withhold_answer_s
 
     async def install(self) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -109,17 +194,31 @@ class SandboxGateway:
     # --- the customer's side -------------------------------------------------------------
 
     async def capture(
-        self, *, pay_order_no: str, amount: int, currency: str, txn_id: str | None = None
+        self,
+        *,
+        pay_order_no: str,
+        amount: int,
+        currency: str,
+        txn_id: str | None = None,
+        notify: bool = False,
     ) -> Capture:
         """A customer pays: the gateway captures the money (even for a closed trade, as a
-        payment by another route would). Idempotent per ``txn_id``."""
+        payment by another route would). Idempotent per ``txn_id``.
+
+        With ``notify`` a new capture also queues its ``payment.succeeded`` webhook, in the
+        same transaction; a replayed capture queues nothing more.
+        """
         txn_id = txn_id or f"txn_{uuid.uuid4().hex[:24]}"
         async with self._pool.acquire() as conn, conn.transaction():
-            return await self._capture(conn, pay_order_no, amount, currency, txn_id)
+            capture, created = await self._capture(conn, pay_order_no, amount, currency, txn_id)
+            if notify and created:
+                await self._queue_webhook(conn, capture)
+            return capture
 
     async def _capture(
         self, conn: Conn, pay_order_no: str, amount: int, currency: str, txn_id: str
-    ) -> Capture:
+    ) -> tuple[Capture, bool]:
+        """The capture, and whether this call created it."""
         s = self._s
         rec = await conn.fetchrow(
             f"INSERT INTO {s}.capture (txn_id, pay_order_no, amount, currency)"
@@ -129,6 +228,7 @@ class SandboxGateway:
             amount,
             currency,
         )
+        created = rec is not None
         if rec is None:
             rec = await conn.fetchrow(f"SELECT * FROM {s}.capture WHERE txn_id = $1", txn_id)
             assert rec is not None
@@ -145,11 +245,130 @@ class SandboxGateway:
             pay_order_no,
             txn_id,
         )
-        return _capture(rec)
+        return _capture(rec), created
+
+    async def _queue_webhook(self, conn: Conn, capture: Capture) -> None:
+        """One delivery row for a new capture, shaped by the webhook faults armed now."""
+        no = capture.pay_order_no
+        faults = await self._faults(no, conn)
+        duplicate = await self._consume(no, "webhook_duplicate_next", conn)
+        drop = await self._consume(no, "webhook_drop_next", conn)
+        reorder = await self._consume(no, "webhook_reorder_next", conn)
+        hold_s = faults.webhook_delay_ms / 1000 + (REORDER_HOLD_S if reorder else 0)
+        event = webhook.PaymentEvent(
+            event_id=f"evt_{uuid.uuid4().hex}",
+            pay_order_no=no,
+            txn_id=capture.txn_id,
+            amount=capture.amount,
+            currency=capture.currency,
+            paid_at=capture.captured_at,
+        )
+        await conn.execute(
+            f"INSERT INTO {self._s}.webhook_delivery (event_id, pay_order_no, txn_id, body,"
+            " copies, drop_first, next_attempt_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7))",
+            event.event_id,
+            no,
+            event.txn_id,
+            webhook.payment_event_body(event),
+            2 if duplicate else 1,
+            drop,
+            hold_s,
+        )
+
+    # --- webhooks ---------------------------------------------------------------------------
+
+    async def deliver_due(
+        self,
+        send: SendWebhook,
+        *,
+        url: str,
+        secrets: list[str],
+        max_attempts: int,
+        retry_initial_ms: int,
+    ) -> int:
+        """Send the webhooks that are due, signed with ``secrets[0]``; how many got a 2xx.
+
+        A failed attempt (non-2xx, network error, or a lost first attempt) is retried after
+        ``retry_initial_ms * 2**(attempts before it)``, at most a minute, until
+        ``max_attempts``. Rows stay locked while they are sent, so several delivery loops
+        never send the same row at once.
+        """
+        if not secrets:
+            raise ValueError("webhook delivery needs a signing secret")
+        delivered = 0
+        s = self._s
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"SELECT event_id, body, attempts, drop_first FROM {s}.webhook_delivery"
+                " WHERE deliveries < copies AND attempts < $1 AND next_attempt_at <= now()"
+                " ORDER BY next_attempt_at, created_at, event_id LIMIT $2"
+                " FOR UPDATE SKIP LOCKED",
+                max_attempts,
+                DELIVERY_BATCH,
+            )
+            for row in rows:
+                status: int | None = None
+                error: str | None = None
+                if row["drop_first"] and row["attempts"] == 0:
+                    error = "lost (injected fault): never sent"
+                else:
+                    body = bytes(row["body"])
+                    headers = {
+                        webhook.HEADER: webhook.sign_header([secrets[0]], int(time.time()), body),
+                        "Content-Type": "application/json",
+                    }
+                    try:
+                        status = await send(url, headers, body)
+                    except Exception as e:
+                        # Any failure to get an answer is a failed attempt, retried later.
+                        error = f"{type(e).__name__}: {e}"[:500]
+                if status is not None and 200 <= status < 300:
+                    delivered += 1
+                    await conn.execute(
+                        f"UPDATE {s}.webhook_delivery SET attempts = attempts + 1,"
+                        " deliveries = deliveries + 1, last_status = $2, last_error = NULL,"
+                        " delivered_at = COALESCE(delivered_at, clock_timestamp()),"
+                        " next_attempt_at = clock_timestamp() WHERE event_id = $1",
+                        row["event_id"],
+                        status,
+                    )
+                    continue
+                retry_ms = min(retry_initial_ms * 2 ** min(row["attempts"], 30), RETRY_CAP_MS)
+                await conn.execute(
+                    f"UPDATE {s}.webhook_delivery SET attempts = attempts + 1,"
+                    " last_status = $2, last_error = $3,"
+                    " next_attempt_at = clock_timestamp() + make_interval(secs => $4)"
+                    " WHERE event_id = $1",
+                    row["event_id"],
+                    status,
+                    error or f"HTTP {status}",
+                    retry_ms / 1000,
+                )
+                attempt = row["attempts"] + 1
+                if attempt >= max_attempts:
+                    log.error(
+                        "webhook %s given up after %d attempts (%s)",
+                        row["event_id"],
+                        attempt,
+                        error or f"HTTP {status}",
+                    )
+                else:
+                    log.warning(
+                        "webhook %s attempt %d failed (%s); next in %d ms",
+                        row["event_id"],
+                        attempt,
+                        error or f"HTTP {status}",
+                        retry_ms,
+                    )
+        return delivered
 
     # --- the Gateway protocol -------------------------------------------------------------
 
-    async def close_trade(self, pay_order_no: str) -> CloseResult:
+    async def close_trade(self, pay_order_no: str, *, notify: bool = False) -> CloseResult:
+        """Close the trade, or learn it was paid. With ``notify``, a payment made at the very
+        instant of closing (the ``paid_on_close`` fault) also queues its webhook, as a real
+        gateway would send one for it."""
         faults = await self._apply_delay(pay_order_no)
         s = self._s
         async with self._pool.acquire() as conn, conn.transaction():
@@ -158,13 +377,15 @@ class SandboxGateway:
             )
             if (trade is None or trade["state"] == "OPEN") and faults.paid_on_close_amount:
                 # The customer pays at the very instant we close: the gateway wins the race.
-                await self._capture(
+                paid, _ = await self._capture(
                     conn,
                     pay_order_no,
                     faults.paid_on_close_amount,
                     faults.paid_on_close_currency or "",
                     f"txn_close_{uuid.uuid4().hex[:18]}",
                 )
+                if notify:
+                    await self._queue_webhook(conn, paid)
                 trade = await conn.fetchrow(
                     f"SELECT * FROM {s}.trade WHERE pay_order_no = $1", pay_order_no
                 )
@@ -182,6 +403,14 @@ class SandboxGateway:
             return CloseResult(closed=True)
 
     async def refund(self, request: RefundRequest) -> GatewayRefund:
+        return _refund(await self._refund_row(request))
+
+    async def refund_detailed(self, request: RefundRequest) -> SandboxRefund:
+        """``refund``, with the sandbox's own detail (how long making the refund took)."""
+        return _sandbox_refund(await self._refund_row(request))
+
+    async def _refund_row(self, request: RefundRequest) -> asyncpg.Record:
+        started = time.perf_counter()
         await self._apply_delay(request.pay_order_no)
         if await self._consume(request.pay_order_no, "fail_next_refunds"):
             await self._log_call(request.idempotency_key, "FAILED_INJECTED")
@@ -200,7 +429,7 @@ class SandboxGateway:
                     await self._log_call(request.idempotency_key, "REJECTED_KEY_REUSE", conn)
                     raise GatewayRejected("idempotency key reused with other parameters")
                 await self._log_call(request.idempotency_key, "REPLAYED", conn)
-                return _refund(existing)
+                return existing
             cap = await conn.fetchrow(
                 f"SELECT * FROM {s}.capture WHERE txn_id = $1 FOR UPDATE", request.txn_id
             )
@@ -216,29 +445,60 @@ class SandboxGateway:
                 raise GatewayRejected("refund exceeds what was captured")
             rec = await conn.fetchrow(
                 f"INSERT INTO {s}.refund (idempotency_key, gateway_refund_id, txn_id, amount,"
-                " currency, status) VALUES ($1, $2, $3, $4, $5, 'SUCCEEDED') RETURNING *",
+                " currency, status, processing_ms) VALUES ($1, $2, $3, $4, $5, 'SUCCEEDED', $6)"
+                " RETURNING *",
                 request.idempotency_key,
                 f"rf_{uuid.uuid4().hex[:24]}",
                 request.txn_id,
                 request.amount,
                 request.currency,
+                (time.perf_counter() - started) * 1000,
             )
             await self._log_call(request.idempotency_key, "SUCCEEDED", conn)
         assert rec is not None
         if await self._consume(request.pay_order_no, "timeout_after_success_next"):
             # The money has moved; the answer never reaches the caller before its timeout.
             await self._log_call(request.idempotency_key, "ANSWER_WITHHELD")
-            await asyncio.Event().wait()
-        return _refund(rec)
+            if self._withhold_answer_s is None:
+                await asyncio.Event().wait()
+            else:
+                await asyncio.sleep(self._withhold_answer_s)
+        return rec
 
     async def query_refund(self, idempotency_key: str) -> GatewayRefund | None:
-        async with self._pool.acquire() as conn:
-            rec = await conn.fetchrow(
-                f"SELECT * FROM {self._s}.refund WHERE idempotency_key = $1", idempotency_key
-            )
+        rec = await self._refund_by_key(idempotency_key)
         return None if rec is None else _refund(rec)
 
+    async def query_refund_detailed(self, idempotency_key: str) -> SandboxRefund | None:
+        rec = await self._refund_by_key(idempotency_key)
+        return None if rec is None else _sandbox_refund(rec)
+
+    async def _refund_by_key(self, idempotency_key: str) -> asyncpg.Record | None:
+        async with self._pool.acquire() as conn:
+            rec: asyncpg.Record | None = await conn.fetchrow(
+                f"SELECT * FROM {self._s}.refund WHERE idempotency_key = $1", idempotency_key
+            )
+        return rec
+
+    async def query_capture(self, txn_id: str) -> Capture | None:
+        async with self._pool.acquire() as conn:
+            rec = await conn.fetchrow(f"SELECT * FROM {self._s}.capture WHERE txn_id = $1", txn_id)
+        return None if rec is None else _capture(rec)
+
     async def statement(self, start: datetime, end: datetime) -> Statement:
+        caps, refs = await self._statement_rows(start, end)
+        return Statement(captures=[_capture(c) for c in caps], refunds=[_refund(r) for r in refs])
+
+    async def statement_detailed(self, start: datetime, end: datetime) -> Statement:
+        """``statement`` whose refunds are ``SandboxRefund``s."""
+        caps, refs = await self._statement_rows(start, end)
+        return Statement(
+            captures=[_capture(c) for c in caps], refunds=[_sandbox_refund(r) for r in refs]
+        )
+
+    async def _statement_rows(
+        self, start: datetime, end: datetime
+    ) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
         s = self._s
         async with self._pool.acquire() as conn:
             caps = await conn.fetch(
@@ -253,12 +513,13 @@ class SandboxGateway:
                 start,
                 end,
             )
-        return Statement(captures=[_capture(c) for c in caps], refunds=[_refund(r) for r in refs])
+        return caps, refs
 
     # --- ledger reads and faults (sandbox only) ---------------------------------------------
 
     async def ledger_of(self, pay_order_no: str) -> dict[str, Any]:
-        """What the gateway holds for one pay order: captures, refunds and refund calls."""
+        """What the gateway holds for one pay order: captures, refunds (``SandboxRefund``),
+        refund calls and webhook deliveries."""
         s = self._s
         async with self._pool.acquire() as conn:
             caps = await conn.fetch(
@@ -278,43 +539,61 @@ class SandboxGateway:
             trade = await conn.fetchrow(
                 f"SELECT state FROM {s}.trade WHERE pay_order_no = $1", pay_order_no
             )
+            hooks = await conn.fetch(
+                f"SELECT event_id, txn_id, copies, deliveries, attempts, next_attempt_at,"
+                f" delivered_at, last_status, last_error, created_at FROM {s}.webhook_delivery"
+                " WHERE pay_order_no = $1 ORDER BY created_at, event_id",
+                pay_order_no,
+            )
         return {
             "trade_state": None if trade is None else trade["state"],
             "captures": [_capture(c) for c in caps],
-            "refunds": [_refund(r) for r in refs],
+            "refunds": [_sandbox_refund(r) for r in refs],
             "refund_calls": [(c["idempotency_key"], c["outcome"]) for c in calls],
             "captured": sum(c["amount"] for c in caps),
             "refunded": sum(r["amount"] for r in refs),
+            "webhooks": [dict(h) for h in hooks],
         }
 
     async def set_faults(self, scope: str = "*", **faults: Any) -> None:
-        current = await self._faults_row(scope) or Faults()
-        merged = Faults(**{**current.__dict__, **faults})
-        async with self._pool.acquire() as conn:
-            await conn.execute(
-                f"INSERT INTO {self._s}.fault (scope, fail_next_refunds,"
-                " timeout_after_success_next, delay_ms, paid_on_close_amount,"
-                " paid_on_close_currency) VALUES ($1, $2, $3, $4, $5, $6)"
-                " ON CONFLICT (scope) DO UPDATE SET fail_next_refunds = $2,"
-                " timeout_after_success_next = $3, delay_ms = $4, paid_on_close_amount = $5,"
-                " paid_on_close_currency = $6",
-                scope,
-                merged.fail_next_refunds,
-                merged.timeout_after_success_next,
-                merged.delay_ms,
-                merged.paid_on_close_amount,
-                merged.paid_on_close_currency,
-            )
+        """Arm faults for ``scope``; fields not given keep their current values."""
+        unknown = set(faults) - set(FAULT_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown faults: {', '.join(sorted(unknown))}")
+        if not faults:
+            return
+        names = list(faults)
+        # Column names come from FAULT_FIELDS only (checked above), never from the caller.
+        await self._execute(
+            f"INSERT INTO {self._s}.fault (scope, {', '.join(names)})"
+            f" VALUES ($1, {', '.join(f'${i}' for i in range(2, len(names) + 2))})"
+            f" ON CONFLICT (scope) DO UPDATE SET"
+            f" {', '.join(f'{n} = EXCLUDED.{n}' for n in names)}",
+            scope,
+            *faults.values(),
+        )
 
     async def list_faults(self) -> list[dict[str, Any]]:
         """The faults still armed (spent counters are left out)."""
+        armed = " OR ".join(
+            f"{f.name} IS NOT NULL" if f.default is None else f"{f.name} > 0"
+            for f in fields(Faults)
+        )
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
-                f"SELECT * FROM {self._s}.fault WHERE fail_next_refunds > 0"
-                " OR timeout_after_success_next > 0 OR delay_ms > 0"
-                " OR paid_on_close_amount IS NOT NULL ORDER BY scope"
+                f"SELECT scope, {', '.join(FAULT_FIELDS)} FROM {self._s}.fault"
+                f" WHERE {armed} ORDER BY scope"
             )
         return [dict(r) for r in rows]
+
+    async def faults_of(self, scope: str) -> Faults:
+        """The faults of exactly this scope (no fallback to ``*``)."""
+        return await self._faults_row(scope) or Faults()
+
+    async def ping(self) -> None:
+        """Raises if the ledger cannot be reached."""
+        async with self._pool.acquire() as conn:
+            await conn.fetchval(f"SELECT count(*) FROM {self._s}.fault WHERE false")
 
     async def clear_faults(self, scope: str | None = None) -> None:
         async with self._pool.acquire() as conn:
@@ -323,17 +602,21 @@ class SandboxGateway:
             else:
                 await conn.execute(f"DELETE FROM {self._s}.fault WHERE scope = $1", scope)
 
-    async def _faults_row(self, scope: str) -> Faults | None:
-        async with self._pool.acquire() as conn:
-            rec = await conn.fetchrow(f"SELECT * FROM {self._s}.fault WHERE scope = $1", scope)
-        if rec is None:
-            return None
-        values = dict(rec)
-        values.pop("scope")
-        return Faults(**values)
+    async def _faults_row(self, scope: str, conn: Conn | None = None) -> Faults | None:
+        sql = f"SELECT {', '.join(FAULT_FIELDS)} FROM {self._s}.fault WHERE scope = $1"
+        if conn is not None:
+            rec = await conn.fetchrow(sql, scope)
+        else:
+            async with self._pool.acquire() as c:
+                rec = await c.fetchrow(sql, scope)
+        return None if rec is None else Faults(**dict(rec))
 
-    async def _faults(self, pay_order_no: str) -> Faults:
-        return await self._faults_row(pay_order_no) or await self._faults_row("*") or Faults()
+    async def _faults(self, pay_order_no: str, conn: Conn | None = None) -> Faults:
+        return (
+            await self._faults_row(pay_order_no, conn)
+            or await self._faults_row("*", conn)
+            or Faults()
+        )
 
     async def _apply_delay(self, pay_order_no: str) -> Faults:
         faults = await self._faults(pay_order_no)
@@ -344,18 +627,24 @@ class SandboxGateway:
                 raise GatewayUnavailable("sandbox gateway: server timeout, nothing was done")
         return faults
 
-    async def _consume(self, pay_order_no: str, counter: str) -> bool:
+    async def _consume(self, pay_order_no: str, counter: str, conn: Conn | None = None) -> bool:
         """Take one unit of a counting fault, the order's own before the global one."""
-        async with self._pool.acquire() as conn:
-            for scope in (pay_order_no, "*"):
-                taken = await conn.fetchval(
-                    f"UPDATE {self._s}.fault SET {counter} = {counter} - 1"
-                    f" WHERE scope = $1 AND {counter} > 0 RETURNING scope",
-                    scope,
-                )
-                if taken is not None:
-                    return True
+        assert counter in _COUNTERS
+        sql = (
+            f"UPDATE {self._s}.fault SET {counter} = {counter} - 1"
+            f" WHERE scope = $1 AND {counter} > 0 RETURNING scope"
+        )
+        if conn is None:
+            async with self._pool.acquire() as c:
+                return await self._consume(pay_order_no, counter, c)
+        for scope in (pay_order_no, "*"):
+            if await conn.fetchval(sql, scope) is not None:
+                return True
         return False
+
+    async def _execute(self, sql: str, *args: Any) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.execute(sql, *args)
 
     async def _log_call(self, key: str, outcome: str, conn: Conn | None = None) -> None:
         sql = f"INSERT INTO {self._s}.refund_call (idempotency_key, outcome) VALUES ($1, $2)"
@@ -397,6 +686,9 @@ class TimeoutClient:
     async def query_refund(self, idempotency_key: str) -> GatewayRefund | None:
         return await self._call("query_refund", lambda: self._inner.query_refund(idempotency_key))
 
+    async def query_capture(self, txn_id: str) -> Capture | None:
+        return await self._call("query_capture", lambda: self._inner.query_capture(txn_id))
+
     async def statement(self, start: datetime, end: datetime) -> Statement:
         return await self._call("statement", lambda: self._inner.statement(start, end))
 
@@ -409,6 +701,10 @@ def _capture(rec: asyncpg.Record) -> Capture:
         currency=rec["currency"],
         captured_at=rec["captured_at"],
     )
+
+
+def _sandbox_refund(rec: asyncpg.Record) -> SandboxRefund:
+    return SandboxRefund(**_refund(rec).__dict__, processing_ms=rec["processing_ms"])
 
 
 def _refund(rec: asyncpg.Record) -> GatewayRefund:

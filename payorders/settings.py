@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, PositiveInt, field_validator
+from pydantic import AliasChoices, Field, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from payorders.models import RetryConfig, Timeouts
@@ -51,6 +51,21 @@ class Settings(BaseSettings):
     refund_alert_after_attempts: PositiveInt = 10
 
     sandbox_schema: str = "sandbox_gateway"
+
+    api_url: str = "http://127.0.0.1:8000"
+    """Where the service API listens (checkout, reads, the gateway webhook)."""
+    api_token: SecretStr = SecretStr("dev-api-token")
+    """Bearer token for checkout and reads; the default is for the local stack only."""
+    gateway_url: str | None = None
+    """The payment gateway's HTTP base; unset: the sandbox gateway in-process."""
+    webhook_url: str = "http://127.0.0.1:8000/v1/webhooks/gateway"
+    """Where the (sandbox) gateway delivers its webhooks."""
+    webhook_secrets: list[SecretStr] = [SecretStr("whsec_dev_only")]
+    """Accepted webhook signing secrets, JSON list; the first one signs (rotation)."""
+    webhook_tolerance_s: PositiveInt = 300
+    max_body_bytes: PositiveInt = 65_536
+    sandbox_webhook_max_attempts: PositiveInt = 8
+    sandbox_webhook_retry_initial_ms: PositiveInt = 500
 
     @field_validator("sandbox_schema")
     @classmethod

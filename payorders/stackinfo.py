@@ -17,6 +17,8 @@ class StackInfo:
     temporal_address: str
     temporal_ui_url: str
     database_url: str
+    api_url: str
+    gateway_url: str
     tuning: dict[str, str]
     """Local settings of the stack (PAYORDERS_* names), applied by every client of it."""
 

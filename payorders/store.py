@@ -89,6 +89,11 @@ SELECT p.*, r.refund_key, r.status AS refund_status, r.attempts, r.gateway_refun
 SQL_OUTBOX_OF = """
 SELECT event_type, dedupe_key, payload FROM outbox WHERE pay_order_no = $1 ORDER BY id"""
 
+SQL_WEBHOOK_SEEN = "SELECT outcome FROM webhook_event WHERE event_id = $1"
+SQL_RECORD_WEBHOOK = """
+INSERT INTO webhook_event (event_id, pay_order_no, txn_id, outcome) VALUES ($1, $2, $3, $4)
+ON CONFLICT (event_id) DO NOTHING"""
+
 SQL_INSERT_OUTBOX = """
 INSERT INTO outbox (event_type, pay_order_no, dedupe_key, payload)
 VALUES ($1, $2, $3, $4::jsonb)
@@ -359,6 +364,22 @@ class PayOrderStore:
         async with self._pool.acquire() as conn:
             status = await conn.fetchval(SQL_GET_REFUND_STATUS, refund_key)
         return None if status is None else RefundStatus(status)
+
+    async def webhook_outcome(self, event_id: str) -> str | None:
+        """What we did with this gateway event, or None if we never accepted it."""
+        async with self._pool.acquire() as conn:
+            outcome: str | None = await conn.fetchval(SQL_WEBHOOK_SEEN, event_id)
+        return outcome
+
+    async def record_webhook(
+        self, event_id: str, *, pay_order_no: str, txn_id: str, outcome: str
+    ) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.execute(SQL_RECORD_WEBHOOK, event_id, pay_order_no, txn_id, outcome)
+
+    async def ping(self) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
 
     async def payments_of(self, pay_order_no: str) -> list[dict[str, Any]]:
         async with self._pool.acquire() as conn:

@@ -28,7 +28,6 @@ from payorders import embedded
 from payorders import search_attributes as sa
 from payorders.api import PayOrders, ensure_search_attributes
 from payorders.binaries import find_binary
-from payorders.customer import customer_pays
 from payorders.domain import PayOrderStatus, workflow_id_for
 from payorders.models import PayOrderResult, PayOrderView
 from payorders.runtime import Resources, open_resources
@@ -219,12 +218,14 @@ async def pay(
     txn_id: str | None = None,
 ) -> str:
     """A customer pays at the sandbox gateway, and the gateway adapter reports it."""
-    capture, _ = await customer_pays(
-        stack.api,
-        stack.svc.sandbox,
+    capture = await stack.svc.sandbox.capture(
+        pay_order_no=pay_order_no, amount=amount, currency=currency, txn_id=txn_id
+    )
+    await stack.api.notify_payment(
         pay_order_no=pay_order_no,
+        txn_id=capture.txn_id,
         amount=amount,
         currency=currency,
-        txn_id=txn_id,
+        paid_at=capture.captured_at,
     )
     return capture.txn_id

@@ -62,13 +62,16 @@ def settings_env_names() -> set[str]:
     return names
 
 
-def worker_settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """The settings the worker container starts with: its environment and nothing else."""
+APP_SERVICES = ["worker", "api", "sandbox-gateway"]
+
+
+def worker_settings(monkeypatch: pytest.MonkeyPatch, name: str = "worker") -> Settings:
+    """The settings an app container starts with: its environment and nothing else."""
     allowed = settings_env_names()
     for key in list(os.environ):
         if key.upper() in allowed:
             monkeypatch.delenv(key)
-    for key, value in environment("worker").items():
+    for key, value in environment(name).items():
         monkeypatch.setenv(key, value)
     return Settings()
 
@@ -161,21 +164,34 @@ def test_search_attributes_service_creates_exactly_ours() -> None:
     )
 
 
-def test_worker_gets_only_settings_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    env = environment("worker")
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_services_get_only_settings_variables(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    env = environment(name)
     unread = sorted(set(env) - settings_env_names())
     assert not unread, f"Settings never reads {unread}"
     assert "PAYORDERS_DATABASE_URL" in env
 
-    settings = worker_settings(monkeypatch)  # validates the values, too
+    settings = worker_settings(monkeypatch, name)  # validates the values, too
     assert settings.task_queue == TASK_QUEUE
     assert settings.database_url is not None
-    # The worker waits, healthy, for each server it connects to.
-    hosts = {urlsplit(settings.database_url).hostname, settings.temporal_address.split(":")[0]}
+    # Each app service waits, healthy, for each server it connects to.
+    hosts = {urlsplit(settings.database_url).hostname}
+    if name != "sandbox-gateway":
+        hosts |= {settings.temporal_address.split(":")[0], urlsplit(settings.gateway_url).hostname}
     for host in hosts:
-        assert host in services(), f"the worker connects to {host}, which is not a service"
-        assert services()["worker"]["depends_on"][host]["condition"] == "service_healthy"
+        assert host in services(), f"{name} connects to {host}, which is not a service"
+        assert services()[name]["depends_on"][host]["condition"] == "service_healthy"
     assert settings.temporal_namespace == environment("temporal")["DEFAULT_NAMESPACE"]
+    assert settings.api_token.get_secret_value() != "dev-api-token", "set a real API token"
+
+
+def test_the_api_and_gateway_run_the_project_apps() -> None:
+    assert "payorders.http_api:app" in services()["api"]["command"]
+    assert "payorders.sandbox_http:app" in services()["sandbox-gateway"]["command"]
+    for name in ("api", "sandbox-gateway"):
+        assert services()[name]["build"] == services()["worker"]["build"]
 
 
 def test_worker_is_built_from_the_repo_dockerfile() -> None:

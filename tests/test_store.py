@@ -159,8 +159,8 @@ async def test_migrations_are_safe_when_workers_start_together(db_url: str) -> N
         results = await asyncio.gather(*(store.migrate(p) for p in pools))
         assert results == [[], [], []]  # already applied by the session's first worker
         async with pools[0].acquire() as conn:
-            versions = await conn.fetch("SELECT version FROM schema_migrations")
-        assert [v["version"] for v in versions] == ["0001_pay_orders"]
+            versions = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
+        assert [v["version"] for v in versions] == ["0001_pay_orders", "0002_webhook_events"]
     finally:
         for p in pools:
             await p.close()
@@ -173,7 +173,7 @@ async def test_migrations_apply_once_on_a_fresh_database(pg_admin_url: str) -> N
     pools = [await store.create_pool(url, min_size=1, max_size=1) for _ in range(3)]
     try:
         results = await asyncio.gather(*(store.migrate(p) for p in pools))
-        assert sorted(results) == [[], [], ["0001_pay_orders"]]
+        assert sorted(results) == [[], [], ["0001_pay_orders", "0002_webhook_events"]]
     finally:
         for p in pools:
             await p.close()

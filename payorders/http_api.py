@@ -1,0 +1,442 @@
+"""The service API (FastAPI): checkout, reads, and the gateway webhook adapter.
+
+- ``POST /v1/pay-orders`` and ``GET /v1/pay-orders/{no}`` need the bearer token.
+- ``POST /v1/webhooks/gateway`` is authenticated by its signature instead. It answers 2xx
+  only once Temporal has accepted the payment, 4xx for what must never be retried, and
+  503 while Temporal (or the gateway, to verify against) cannot be reached.
+- ``/healthz`` is liveness; ``/readyz`` is ready only when Temporal and PostgreSQL answer.
+
+Run with ``uvicorn --factory payorders.http_api:app``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+from payorders import api as payorders_api
+from payorders import domain, webhook
+from payorders.api import PayOrderConflict, PayOrders, UnknownPayOrder
+from payorders.gateway import Gateway, GatewayError
+from payorders.runtime import database_url, open_resources
+from payorders.settings import Settings
+from payorders.store import PayOrderStore
+
+log = logging.getLogger("payorders.api")
+
+PAY_ORDER_NO = r"^po_[A-Za-z0-9_-]{1,64}$"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 and code == "unauthorized" else None
+    return JSONResponse(
+        {"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers
+    )
+
+
+# --- request and response models ---------------------------------------------------------
+
+
+def _currency(value: str) -> str:
+    return domain.check_currency(value)
+
+
+Currency = Annotated[
+    str,
+    AfterValidator(_currency),
+    Field(json_schema_extra={"enum": sorted(domain.CURRENCIES)}, examples=["USD"]),
+]
+
+
+class CreatePayOrderRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    order_no: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", examples=["order-42"])
+    amount: StrictInt = Field(gt=0, le=domain.MAX_AMOUNT, description="minor units, e.g. 1999")
+    currency: Currency
+    expires_in_s: StrictInt | None = Field(
+        default=None,
+        gt=0,
+        le=int(domain.MAX_EXPIRES_IN.total_seconds()),
+        description="payment window in seconds (default: the service's, 1 h)",
+    )
+
+
+class PayOrderOut(BaseModel):
+    pay_order_no: str
+    order_no: str
+    amount: int
+    currency: str
+    expires_at: datetime
+    created: bool
+
+
+class PaymentOut(BaseModel):
+    txn_id: str
+    amount: int
+    currency: str
+    paid_at: datetime
+    settled: bool
+    refund_reason: str | None
+    refund_key: str | None
+    refund_status: str | None
+    refund_attempts: int | None
+
+
+class FundOut(BaseModel):
+    holds: bool
+    expected_net: int
+    net: int
+    in_flight: int
+
+
+class PayOrderDetailsOut(BaseModel):
+    pay_order_no: str
+    order_no: str
+    amount: int
+    currency: str
+    status: str
+    expires_at: datetime
+    paid_amount: int
+    refunded_amount: int
+    lock_version: int
+    payments: list[PaymentOut]
+    fund_identity: FundOut
+    workflow_status: str | None
+    workflow: dict[str, Any] | None = Field(
+        default=None, description="the open workflow's own view (query status)"
+    )
+
+
+class WebhookAccepted(BaseModel):
+    received: bool
+    outcome: str
+    duplicate: bool
+
+
+# --- the body limit --------------------------------------------------------------------------
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes with 413, before the application reads them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                await _error(413, "too_large", f"body over {self.limit} bytes")(
+                    scope, receive, send
+                )
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise ApiError(413, "too_large", f"body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+# --- dependencies ----------------------------------------------------------------------------
+
+
+@dataclass
+class Deps:
+    settings: Settings
+    client: Client
+    store: PayOrderStore
+    gateway: Gateway
+    orders: PayOrders
+
+
+def _deps(request: Request) -> Deps:
+    deps: Deps = request.app.state.deps
+    return deps
+
+
+DepsDep = Annotated[Deps, Depends(_deps)]
+
+
+_bearer = HTTPBearer(auto_error=False, description="the service's API token")
+
+
+def require_token(
+    deps: DepsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    expected = deps.settings.api_token.get_secret_value().encode()
+    given = b"" if credentials is None else credentials.credentials.encode()
+    if not hmac.compare_digest(given, expected):
+        raise ApiError(401, "unauthorized", "a valid bearer token is required")
+
+
+def require_json(content_type: Annotated[str | None, Header()] = None) -> None:
+    if (content_type or "").split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+
+
+async def _temporal(call: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a Temporal call; an unreachable Temporal is a 503 the caller may retry."""
+    try:
+        return await call()
+    except RPCError as e:
+        log.warning("temporal unavailable: %s", e.status.name if e.status else e)
+        raise ApiError(503, "temporal_unavailable", "Temporal cannot be reached; retry") from e
+    except RuntimeError as e:  # a lazy client that cannot connect
+        log.warning("temporal unavailable: %s", e)
+        raise ApiError(503, "temporal_unavailable", "Temporal cannot be reached; retry") from e
+
+
+# --- the app ---------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with open_resources(settings, database_url(settings)) as res:
+            client = await payorders_api.connect(settings, service=True)
+            app.state.deps = Deps(
+                settings=settings,
+                client=client,
+                store=res.store,
+                gateway=res.gateway,
+                orders=PayOrders(client, res.store, settings),
+            )
+            yield
+
+    app = FastAPI(
+        title="payorders",
+        version="1",
+        summary="Pay orders safe against the expiry/payment race",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if exc.status < 500:
+            log.info("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.code)
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()
+        ]
+        log.info("%s %s -> 422 invalid_request", request.method, request.url.path)
+        return _error(422, "invalid_request", "the request is not valid", details=errors)
+
+    auth = [Depends(require_token)]
+
+    @app.post(
+        "/v1/pay-orders",
+        response_model=PayOrderOut,
+        status_code=201,
+        dependencies=[Depends(require_json), *auth],
+        responses={
+            200: {"model": PayOrderOut, "description": "the existing pay order"},
+            409: {"description": "the order has a pay order for another amount"},
+        },
+    )
+    async def create_pay_order(body: CreatePayOrderRequest, deps: DepsDep) -> JSONResponse:
+        """Checkout: create the pay order of an order. The same request again returns the
+        same pay order (200); another amount or currency for the order is a 409."""
+        expires_in = None if body.expires_in_s is None else timedelta(seconds=body.expires_in_s)
+        try:
+            started = await _temporal(
+                lambda: deps.orders.start_pay_order(
+                    order_no=body.order_no,
+                    amount=body.amount,
+                    currency=body.currency,
+                    expires_in=expires_in,
+                )
+            )
+        except domain.InvalidInput as e:
+            raise ApiError(422, "invalid_request", str(e)) from None
+        except PayOrderConflict as e:
+            raise ApiError(409, "conflict", str(e)) from None
+        out = PayOrderOut(
+            **{k: v for k, v in asdict(started).items() if k in PayOrderOut.model_fields}
+        )
+        return JSONResponse(
+            out.model_dump(mode="json"), status_code=201 if started.created else 200
+        )
+
+    @app.get("/v1/pay-orders/{pay_order_no}", response_model=PayOrderDetailsOut, dependencies=auth)
+    async def get_pay_order(
+        pay_order_no: Annotated[str, Path(pattern=PAY_ORDER_NO)], deps: DepsDep
+    ) -> PayOrderDetailsOut:
+        """The pay order with its payments, refunds and whether the fund identity holds."""
+        try:
+            d = await deps.orders.get_pay_order(pay_order_no)
+        except UnknownPayOrder:
+            raise ApiError(404, "not_found", f"no pay order {pay_order_no}") from None
+        row = d.row
+        return PayOrderDetailsOut(
+            **row.model_dump(exclude={"created_at", "updated_at", "status"}),
+            status=row.status.value,
+            payments=[
+                PaymentOut(
+                    txn_id=p["txn_id"],
+                    amount=p["amount"],
+                    currency=p["currency"].strip(),
+                    paid_at=p["paid_at"],
+                    settled=p["settled"],
+                    refund_reason=p["refund_reason"],
+                    refund_key=p["refund_key"],
+                    refund_status=p["refund_status"],
+                    refund_attempts=p["attempts"],
+                )
+                for p in d.payments
+            ],
+            fund_identity=FundOut(**asdict(d.fund)),
+            workflow_status=d.workflow_status,
+            workflow=None
+            if d.view is None
+            else d.view.model_dump(mode="json", exclude={"payments"}),
+        )
+
+    @app.post(
+        "/v1/webhooks/gateway",
+        response_model=WebhookAccepted,
+        dependencies=[Depends(require_json)],
+        openapi_extra={
+            "parameters": [
+                {
+                    "in": "header",
+                    "name": webhook.HEADER,
+                    "required": True,
+                    "schema": {"type": "string"},
+                },
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+        },
+        responses={401: {"description": "bad signature"}, 503: {"description": "retry later"}},
+    )
+    async def gateway_webhook(request: Request, deps: DepsDep) -> WebhookAccepted:
+        """The gateway adapter: verify, deduplicate, then hand the payment to its workflow."""
+        body = await request.body()
+        try:
+            webhook.verify(
+                request.headers.get(webhook.HEADER),
+                body,
+                secrets=[s.get_secret_value() for s in deps.settings.webhook_secrets],
+                now=datetime.now(UTC),
+                tolerance_s=deps.settings.webhook_tolerance_s,
+            )
+            event = webhook.parse_payment_event(body)
+        except webhook.WebhookRejected as e:
+            log.warning("webhook rejected: %s", e.reason)
+            raise ApiError(e.status, "webhook_rejected", e.reason) from None
+        seen = await deps.store.webhook_outcome(event.event_id)
+        if seen is not None:
+            return WebhookAccepted(received=True, outcome=seen, duplicate=True)
+        await _verify_with_gateway(deps.gateway, event)
+        try:
+            outcome = await _temporal(
+                lambda: deps.orders.notify_payment(
+                    pay_order_no=event.pay_order_no,
+                    txn_id=event.txn_id,
+                    amount=event.amount,
+                    currency=event.currency,
+                    paid_at=event.paid_at,
+                )
+            )
+        except UnknownPayOrder:
+            log.warning("webhook %s for unknown pay order %s", event.event_id, event.pay_order_no)
+            raise ApiError(404, "unknown_pay_order", f"no pay order {event.pay_order_no}") from None
+        await deps.store.record_webhook(
+            event.event_id,
+            pay_order_no=event.pay_order_no,
+            txn_id=event.txn_id,
+            outcome=outcome.value,
+        )
+        return WebhookAccepted(received=True, outcome=outcome.value, duplicate=False)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "not ready"}})
+    async def readyz(deps: DepsDep) -> JSONResponse:
+        checks: dict[str, str] = {}
+        try:
+            await deps.store.ping()
+            checks["postgres"] = "ok"
+        except Exception as e:
+            checks["postgres"] = type(e).__name__
+        try:
+            await deps.client.service_client.check_health(timeout=timedelta(seconds=2))
+            checks["temporal"] = "ok"
+        except Exception as e:
+            checks["temporal"] = type(e).__name__
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    return app
+
+
+async def _verify_with_gateway(gateway: Gateway, event: webhook.PaymentEvent) -> None:
+    """Believe a notification only as far as the gateway's own record of the capture.
+
+    A signed notification that disagrees with the gateway is refused (nothing changes);
+    one that agrees with the gateway but not with the order is real money: the workflow
+    records it and refunds it.
+    """
+    try:
+        capture = await gateway.query_capture(event.txn_id)
+    except GatewayError as e:
+        log.warning("cannot verify webhook %s with the gateway: %s", event.event_id, e)
+        raise ApiError(503, "gateway_unavailable", "cannot verify with the gateway; retry") from e
+    if capture is None:
+        log.warning("webhook %s: gateway has no transaction %s", event.event_id, event.txn_id)
+        raise ApiError(422, "unknown_transaction", "the gateway has no such transaction")
+    if (capture.pay_order_no, capture.amount, capture.currency) != (
+        event.pay_order_no,
+        event.amount,
+        event.currency,
+    ):
+        log.warning("webhook %s does not match the gateway's capture", event.event_id)
+        raise ApiError(
+            422, "mismatch", "the notification does not match the gateway's record of it"
+        )
+
+
+def app() -> FastAPI:
+    """Factory for ``uvicorn --factory payorders.http_api:app``."""
+    return create_app(Settings())

@@ -1,0 +1,219 @@
+"""The gateway Protocol over HTTP (httpx), against the sandbox gateway's API or any gateway
+that speaks it.
+
+A client timeout, a connection reset or a 5xx never proves the gateway failed: each is
+reported as ``GatewayAmbiguous`` and resolved by the caller by querying and retrying under
+the same idempotency key. Vendor statuses are mapped to ours in ``_refund_status``, the
+one place that knows them. Every call is counted with the time we observed beside the
+time the gateway says it spent (header ``Gateway-Processing-Ms``), so "the client timed
+out but the gateway did not" shows up in data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from typing import Any
+
+import httpx
+from prometheus_client import Counter, Histogram
+
+from payorders.domain import RefundStatus
+from payorders.gateway import (
+    Capture,
+    CloseResult,
+    GatewayAmbiguous,
+    GatewayRefund,
+    GatewayRejected,
+    GatewayUnavailable,
+    RefundRequest,
+    Statement,
+)
+
+log = logging.getLogger(__name__)
+
+PROCESSING_HEADER = "Gateway-Processing-Ms"
+
+CALLS = Counter(
+    "payorders_gateway_calls_total", "Gateway calls by operation and outcome", ["op", "outcome"]
+)
+OBSERVED = Histogram("payorders_gateway_observed_seconds", "Call time seen by our client", ["op"])
+PROCESSING = Histogram(
+    "payorders_gateway_processing_seconds", "Time the gateway says it spent", ["op"]
+)
+
+
+def _refund_status(vendor: str) -> RefundStatus:
+    """The gateway's refund status in our words; unknown words are not a success."""
+    match vendor:
+        case "succeeded" | "success" | "REFUND_SUCCESS" | "SUCCESS":
+            return RefundStatus.SUCCEEDED
+        case "failed" | "canceled" | "REFUND_FAIL" | "CLOSED" | "ABNORMAL":
+            return RefundStatus.REJECTED
+        case _:
+            return RefundStatus.PENDING
+
+
+def _capture(doc: dict[str, Any]) -> Capture:
+    return Capture(
+        txn_id=doc["txn_id"],
+        pay_order_no=doc["pay_order_no"],
+        amount=int(doc["amount"]),
+        currency=doc["currency"],
+        captured_at=datetime.fromisoformat(doc["captured_at"]),
+    )
+
+
+def _refund(doc: dict[str, Any]) -> GatewayRefund:
+    return GatewayRefund(
+        idempotency_key=doc["idempotency_key"],
+        gateway_refund_id=doc["id"],
+        txn_id=doc["txn_id"],
+        amount=int(doc["amount"]),
+        currency=doc["currency"],
+        status=_refund_status(doc["status"]),
+        created_at=datetime.fromisoformat(doc["created_at"]),
+    )
+
+
+class HttpGateway:
+    """Implements ``payorders.gateway.Gateway`` over HTTP."""
+
+    def __init__(self, base_url: str, *, client_timeout_s: float) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=client_timeout_s)
+        self._timeout = client_timeout_s
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(
+        self, op: str, method: str, path: str, *, ok_404: bool = False, **kwargs: Any
+    ) -> httpx.Response | None:
+        started = time.perf_counter()
+        try:
+            resp = await self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            observed = (time.perf_counter() - started) * 1000
+            self._count(op, "ambiguous_timeout", observed, None)
+            raise GatewayAmbiguous(
+                f"{op}: no answer within {self._timeout:.1f}s; outcome unknown",
+                observed_ms=observed,
+            ) from None
+        except httpx.TransportError as e:
+            observed = (time.perf_counter() - started) * 1000
+            # A refused connection never reached the gateway; anything later might have.
+            if isinstance(e, httpx.ConnectError):
+                self._count(op, "unavailable", observed, None)
+                raise GatewayUnavailable(f"{op}: cannot connect ({e})") from None
+            self._count(op, "ambiguous_transport", observed, None)
+            raise GatewayAmbiguous(f"{op}: {type(e).__name__}", observed_ms=observed) from None
+        observed = (time.perf_counter() - started) * 1000
+        gateway_ms = _processing_ms(resp)
+        if resp.status_code == 404 and ok_404:
+            self._count(op, "not_found", observed, gateway_ms)
+            return None
+        if resp.status_code >= 500:
+            self._count(op, f"http_{resp.status_code}", observed, gateway_ms)
+            if resp.status_code == 503 and _error_code(resp) == "unavailable":
+                raise GatewayUnavailable(f"{op}: {_error_message(resp)}")
+            raise GatewayAmbiguous(f"{op}: HTTP {resp.status_code}", observed_ms=observed)
+        if resp.status_code >= 400:
+            self._count(op, f"http_{resp.status_code}", observed, gateway_ms)
+            raise GatewayRejected(f"{op}: {_error_message(resp)}")
+        self._count(op, "ok", observed, gateway_ms)
+        return resp
+
+    def _count(self, op: str, outcome: str, observed_ms: float, gateway_ms: float | None) -> None:
+        CALLS.labels(op, outcome).inc()
+        OBSERVED.labels(op).observe(observed_ms / 1000)
+        if gateway_ms is not None:
+            PROCESSING.labels(op).observe(gateway_ms / 1000)
+        level = logging.INFO if outcome in ("ok", "not_found") else logging.WARNING
+        log.log(
+            level,
+            "gateway %s %s: observed %.1f ms, gateway %s",
+            op,
+            outcome,
+            observed_ms,
+            "did not answer" if gateway_ms is None else f"{gateway_ms:.1f} ms",
+        )
+
+    async def close_trade(self, pay_order_no: str) -> CloseResult:
+        resp = await self._call("close_trade", "POST", f"/v1/trades/{pay_order_no}/close")
+        assert resp is not None
+        doc = resp.json()
+        if doc["status"] == "already_paid":
+            return CloseResult(closed=False, capture=_capture(doc["capture"]))
+        return CloseResult(closed=True)
+
+    async def refund(self, request: RefundRequest) -> GatewayRefund:
+        resp = await self._call(
+            "refund",
+            "POST",
+            "/v1/refunds",
+            headers={"Idempotency-Key": request.idempotency_key},
+            json={
+                "pay_order_no": request.pay_order_no,
+                "txn_id": request.txn_id,
+                "amount": request.amount,
+                "currency": request.currency,
+            },
+        )
+        assert resp is not None
+        return _refund(resp.json())
+
+    async def query_refund(self, idempotency_key: str) -> GatewayRefund | None:
+        resp = await self._call(
+            "query_refund", "GET", f"/v1/refunds/{idempotency_key}", ok_404=True
+        )
+        if resp is None:
+            return None
+        doc = resp.json()
+        if doc.get("processing_ms") is not None:
+            # The data behind an ambiguous outcome: how long the gateway really took.
+            log.warning(
+                "refund %s exists at the gateway, which spent %.1f ms creating it",
+                idempotency_key,
+                float(doc["processing_ms"]),
+            )
+        return _refund(doc)
+
+    async def query_capture(self, txn_id: str) -> Capture | None:
+        resp = await self._call("query_capture", "GET", f"/v1/captures/{txn_id}", ok_404=True)
+        return None if resp is None else _capture(resp.json())
+
+    async def statement(self, start: datetime, end: datetime) -> Statement:
+        resp = await self._call(
+            "statement",
+            "GET",
+            "/v1/statement",
+            params={"start": start.isoformat(), "end": end.isoformat()},
+        )
+        assert resp is not None
+        doc = resp.json()
+        return Statement(
+            captures=[_capture(c) for c in doc["captures"]],
+            refunds=[_refund(r) for r in doc["refunds"]],
+        )
+
+
+def _processing_ms(resp: httpx.Response) -> float | None:
+    try:
+        return float(resp.headers[PROCESSING_HEADER])
+    except (KeyError, ValueError):
+        return None
+
+
+def _error_code(resp: httpx.Response) -> str | None:
+    try:
+        return str(resp.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {resp.status_code}"

@@ -1,0 +1,119 @@
+"""A whole HTTP stack inside the test process: the service API and the sandbox gateway on
+real ports (uvicorn), a worker whose gateway is the HTTP client, on a real Temporal server
+and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import uvicorn
+from fastapi import FastAPI
+from temporalio.client import Client
+
+from payorders.http_api import create_app
+from payorders.http_clients import SandboxClient, ServiceClient
+from payorders.runtime import open_resources
+from payorders.sandbox_http import create_sandbox_app
+from payorders.settings import Settings
+from worker import build_worker
+
+from .conftest import make_settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def serve(app: FastAPI, port: int) -> AsyncIterator[uvicorn.Server]:
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("server stopped before it started")
+        await asyncio.sleep(0.02)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        await task
+
+
+@dataclass
+class HttpStack:
+    settings: Settings
+    service: ServiceClient
+    gateway: SandboxClient
+    pool: asyncpg.Pool
+    schema: str
+
+    async def wait_order(
+        self, pay_order_no: str, until: Callable[[dict[str, Any]], bool], within: float = 60
+    ) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + within
+        while True:
+            order = await self.service.get(pay_order_no)
+            if until(order):
+                return order
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out; last: {order}")
+            await asyncio.sleep(0.1)
+
+    async def counts(self, *, timers: bool = True) -> dict[str, int]:
+        """Every row that a request could have written, ours and the gateway's.
+
+        ``timers=False`` leaves out the tables that an expiry writes to by itself (the
+        outbox and the gateway's closed trades), for runs where orders expire meanwhile.
+        """
+        tables = ["pay_order", "payment", "refund", "webhook_event"]
+        tables += [f"{self.schema}.{t}" for t in ("capture", "refund")]
+        if timers:
+            tables += ["outbox", f"{self.schema}.trade"]
+        async with self.pool.acquire() as conn:
+            return {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in tables}
+
+
+@asynccontextmanager
+async def http_stack(
+    client: Client, temporal_address: str, db_url: str, **overrides: Any
+) -> AsyncIterator[HttpStack]:
+    api_port, gateway_port = free_port(), free_port()
+    schema = f"sbx_{uuid.uuid4().hex[:8]}"
+    values: dict[str, Any] = {
+        "temporal_address": temporal_address,
+        "database_url": db_url,
+        "api_url": f"http://127.0.0.1:{api_port}",
+        "gateway_url": f"http://127.0.0.1:{gateway_port}",
+        "webhook_url": f"http://127.0.0.1:{api_port}/v1/webhooks/gateway",
+        "sandbox_schema": schema,
+        "api_token": "test-token",
+        "webhook_secrets": ["whsec_test_new", "whsec_test_old"],
+        "sandbox_webhook_retry_initial_ms": 200,
+        "settlement_window_s": 2,
+    }
+    values.update(overrides)
+    settings = make_settings(**values)
+    async with AsyncExitStack() as stack:
+        res = await stack.enter_async_context(open_resources(settings, db_url))
+        await stack.enter_async_context(serve(create_sandbox_app(settings), gateway_port))
+        await stack.enter_async_context(serve(create_app(settings), api_port))
+        await stack.enter_async_context(build_worker(client, res, task_queue=settings.task_queue))
+        service, gateway = ServiceClient(settings), SandboxClient(settings)
+        stack.push_async_callback(service.aclose)
+        stack.push_async_callback(gateway.aclose)
+        yield HttpStack(
+            settings=settings, service=service, gateway=gateway, pool=res.pool, schema=schema
+        )

@@ -1,0 +1,356 @@
+"""End to end over real HTTP: checkout through the service API, customers paying at the
+sandbox gateway, whose signed webhooks reach the adapter; refunds through the HTTP
+gateway client. Real Temporal dev server, real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+from temporalio.testing import WorkflowEnvironment
+
+from payorders import webhook
+from payorders.http_clients import ServiceError
+
+from .http_stack import HttpStack, http_stack
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+async def web(dev_env: WorkflowEnvironment, db_url: str) -> AsyncIterator[HttpStack]:
+    target = dev_env.client.service_client.config.target_host
+    async with http_stack(dev_env.client, target, db_url) as stack:
+        yield stack
+
+
+def new_order() -> str:
+    return f"web-{uuid.uuid4().hex[:10]}"
+
+
+async def test_checkout_is_idempotent_and_a_payment_settles_through_the_webhook(
+    web: HttpStack,
+) -> None:
+    no = new_order()
+    first = await web.service.create(order_no=no, amount=1999, currency="USD")
+    again = await web.service.create(order_no=no, amount=1999, currency="USD")
+    assert first["created"] is True and again["created"] is False
+    assert again["pay_order_no"] == first["pay_order_no"]
+    with pytest.raises(ServiceError) as conflict:
+        await web.service.create(order_no=no, amount=2000, currency="USD")
+    assert conflict.value.status == 409
+    await web.gateway.pay(pay_order_no=first["pay_order_no"], amount=1999, currency="USD")
+    order = await web.wait_order(first["pay_order_no"], lambda o: o["status"] == "PAY_SUCCESS")
+    assert order["fund_identity"]["holds"] and order["paid_amount"] == 1999
+    ledger = await web.gateway.ledger(first["pay_order_no"])
+    assert ledger["captured"] == 1999 and ledger["trade_state"] == "PAID"
+
+
+async def test_an_unpaid_order_expires_and_a_late_payment_is_refunded_over_http(
+    web: HttpStack,
+) -> None:
+    doc = await web.service.create(order_no=new_order(), amount=500, currency="EUR", expires_in_s=1)
+    no = doc["pay_order_no"]
+    await web.wait_order(no, lambda o: o["status"] == "PAY_EXPIRED")
+    assert (await web.gateway.ledger(no))["trade_state"] == "CLOSED"
+    await web.gateway.pay(pay_order_no=no, amount=500, currency="EUR")
+    order = await web.wait_order(no, lambda o: o["refunded_amount"] == 500)
+    assert order["fund_identity"]["holds"]
+    assert len((await web.gateway.ledger(no))["refunds"]) == 1
+
+
+async def test_duplicated_and_reordered_webhooks_settle_once(web: HttpStack) -> None:
+    doc = await web.service.create(order_no=new_order(), amount=300, currency="USD")
+    no = doc["pay_order_no"]
+    await web.gateway.set_faults(no, webhook_duplicate_next=2, webhook_reorder_next=1)
+    first = await web.gateway.pay(pay_order_no=no, amount=300, currency="USD")
+    second = await web.gateway.pay(pay_order_no=no, amount=300, currency="USD")
+    order = await web.wait_order(
+        no, lambda o: o["status"] == "PAY_SUCCESS" and o["refunded_amount"] == 300
+    )
+    assert order["paid_amount"] == 600 and order["fund_identity"]["holds"]
+    assert {p["txn_id"] for p in order["payments"]} == {first["txn_id"], second["txn_id"]}
+    async with web.pool.acquire() as conn:
+        events = await conn.fetchval(
+            "SELECT count(*) FROM webhook_event WHERE pay_order_no = $1", no
+        )
+    assert events == 2  # four deliveries, two events
+
+
+async def test_a_lost_webhook_is_delivered_by_the_gateways_retry(web: HttpStack) -> None:
+    doc = await web.service.create(order_no=new_order(), amount=42, currency="USD")
+    no = doc["pay_order_no"]
+    await web.gateway.set_faults(no, webhook_drop_next=1)
+    await web.gateway.pay(pay_order_no=no, amount=42, currency="USD")
+    await web.wait_order(no, lambda o: o["status"] == "PAY_SUCCESS")
+    async with web.pool.acquire() as conn:
+        attempts = await conn.fetchval(
+            f"SELECT attempts FROM {web.schema}.webhook_delivery WHERE pay_order_no = $1", no
+        )
+    assert attempts >= 2
+
+
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_refund_that_times_out_after_success_across_the_network_is_made_once(
+    web: HttpStack,
+) -> None:
+    doc = await web.service.create(order_no=new_order(), amount=777, currency="USD", expires_in_s=1)
+    no = doc["pay_order_no"]
+    await web.gateway.set_faults(no, timeout_after_success_next=1)
+    ambiguous_before = _metric(
+        "payorders_gateway_calls_total", op="refund", outcome="ambiguous_timeout"
+    )
+    await web.wait_order(no, lambda o: o["status"] == "PAY_EXPIRED")
+    await web.gateway.pay(pay_order_no=no, amount=777, currency="USD")
+    order = await web.wait_order(no, lambda o: o["refunded_amount"] == 777)
+    assert order["fund_identity"]["holds"]
+    ledger = await web.gateway.ledger(no)
+    assert len(ledger["refunds"]) == 1
+    assert (
+        _metric("payorders_gateway_calls_total", op="refund", outcome="ambiguous_timeout")
+        == ambiguous_before + 1
+    )
+
+
+# --- attacks and bad input: each a clear 4xx, and nothing changes --------------------------
+
+
+def _event(pay_order_no: str, txn_id: str, amount: Any = 100, currency: Any = "USD") -> bytes:
+    return json.dumps(
+        {
+            "id": f"evt_{uuid.uuid4().hex}",
+            "type": "payment.succeeded",
+            "data": {
+                "pay_order_no": pay_order_no,
+                "txn_id": txn_id,
+                "amount": amount,
+                "currency": currency,
+                "paid_at": datetime.now(UTC).isoformat(),
+            },
+        }
+    ).encode()
+
+
+def _signed(
+    body: bytes, *, secret: str = "whsec_test_new", at: int | None = None
+) -> dict[str, str]:
+    t = int(time.time()) if at is None else at
+    return {
+        webhook.HEADER: webhook.sign_header([secret], t, body),
+        "Content-Type": "application/json",
+    }
+
+
+@pytest.fixture(scope="module")
+async def paid(web: HttpStack) -> dict[str, Any]:
+    """A pay order with a real capture at the gateway, to aim attacks at."""
+    doc = await web.service.create(order_no=new_order(), amount=100, currency="USD")
+    capture = await web.gateway.pay(pay_order_no=doc["pay_order_no"], amount=100, currency="USD")
+    await web.wait_order(doc["pay_order_no"], lambda o: o["status"] == "PAY_SUCCESS")
+    return capture
+
+
+def _webhook_attacks(p: dict[str, Any]) -> list[tuple[str, dict[str, Any], int]]:
+    no, txn = p["pay_order_no"], p["txn_id"]
+    good = _event(no, txn)
+    now = int(time.time())
+    return [
+        (
+            "missing signature",
+            {"content": good, "headers": {"Content-Type": "application/json"}},
+            401,
+        ),
+        (
+            "forged signature",
+            {
+                "content": good,
+                "headers": {
+                    webhook.HEADER: f"t={now},v1={'0' * 64}",
+                    "Content-Type": "application/json",
+                },
+            },
+            401,
+        ),
+        ("unknown secret", {"content": good, "headers": _signed(good, secret="guess")}, 401),
+        ("expired timestamp", {"content": good, "headers": _signed(good, at=now - 301)}, 401),
+        ("future timestamp", {"content": good, "headers": _signed(good, at=now + 301)}, 401),
+        (
+            "malformed header",
+            {
+                "content": good,
+                "headers": {webhook.HEADER: "garbage", "Content-Type": "application/json"},
+            },
+            401,
+        ),
+        (
+            "signature over another body",
+            {"content": _event(no, txn, amount=1), "headers": _signed(good)},
+            401,
+        ),
+        ("malformed JSON", {"content": b"{not json", "headers": _signed(b"{not json")}, 400),
+        (
+            "wrong event type",
+            {
+                "content": b'{"id":"e1","type":"x","data":{}}',
+                "headers": _signed(b'{"id":"e1","type":"x","data":{}}'),
+            },
+            400,
+        ),
+        (
+            "wrong content type",
+            {"content": good, "headers": {**_signed(good), "Content-Type": "text/plain"}},
+            415,
+        ),
+        ("oversized body", {"content": b"x" * 100_000, "headers": _signed(b"x" * 100_000)}, 413),
+        *[
+            (name, {"content": (b := _event(no, txn, **kw)), "headers": _signed(b)}, 422)
+            for name, kw in [
+                ("negative amount", {"amount": -100}),
+                ("zero amount", {"amount": 0}),
+                ("fractional amount", {"amount": 10.5}),
+                ("huge amount", {"amount": 10**18}),
+                ("amount as string", {"amount": "100"}),
+                ("unknown currency", {"currency": "XXX"}),
+                ("amount differs from the capture", {"amount": 99}),
+                ("currency differs from the capture", {"currency": "EUR"}),
+            ]
+        ],
+        *[
+            (name, {"content": (b := _event(bad_no, txn)), "headers": _signed(b)}, 422)
+            for name, bad_no in [
+                ("SQL in the pay order number", "po_x'; DROP TABLE pay_order;--"),
+                ("control characters in the pay order number", "po_a\nb\x00"),
+                ("not a pay order number", "order-1"),
+            ]
+        ],
+        (
+            "transaction unknown to the gateway",
+            {"content": (b := _event(no, "txn_never")), "headers": _signed(b)},
+            422,
+        ),
+    ]
+
+
+def _api_attacks(token: str) -> list[tuple[str, str, str, dict[str, Any], int]]:
+    auth = {"Authorization": f"Bearer {token}"}
+
+    def body(**kw: Any) -> dict[str, Any]:
+        return {
+            "json": {"order_no": new_order(), "amount": 100, "currency": "USD", **kw},
+            "headers": auth,
+        }
+
+    return [
+        ("no token", "POST", "/v1/pay-orders", {"json": body()["json"]}, 401),
+        (
+            "wrong token",
+            "POST",
+            "/v1/pay-orders",
+            {"json": body()["json"], "headers": {"Authorization": "Bearer nope"}},
+            401,
+        ),
+        ("read without token", "GET", "/v1/pay-orders/po_x", {}, 401),
+        ("negative amount", "POST", "/v1/pay-orders", body(amount=-1), 422),
+        ("zero amount", "POST", "/v1/pay-orders", body(amount=0), 422),
+        ("fractional amount", "POST", "/v1/pay-orders", body(amount=1.5), 422),
+        ("huge amount", "POST", "/v1/pay-orders", body(amount=10**18), 422),
+        ("boolean amount", "POST", "/v1/pay-orders", body(amount=True), 422),
+        ("unknown currency", "POST", "/v1/pay-orders", body(currency="ABC"), 422),
+        ("lower-case currency", "POST", "/v1/pay-orders", body(currency="usd"), 422),
+        ("SQL in order_no", "POST", "/v1/pay-orders", body(order_no="o'; DROP TABLE x;--"), 422),
+        ("control chars in order_no", "POST", "/v1/pay-orders", body(order_no="a\x00b"), 422),
+        ("empty order_no", "POST", "/v1/pay-orders", body(order_no=""), 422),
+        ("long order_no", "POST", "/v1/pay-orders", body(order_no="x" * 65), 422),
+        ("expiry zero", "POST", "/v1/pay-orders", body(expires_in_s=0), 422),
+        ("expiry over 7 days", "POST", "/v1/pay-orders", body(expires_in_s=8 * 86400), 422),
+        ("unknown field", "POST", "/v1/pay-orders", body(status="PAY_SUCCESS"), 422),
+        (
+            "malformed JSON",
+            "POST",
+            "/v1/pay-orders",
+            {"content": b"{oops", "headers": {**auth, "Content-Type": "application/json"}},
+            422,
+        ),
+        (
+            "wrong content type",
+            "POST",
+            "/v1/pay-orders",
+            {"content": b"order_no=x", "headers": {**auth, "Content-Type": "text/plain"}},
+            415,
+        ),
+        (
+            "oversized body",
+            "POST",
+            "/v1/pay-orders",
+            {
+                "content": b"{" + b" " * 100_000 + b"}",
+                "headers": {**auth, "Content-Type": "application/json"},
+            },
+            413,
+        ),
+        ("unknown pay order", "GET", "/v1/pay-orders/po_never", {"headers": auth}, 404),
+        ("malformed pay order number", "GET", "/v1/pay-orders/x'--", {"headers": auth}, 422),
+    ]
+
+
+async def test_every_attack_gets_a_clear_4xx_changes_nothing_and_logs_no_secret(
+    web: HttpStack, paid: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="payorders.api")
+    before = await web.counts()
+    answers: list[tuple[str, int]] = []
+    async with httpx.AsyncClient(base_url=web.settings.api_url, timeout=10) as http:
+        for name, kwargs, status in _webhook_attacks(paid):
+            resp = await http.post("/v1/webhooks/gateway", **kwargs)
+            answers.append((name, resp.status_code))
+            assert resp.status_code == status, (name, resp.text)
+            assert resp.json()["error"]["message"], name
+        for name, method, path, kwargs, status in _api_attacks("test-token"):
+            resp = await http.request(method, path, **kwargs)
+            answers.append((name, resp.status_code))
+            assert resp.status_code == status, (name, resp.text)
+    assert len(answers) >= 40
+    assert await web.counts() == before
+    logged = caplog.text
+    for secret in ("whsec_test_new", "whsec_test_old", "test-token"):
+        assert secret not in logged
+    assert "webhook rejected" in logged
+
+
+async def test_a_replayed_webhook_is_answered_once_and_changes_nothing(
+    web: HttpStack, paid: dict[str, Any]
+) -> None:
+    body = _event(paid["pay_order_no"], paid["txn_id"])
+    headers = _signed(body)
+    async with httpx.AsyncClient(base_url=web.settings.api_url, timeout=10) as http:
+        first = await http.post("/v1/webhooks/gateway", content=body, headers=headers)
+        before = await web.counts()
+        replay = await http.post("/v1/webhooks/gateway", content=body, headers=headers)
+    assert first.status_code == 200 and first.json()["duplicate"] is False
+    assert replay.status_code == 200 and replay.json()["duplicate"] is True
+    assert await web.counts() == before
+
+
+async def test_health_and_readiness(web: HttpStack) -> None:
+    async with httpx.AsyncClient(base_url=web.settings.api_url, timeout=10) as http:
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["checks"] == {
+            "postgres": "ok",
+            "temporal": "ok",
+        }
+        spec = (await http.get("/openapi.json")).json()
+        assert {"/v1/pay-orders", "/v1/pay-orders/{pay_order_no}", "/v1/webhooks/gateway"} <= set(
+            spec["paths"]
+        )
