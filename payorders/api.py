@@ -246,7 +246,7 @@ class PayOrders:
         return NotifyOutcome.LATE_REFUND_STARTED
 
     async def get_pay_order(self, pay_order_no: str) -> PayOrderDetails:
-        row = await self._store.get_pay_order(pay_order_no)
+        row, payments = await self._store.snapshot(pay_order_no)
         handle = self._client.get_workflow_handle(domain.workflow_id_for(pay_order_no))
         view: PayOrderView | None = None
         wf_status: str | None = None
@@ -276,7 +276,7 @@ class PayOrders:
             raise UnknownPayOrder(f"no pay order {pay_order_no}")
         return PayOrderDetails(
             row=row,
-            payments=await self._store.payments_of(pay_order_no),
+            payments=payments,
             fund=domain.fund_check(
                 status=row.status,
                 amount=row.amount,

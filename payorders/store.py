@@ -381,6 +381,17 @@ class PayOrderStore:
         async with self._pool.acquire() as conn:
             await conn.fetchval("SELECT 1")
 
+    async def snapshot(self, pay_order_no: str) -> tuple[PayOrderRow | None, list[dict[str, Any]]]:
+        """The row and its payments and refunds as of one instant (a read-only snapshot),
+        so the fund identity is never judged on a row and payments read at two moments."""
+        async with (
+            self._pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            rec = await conn.fetchrow(SQL_GET_PAY_ORDER, pay_order_no)
+            payments = [dict(r) for r in await conn.fetch(SQL_PAYMENTS_OF, pay_order_no)]
+        return (None if rec is None else _row(rec)), payments
+
     async def payments_of(self, pay_order_no: str) -> list[dict[str, Any]]:
         async with self._pool.acquire() as conn:
             return [dict(r) for r in await conn.fetch(SQL_PAYMENTS_OF, pay_order_no)]
