@@ -14,11 +14,15 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.pay_order import PayOrderActivities
+from activities.reconcile import ReconcileActivities
 from payorders import api, embedded
+from payorders.reconcile import ReconcileStore
 from payorders.runtime import Resources, open_resources
 from payorders.settings import Settings
 from workflows.late_refund import LateRefundWorkflow
 from workflows.pay_order import PayOrderWorkflow
+from workflows.reconcile import ReconcileWorkflow
+from workflows.redrive import RedriveWorkflow
 
 log = logging.getLogger("payorders.worker")
 
@@ -29,16 +33,22 @@ def build_worker(client: Client, res: Resources, *, task_queue: str) -> Worker:
         res.gateway,
         refund_alert_after_attempts=res.settings.refund_alert_after_attempts,
     )
+    recon = ReconcileActivities(ReconcileStore(res.pool), res.store, res.gateway, res.settings)
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[PayOrderWorkflow, LateRefundWorkflow],
+        workflows=[PayOrderWorkflow, LateRefundWorkflow, ReconcileWorkflow, RedriveWorkflow],
         activities=[
             acts.create_pay_order,
+            acts.get_pay_order_row,
             acts.record_payment,
             acts.expire_pay_order,
             acts.close_trade,
             acts.refund_payment,
+            recon.start,
+            recon.page,
+            recon.statement,
+            recon.finish,
         ],
     )
 
@@ -56,6 +66,7 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with open_resources(settings, database_url) as res:
         client = await api.connect(settings)
+        await api.ensure_reconcile_schedule(client, settings)
         worker = build_worker(client, res, task_queue=settings.task_queue)
         log.info("worker on task queue %s at %s", settings.task_queue, settings.temporal_address)
         async with worker:

@@ -53,6 +53,15 @@ class PayOrderActivities:
         except TxnConflict as e:
             raise ApplicationError(str(e), type="OrderConflict", non_retryable=True) from e
 
+    @activity.defn(name="get_pay_order_row")
+    async def get_pay_order_row(self, pay_order_no: str) -> PayOrderRow:
+        row = await self._store.get_pay_order(pay_order_no)
+        if row is None:
+            raise ApplicationError(
+                f"unknown pay order {pay_order_no}", type="PayOrderNotFound", non_retryable=True
+            )
+        return row
+
     @activity.defn(name="record_payment")
     async def record_payment(self, cmd: RecordPayment) -> RecordedPayment:
         try:

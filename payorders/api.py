@@ -12,7 +12,19 @@ from typing import Any
 
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+)
 from temporalio.common import (
     SearchAttributeIndexedValueType,
     SearchAttributePair,
@@ -78,6 +90,33 @@ async def ensure_search_attributes(client: Client, namespace: str) -> None:
             search_attributes={key.name: kinds[key.indexed_value_type] for key in sa.ALL},
         )
     )
+
+
+RECONCILE_SCHEDULE_ID = "payorders-reconcile"
+
+
+async def ensure_reconcile_schedule(client: Client, settings: Settings) -> None:
+    """Create the reconciliation Schedule, or bring an existing one up to date."""
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            "ReconcileWorkflow",
+            settings.reconcile_input(),
+            id="payorders-reconcile-run",
+            task_queue=settings.task_queue,
+        ),
+        spec=ScheduleSpec(
+            intervals=[ScheduleIntervalSpec(every=timedelta(seconds=settings.reconcile_every_s))]
+        ),
+        policy=SchedulePolicy(
+            overlap=ScheduleOverlapPolicy.SKIP,
+            catchup_window=timedelta(seconds=max(60, settings.reconcile_every_s)),
+        ),
+    )
+    try:
+        await client.create_schedule(RECONCILE_SCHEDULE_ID, schedule)
+    except ScheduleAlreadyRunningError:
+        handle = client.get_schedule_handle(RECONCILE_SCHEDULE_ID)
+        await handle.update(lambda _: ScheduleUpdate(schedule=schedule))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from temporalio.service import RPCError
 from payorders import domain, stackinfo
 from payorders.api import connect
 from payorders.http_clients import SandboxClient, ServiceClient, ServiceError, Unreachable
+from payorders.models import ReconcileReport
 from payorders.runtime import with_stack_defaults
 from payorders.settings import Settings
 from payorders.table import pairs, render
@@ -318,6 +319,96 @@ async def cmd_fault(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from payorders import store
+    from payorders.reconcile import ReconcileStore
+    from payorders.runtime import StackNotRunning, database_url
+
+    settings = with_stack_defaults(settings)
+    try:
+        pool = await store.create_pool(database_url(settings), min_size=1, max_size=2)
+    except (StackNotRunning, OSError) as e:
+        raise CliError(f"{e}; {START_HINT}") from None
+    recon = ReconcileStore(pool)
+    try:
+        if args.history:
+            runs = await recon.runs(args.limit)
+            _emit(
+                args,
+                runs,
+                render(
+                    [
+                        "run",
+                        "started",
+                        "checked",
+                        "consistent",
+                        "repaired",
+                        "exceptions",
+                        "in flight",
+                    ],
+                    [
+                        [
+                            r["run_id"],
+                            f"{r['started_at']:%Y-%m-%d %H:%M:%S}",
+                            r["checked"],
+                            r["consistent"],
+                            r["repaired"],
+                            r["exceptions"],
+                            r["money_in_flight"],
+                        ]
+                        for r in runs
+                    ],
+                )
+                if runs
+                else "no reconciliation has run yet",
+            )
+            return 0
+        try:
+            client = await asyncio.wait_for(connect(settings), 10)
+        except (RPCError, RuntimeError, TimeoutError, OSError) as e:
+            raise CliError(f"cannot reach Temporal ({e}); {START_HINT}") from None
+        report = await client.execute_workflow(
+            "ReconcileWorkflow",
+            settings.reconcile_input(),
+            id=f"payorders-reconcile-manual-{datetime.now(UTC):%Y%m%dT%H%M%S%f}",
+            task_queue=settings.task_queue,
+            result_type=ReconcileReport,
+        )
+        findings = await recon.findings(report.run_id)
+        summary = [
+            ("run", report.run_id),
+            (
+                "period",
+                f"{report.period_start:%Y-%m-%d %H:%M} .. {report.period_end:%Y-%m-%d %H:%M}",
+            ),
+            ("checked", report.checked),
+            ("consistent", report.consistent),
+            ("repaired", report.repaired),
+            ("exceptions (for a person)", report.exceptions),
+            ("money in flight", f"{report.money_in_flight} in {report.in_flight_count} order(s)"),
+        ]
+        text = pairs(summary)
+        if findings:
+            text += "\n\n" + render(
+                ["action", "kind", "pay order", "txn", "amount", "detail"],
+                [
+                    [
+                        f["action"],
+                        f["kind"],
+                        f["pay_order_no"],
+                        f["txn_id"],
+                        f["amount"],
+                        f["detail"],
+                    ]
+                    for f in findings
+                ],
+            )
+        _emit(args, {"report": report.model_dump(mode="json"), "findings": findings}, text)
+        return 0
+    finally:
+        await pool.close()
+
+
 def _ui(c: Ctx, pay_order_no: str) -> str:
     return c.settings.ui_link(domain.workflow_id_for(pay_order_no))
 
@@ -438,6 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clear", action="store_true", help="clear faults first")
 
     command("demo", "drive the running stack through every scenario", cmd_demo, json_out=False)
+
+    c = command("reconcile", "run one reconciliation now and print its report", cmd_reconcile)
+    c.add_argument("--history", action="store_true", help="list past runs instead")
+    c.add_argument("--limit", type=_count, default=20, help="how many past runs")
     return p
 
 

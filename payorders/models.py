@@ -175,3 +175,72 @@ class RefundOutcome(_Model):
     refund_key: str
     status: RefundStatus
     gateway_refund_id: str | None
+
+
+# --- reconciliation ------------------------------------------------------------------------
+
+
+class ReconcileInput(_Model):
+    """One reconciliation run; the cursors carry it across continue-as-new."""
+
+    lookback_s: int = 2 * 86400
+    window_s: int = 6 * 3600
+    page_size: int = 20_000
+    pending_after_s: int = 600
+    stuck_after_s: int = 600
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+    next_window: int = 0
+    page_cursor: str | None = None
+    timeouts: Timeouts = Timeouts()
+    refund_retry: RetryConfig = RetryConfig()
+
+
+class ReconcileWindow(_Model):
+    run_id: str
+    start: datetime
+    end: datetime
+    timeouts: Timeouts = Timeouts()
+    refund_retry: RetryConfig = RetryConfig()
+
+
+class ReconcilePage(_Model):
+    run_id: str
+    after: str
+    limit: int
+    pending_after_s: int
+    stuck_after_s: int
+    timeouts: Timeouts = Timeouts()
+    refund_retry: RetryConfig = RetryConfig()
+
+
+class ReconcilePageResult(_Model):
+    checked: int
+    last: str | None
+    findings: int
+
+
+class ReconcileStart(_Model):
+    run_id: str
+    period_start: datetime
+    period_end: datetime
+
+
+class ReconcileReport(_Model):
+    run_id: str
+    period_start: datetime
+    period_end: datetime
+    checked: int
+    consistent: int
+    in_flight_count: int
+    money_in_flight: int
+    repaired: int
+    exceptions: int
+    started_at: datetime
+    finished_at: datetime | None
+
+
+class RedriveInput(_Model):
+    pay_order_no: str
+    timeouts: Timeouts = Timeouts()
+    refund_retry: RetryConfig = RetryConfig()

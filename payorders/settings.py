@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from payorders.models import RetryConfig, Timeouts
+from payorders.models import ReconcileInput, RetryConfig, Timeouts
 
 TASK_QUEUE = "pay-orders"
 
@@ -64,6 +64,15 @@ class Settings(BaseSettings):
     """Accepted webhook signing secrets, JSON list; the first one signs (rotation)."""
     webhook_tolerance_s: PositiveInt = 300
     max_body_bytes: PositiveInt = 65_536
+    reconcile_every_s: PositiveInt = 300
+    """Interval of the reconciliation Schedule."""
+    reconcile_lookback_s: PositiveInt = 2 * 86400
+    """Period of the gateway statement each run compares."""
+    reconcile_pending_after_s: PositiveInt = 600
+    """A refund pending longer than this is a finding."""
+    reconcile_stuck_after_s: PositiveInt = 600
+    """A pay order PAYING this long past its expiry, with no workflow, is re-driven."""
+    reconcile_page_size: PositiveInt = 20_000
     sandbox_webhook_max_attempts: PositiveInt = 8
     sandbox_webhook_retry_initial_ms: PositiveInt = 500
 
@@ -100,6 +109,16 @@ class Settings(BaseSettings):
     @property
     def default_expires_in(self) -> timedelta:
         return timedelta(seconds=self.default_expires_in_s)
+
+    def reconcile_input(self) -> ReconcileInput:
+        return ReconcileInput(
+            lookback_s=self.reconcile_lookback_s,
+            page_size=self.reconcile_page_size,
+            pending_after_s=self.reconcile_pending_after_s,
+            stuck_after_s=self.reconcile_stuck_after_s,
+            timeouts=self.timeouts(),
+            refund_retry=self.refund_retry(),
+        )
 
     def ui_link(self, workflow_id: str) -> str:
         return (

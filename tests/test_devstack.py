@@ -239,7 +239,7 @@ def test_an_unknown_pay_order_is_reported_as_such(dev: DevProcess) -> None:
 
 
 def test_every_command_has_help() -> None:
-    for cmd in ("dev", "create", "pay", "notify", "status", "list", "fault", "demo"):
+    for cmd in ("dev", "create", "pay", "notify", "status", "list", "fault", "demo", "reconcile"):
         done = subprocess.run([CLI, cmd, "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "usage: payorders" in done.stdout
 
@@ -289,6 +289,19 @@ def test_a_second_stack_on_the_same_data_or_ports_is_a_clear_error(dev: DevProce
         timeout=60,
     )
     assert same_port.returncode == 2 and "already in use" in same_port.stderr
+
+
+def test_reconcile_runs_now_and_lists_its_history(dev: DevProcess) -> None:
+    out = dev.cli_json("reconcile")
+    report = out["report"]
+    assert report["checked"] >= 1 and report["finished_at"] is not None
+    assert (
+        report["consistent"] + len({f["pay_order_no"] for f in out["findings"]})
+        >= report["checked"]
+    )
+    history = dev.cli_json("reconcile", "--history")
+    assert report["run_id"] in {r["run_id"] for r in history}
+    assert "checked" in dev.cli("reconcile").stdout
 
 
 def test_restart_carries_on_with_the_open_workflows(dev: DevProcess) -> None:
