@@ -409,6 +409,19 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         await pool.close()
 
 
+async def cmd_torture(args: argparse.Namespace, settings: Settings) -> int:
+    from payorders.torture import run_torture
+
+    async with connected(settings) as c:
+        return await run_torture(
+            c.settings,
+            orders=args.orders,
+            expires_in_s=args.expires_in_s,
+            seed=args.seed,
+            settle_within_s=args.settle_within_s,
+        )
+
+
 def _ui(c: Ctx, pay_order_no: str) -> str:
     return c.settings.ui_link(domain.workflow_id_for(pay_order_no))
 
@@ -529,6 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clear", action="store_true", help="clear faults first")
 
     command("demo", "drive the running stack through every scenario", cmd_demo, json_out=False)
+
+    c = command(
+        "torture",
+        "many orders, racing payments and faults; verify no money is lost",
+        cmd_torture,
+        json_out=False,
+    )
+    c.add_argument("--orders", type=_count, default=2000)
+    c.add_argument("--expires-in-s", type=_count, default=8, help="each order's payment window")
+    c.add_argument("--seed", type=_count, default=1)
+    c.add_argument("--settle-within-s", type=_count, default=300)
 
     c = command("reconcile", "run one reconciliation now and print its report", cmd_reconcile)
     c.add_argument("--history", action="store_true", help="list past runs instead")

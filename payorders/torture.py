@@ -1,0 +1,331 @@
+"""``payorders torture``: many pay orders with payments timed around their expiry, plus
+duplicates, double payments, wrong amounts, late payments and gateway faults; then it waits
+for settlement, reconciles, and verifies from the database and the gateway's ledger (not
+from the workflows' own answers) that no money was lost or moved twice.
+
+Bounded in count and time, loopback only; it stops by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from payorders import store
+from payorders.http_clients import SandboxClient, ServiceClient
+from payorders.models import ReconcileReport
+from payorders.runtime import database_url
+from payorders.settings import Settings
+from payorders.table import render
+
+AMOUNT = 1000
+
+# (name, weight): what happens to an order. Payments are timed around expires_at.
+SCENARIOS = [
+    ("pay around expiry", 30),
+    ("pay exactly at expiry", 10),
+    ("pay early", 10),
+    ("no payment", 10),
+    ("duplicate notification", 8),
+    ("double payment", 8),
+    ("wrong amount, then right", 8),
+    ("late payment", 8),
+    ("refund fails twice", 4),
+    ("refund times out after success", 2),
+    ("webhook lost once", 2),
+]
+
+
+@dataclass
+class Figures:
+    orders: int = 0
+    payments: int = 0
+    scenarios: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)
+    violations: list[str] = field(default_factory=list)
+    drive_s: float = 0.0
+    settle_s: float = 0.0
+    reconcile: ReconcileReport | None = None
+    totals: dict[str, int] = field(default_factory=dict)
+
+
+async def _sleep_until(when: datetime) -> None:
+    await asyncio.sleep(max(0.0, (when - datetime.now(UTC)).total_seconds()))
+
+
+class Torture:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        orders: int,
+        expires_in_s: int,
+        seed: int,
+        out: Callable[[str], None],
+    ) -> None:
+        self.settings = settings
+        self.n = orders
+        self.expires_in_s = expires_in_s
+        self.rng = random.Random(seed)
+        self.out = out
+        self.run_id = f"t{datetime.now(UTC):%H%M%S}{seed % 1000:03d}"
+        self.service = ServiceClient(settings)
+        self.gateway = SandboxClient(settings)
+        self.figures = Figures(orders=orders)
+        self.pay_orders: list[str] = []
+
+    async def close(self) -> None:
+        await self.service.aclose()
+        await self.gateway.aclose()
+
+    # --- the storm ----------------------------------------------------------------------------
+
+    def _pick(self) -> str:
+        names = [name for name, _ in SCENARIOS]
+        weights = [weight for _, weight in SCENARIOS]
+        return self.rng.choices(names, weights)[0]
+
+    async def _pay(self, no: str, amount: int = AMOUNT) -> None:
+        await self.gateway.pay(pay_order_no=no, amount=amount, currency="USD")
+        self.figures.payments += 1
+
+    async def _one(self, i: int, limit: asyncio.Semaphore) -> None:
+        scenario = self._pick()
+        self.figures.scenarios[scenario] += 1
+        no = f"po_{self.run_id}-{i}"
+        async with limit:
+            if scenario == "refund fails twice":
+                await self.gateway.set_faults(no, fail_next_refunds=2)
+                self.figures.faults["refund failures"] += 2
+            elif scenario == "refund times out after success":
+                await self.gateway.set_faults(no, timeout_after_success_next=1)
+                self.figures.faults["timeouts after success"] += 1
+            elif scenario == "webhook lost once":
+                await self.gateway.set_faults(no, webhook_drop_next=1)
+                self.figures.faults["webhooks lost"] += 1
+            elif scenario == "duplicate notification":
+                await self.gateway.set_faults(no, webhook_duplicate_next=1)
+                self.figures.faults["webhooks duplicated"] += 1
+            doc = await self.service.create(
+                order_no=no.removeprefix("po_"),
+                amount=AMOUNT,
+                currency="USD",
+                expires_in_s=self.expires_in_s,
+            )
+        self.pay_orders.append(no)
+        expires_at = datetime.fromisoformat(doc["expires_at"])
+        jitter = timedelta(milliseconds=self.rng.uniform(-200, 200))
+        match scenario:
+            case "pay around expiry":
+                await _sleep_until(expires_at + jitter)
+                await self._pay(no)
+            case "pay exactly at expiry":
+                await _sleep_until(expires_at)
+                await self._pay(no)
+            case "pay early" | "duplicate notification" | "webhook lost once":
+                await self._pay(no)
+            case "double payment":
+                await self._pay(no)
+                await self._pay(no)
+            case "wrong amount, then right":
+                await self._pay(no, AMOUNT - 1)
+                await self._pay(no)
+            case "late payment" | "refund fails twice" | "refund times out after success":
+                await _sleep_until(expires_at + timedelta(seconds=1))
+                await self._pay(no)
+            case "no payment":
+                pass
+
+    async def storm(self) -> None:
+        t0 = time.monotonic()
+        limit = asyncio.Semaphore(32)
+        # Orders arrive over a few seconds, so expiries spread out too.
+        spread = max(1.0, self.n / 200)
+        tasks = []
+        for i in range(self.n):
+            await asyncio.sleep(spread / self.n)
+            tasks.append(asyncio.create_task(self._one(i, limit)))
+            if i % max(1, self.n // 10) == 0:
+                self.out(f"  created {i}/{self.n} orders")
+        await asyncio.gather(*tasks)
+        self.figures.drive_s = time.monotonic() - t0
+
+    # --- settle and verify --------------------------------------------------------------------
+
+    async def settle(self, pool: asyncpg.Pool, within_s: float) -> None:
+        t0 = time.monotonic()
+        s = self.settings.sandbox_schema
+        while True:
+            async with pool.acquire() as conn:
+                open_orders = await conn.fetchval(
+                    "SELECT count(*) FROM pay_order WHERE pay_order_no = ANY($1)"
+                    " AND status = 'PAYING'",
+                    self.pay_orders,
+                )
+                missing = len(self.pay_orders) - await conn.fetchval(
+                    "SELECT count(*) FROM pay_order WHERE pay_order_no = ANY($1)", self.pay_orders
+                )
+                pending_refunds = await conn.fetchval(
+                    "SELECT count(*) FROM refund WHERE pay_order_no = ANY($1)"
+                    " AND status = 'PENDING'",
+                    self.pay_orders,
+                )
+                unrecorded = await conn.fetchval(
+                    f"SELECT count(*) FROM {s}.capture c WHERE c.pay_order_no = ANY($1)"
+                    " AND NOT EXISTS (SELECT 1 FROM payment p WHERE p.txn_id = c.txn_id)",
+                    self.pay_orders,
+                )
+            busy = open_orders + missing + pending_refunds + unrecorded
+            elapsed = time.monotonic() - t0
+            self.out(
+                f"  settling [{elapsed:5.1f}s]: {open_orders} paying, {pending_refunds} refunds"
+                f" pending, {unrecorded} captures not yet recorded"
+            )
+            if busy == 0 or elapsed > within_s:
+                break
+            await asyncio.sleep(2)
+        self.figures.settle_s = time.monotonic() - t0
+
+    async def verify(self, pool: asyncpg.Pool) -> None:
+        v = self.figures.violations
+        s = self.settings.sandbox_schema
+        orders = self.pay_orders
+        async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            rows = await conn.fetch(
+                f"""
+                SELECT po.pay_order_no, po.status, po.amount, po.paid_amount, po.refunded_amount,
+                       coalesce((SELECT sum(amount) FROM payment p
+                                  WHERE p.pay_order_no = po.pay_order_no), 0) AS payments,
+                       coalesce((SELECT sum(amount) FROM refund r WHERE r.status = 'SUCCEEDED'
+                                  AND r.pay_order_no = po.pay_order_no), 0) AS refunds,
+                       coalesce((SELECT sum(amount) FROM {s}.capture c
+                                  WHERE c.pay_order_no = po.pay_order_no), 0) AS captured,
+                       coalesce((SELECT sum(r.amount) FROM {s}.refund r JOIN {s}.capture c
+                                  USING (txn_id) WHERE c.pay_order_no = po.pay_order_no), 0)
+                         AS gateway_refunded,
+                       (SELECT count(*) FROM outbox o WHERE o.pay_order_no = po.pay_order_no
+                         AND o.event_type IN ('pay_order.succeeded', 'pay_order.expired'))
+                         AS terminal_events,
+                       (SELECT count(*) FROM outbox o WHERE o.pay_order_no = po.pay_order_no
+                         AND o.event_type = 'refund.succeeded') AS refund_events,
+                       (SELECT count(*) FROM refund r WHERE r.pay_order_no = po.pay_order_no
+                         AND r.status = 'SUCCEEDED') AS refunds_succeeded
+                  FROM pay_order po WHERE po.pay_order_no = ANY($1)""",
+                orders,
+            )
+            twice = await conn.fetchval(
+                f"SELECT count(*) FROM (SELECT idempotency_key FROM {s}.refund_call"
+                " WHERE outcome = 'SUCCEEDED' GROUP BY 1 HAVING count(*) > 1) x"
+            )
+            unrecorded_refunds = await conn.fetchval(
+                f"SELECT count(*) FROM {s}.refund g JOIN {s}.capture c USING (txn_id)"
+                " WHERE c.pay_order_no = ANY($1) AND NOT EXISTS"
+                " (SELECT 1 FROM refund r WHERE r.refund_key = g.idempotency_key"
+                " AND r.status = 'SUCCEEDED')",
+                orders,
+            )
+        if len(rows) != len(orders):
+            v.append(f"{len(orders) - len(rows)} pay orders were never written")
+        totals: Counter[str] = Counter()
+        for r in rows:
+            no = r["pay_order_no"]
+            expected = r["amount"] if r["status"] == "PAY_SUCCESS" else 0
+            totals[r["status"]] += 1
+            for k in ("payments", "refunds", "captured", "gateway_refunded"):
+                totals[k] += r[k]
+            if r["status"] == "PAYING":
+                v.append(f"{no}: still PAYING after settlement")
+            if r["paid_amount"] != r["payments"] or r["refunded_amount"] != r["refunds"]:
+                v.append(f"{no}: sums disagree with rows")
+            if r["payments"] - r["refunds"] != expected:
+                v.append(f"{no}: fund identity broken ({r['payments']} - {r['refunds']})")
+            if r["captured"] != r["payments"]:
+                v.append(f"{no}: gateway captured {r['captured']}, we recorded {r['payments']}")
+            if r["gateway_refunded"] != r["refunds"]:
+                v.append(f"{no}: gateway refunded {r['gateway_refunded']}, we {r['refunds']}")
+            if r["terminal_events"] != 1:
+                v.append(f"{no}: {r['terminal_events']} terminal outbox events")
+            if r["refund_events"] != r["refunds_succeeded"]:
+                v.append(f"{no}: {r['refund_events']} refund events for {r['refunds_succeeded']}")
+        if totals["captured"] != totals["payments"] or (
+            totals["captured"] - totals["gateway_refunded"] != AMOUNT * totals["PAY_SUCCESS"]
+        ):
+            v.append("gateway totals: captured != settled + refunded")
+        if twice:
+            v.append(f"{twice} refund keys executed twice at the gateway")
+        if unrecorded_refunds:
+            v.append(f"{unrecorded_refunds} gateway refunds not recorded as succeeded here")
+        self.figures.totals = dict(totals)
+
+    def table(self) -> str:
+        f = self.figures
+        t = f.totals
+        rows: list[list[Any]] = [
+            ["orders", f.orders],
+            ["PAY_SUCCESS / PAY_EXPIRED", f"{t.get('PAY_SUCCESS', 0)} / {t.get('PAY_EXPIRED', 0)}"],
+            ["payments at the gateway", f.payments],
+            [
+                "captured / refunded (minor units)",
+                f"{t.get('captured', 0)} / {t.get('gateway_refunded', 0)}",
+            ],
+            *[[f"fault: {k}", n] for k, n in sorted(f.faults.items())],
+            ["time to drive the storm (s)", f"{f.drive_s:.1f}"],
+            ["time to settle (s)", f"{f.settle_s:.1f}"],
+        ]
+        if f.reconcile is not None:
+            r = f.reconcile
+            rows.append(
+                [
+                    "reconciliation: checked / repaired / exceptions",
+                    f"{r.checked} / {r.repaired} / {r.exceptions}",
+                ]
+            )
+        rows.append(["violations", len(f.violations)])
+        return render(["figure", "value"], rows)
+
+
+async def run_torture(
+    settings: Settings,
+    *,
+    orders: int = 2000,
+    expires_in_s: int = 8,
+    seed: int = 1,
+    settle_within_s: float = 300,
+    out: Callable[[str], None] = print,
+) -> int:
+    """Returns 0 when every check holds, 1 otherwise (after printing the figures)."""
+    from payorders.api import connect
+
+    t = Torture(settings, orders=orders, expires_in_s=expires_in_s, seed=seed, out=out)
+    pool = await store.create_pool(database_url(settings), min_size=1, max_size=4)
+    try:
+        out(f"torture {t.run_id}: {orders} orders, expiring {expires_in_s}s after creation")
+        await t.storm()
+        await t.settle(pool, settle_within_s)
+        client = await connect(settings)
+        t.figures.reconcile = await client.execute_workflow(
+            "ReconcileWorkflow",
+            settings.reconcile_input(),
+            id=f"payorders-reconcile-{t.run_id}",
+            task_queue=settings.task_queue,
+            result_type=ReconcileReport,
+        )
+        await t.verify(pool)
+    finally:
+        await t.close()
+        await pool.close()
+    out("")
+    out(t.table())
+    for line in t.figures.violations[:50]:
+        out(f"VIOLATION {line}")
+    for scenario, n in sorted(t.figures.scenarios.items()):
+        out(f"  scenario {scenario}: {n}")
+    return 1 if t.figures.violations else 0
