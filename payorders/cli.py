@@ -410,8 +410,17 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_torture(args: argparse.Namespace, settings: Settings) -> int:
-    from payorders.torture import run_torture
+    from payorders.torture import ChaosPlan, run_chaos_torture, run_torture
 
+    if args.chaos:
+        return await run_chaos_torture(
+            settings,
+            ChaosPlan(worker_kills=args.worker_kills),
+            orders=args.orders,
+            expires_in_s=args.expires_in_s,
+            seed=args.seed,
+            settle_within_s=args.settle_within_s,
+        )
     async with connected(settings) as c:
         return await run_torture(
             c.settings,
@@ -553,6 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--expires-in-s", type=_count, default=8, help="each order's payment window")
     c.add_argument("--seed", type=_count, default=1)
     c.add_argument("--settle-within-s", type=_count, default=300)
+    c.add_argument(
+        "--chaos",
+        action="store_true",
+        help="on a private stack: kill the worker, restart Temporal and PostgreSQL,"
+        " stop the gateway for a while",
+    )
+    c.add_argument("--worker-kills", type=_count, default=3, help="with --chaos")
 
     c = command("reconcile", "run one reconciliation now and print its report", cmd_reconcile)
     c.add_argument("--history", action="store_true", help="list past runs instead")

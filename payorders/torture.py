@@ -12,21 +12,23 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
 from payorders import store
-from payorders.http_clients import SandboxClient, ServiceClient
+from payorders.http_clients import SandboxClient, ServiceClient, ServiceError, Unreachable
 from payorders.models import ReconcileReport
 from payorders.runtime import database_url
 from payorders.settings import Settings
 from payorders.table import render
 
 AMOUNT = 1000
+T = TypeVar("T")
 
 # (name, weight): what happens to an order. Payments are timed around expires_at.
 SCENARIOS = [
@@ -51,6 +53,8 @@ class Figures:
     scenarios: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
+    retries: Counter[str] = field(default_factory=Counter)
+    chaos: list[tuple[str, float]] = field(default_factory=list)
     drive_s: float = 0.0
     settle_s: float = 0.0
     reconcile: ReconcileReport | None = None
@@ -81,6 +85,7 @@ class Torture:
         self.gateway = SandboxClient(settings)
         self.figures = Figures(orders=orders)
         self.pay_orders: list[str] = []
+        self._txn_seq = 0
 
     async def close(self) -> None:
         await self.service.aclose()
@@ -93,8 +98,28 @@ class Torture:
         weights = [weight for _, weight in SCENARIOS]
         return self.rng.choices(names, weights)[0]
 
+    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Retry what a real client would: unreachable services and 5xx, for up to 2 min.
+        Every call retried here is idempotent (order number, transaction id, fault row)."""
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                return await call()
+            except (Unreachable, ServiceError) as e:
+                if isinstance(e, ServiceError) and e.status < 500:
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                self.figures.retries[what] += 1
+                await asyncio.sleep(0.5)
+
     async def _pay(self, no: str, amount: int = AMOUNT) -> None:
-        await self.gateway.pay(pay_order_no=no, amount=amount, currency="USD")
+        self._txn_seq += 1
+        txn = f"txn-{no.removeprefix('po_')}-{self._txn_seq}"
+        await self._retry(
+            "pay",
+            lambda: self.gateway.pay(pay_order_no=no, amount=amount, currency="USD", txn_id=txn),
+        )
         self.figures.payments += 1
 
     async def _one(self, i: int, limit: asyncio.Semaphore) -> None:
@@ -103,16 +128,20 @@ class Torture:
         no = f"po_{self.run_id}-{i}"
         async with limit:
             if scenario == "refund fails twice":
-                await self.gateway.set_faults(no, fail_next_refunds=2)
+                await self._retry("fault", lambda: self.gateway.set_faults(no, fail_next_refunds=2))
                 self.figures.faults["refund failures"] += 2
             elif scenario == "refund times out after success":
-                await self.gateway.set_faults(no, timeout_after_success_next=1)
+                await self._retry(
+                    "fault", lambda: self.gateway.set_faults(no, timeout_after_success_next=1)
+                )
                 self.figures.faults["timeouts after success"] += 1
             elif scenario == "webhook lost once":
-                await self.gateway.set_faults(no, webhook_drop_next=1)
+                await self._retry("fault", lambda: self.gateway.set_faults(no, webhook_drop_next=1))
                 self.figures.faults["webhooks lost"] += 1
             elif scenario == "duplicate notification":
-                await self.gateway.set_faults(no, webhook_duplicate_next=1)
+                await self._retry(
+                    "fault", lambda: self.gateway.set_faults(no, webhook_duplicate_next=1)
+                )
                 self.figures.faults["webhooks duplicated"] += 1
             doc = await self.service.create(
                 order_no=no.removeprefix("po_"),
@@ -277,6 +306,8 @@ class Torture:
                 f"{t.get('captured', 0)} / {t.get('gateway_refunded', 0)}",
             ],
             *[[f"fault: {k}", n] for k, n in sorted(f.faults.items())],
+            *[[f"chaos: {name}, recovered in (s)", f"{secs:.1f}"] for name, secs in f.chaos],
+            *[[f"client retries: {k}", n] for k, n in sorted(f.retries.items())],
             ["time to drive the storm (s)", f"{f.drive_s:.1f}"],
             ["time to settle (s)", f"{f.settle_s:.1f}"],
         ]
@@ -300,6 +331,7 @@ async def run_torture(
     seed: int = 1,
     settle_within_s: float = 300,
     out: Callable[[str], None] = print,
+    chaos: Callable[[Figures, float], Coroutine[Any, Any, None]] | None = None,
 ) -> int:
     """Returns 0 when every check holds, 1 otherwise (after printing the figures)."""
     from payorders.api import connect
@@ -308,7 +340,15 @@ async def run_torture(
     pool = await store.create_pool(database_url(settings), min_size=1, max_size=4)
     try:
         out(f"torture {t.run_id}: {orders} orders, expiring {expires_in_s}s after creation")
+        # Chaos spans the storm and the first part of settling.
+        chaos_task = (
+            asyncio.create_task(chaos(t.figures, orders / 60 + expires_in_s + 10))
+            if chaos is not None
+            else None
+        )
         await t.storm()
+        if chaos_task is not None:
+            await chaos_task
         await t.settle(pool, settle_within_s)
         client = await connect(settings)
         t.figures.reconcile = await client.execute_workflow(
@@ -329,3 +369,118 @@ async def run_torture(
     for scenario, n in sorted(t.figures.scenarios.items()):
         out(f"  scenario {scenario}: {n}")
     return 1 if t.figures.violations else 0
+
+
+# --- chaos -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChaosPlan:
+    worker_kills: int = 3
+    temporal_restarts: int = 1
+    postgres_restarts: int = 1
+    gateway_pauses: int = 1
+    gateway_pause_s: float = 5.0
+
+
+async def _ready(api_url: str, within: float = 120) -> None:
+    """Wait until the service says Temporal and PostgreSQL answer again."""
+    import httpx
+
+    deadline = time.monotonic() + within
+    async with httpx.AsyncClient(timeout=3) as http:
+        while time.monotonic() < deadline:
+            try:
+                if (await http.get(f"{api_url}/readyz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError("the stack did not recover")
+
+
+async def _chaos(stack: Any, plan: ChaosPlan, figures: Figures, span_s: float, seed: int) -> None:
+    """Inject the plan's faults at random moments over ``span_s`` and time each recovery."""
+    rng = random.Random(seed)
+    faults = (
+        ["kill the worker (SIGKILL)"] * plan.worker_kills
+        + ["restart the Temporal dev server"] * plan.temporal_restarts
+        + ["restart PostgreSQL"] * plan.postgres_restarts
+        + [f"stop the sandbox gateway for {plan.gateway_pause_s:.0f}s"] * plan.gateway_pauses
+    )
+    moments = sorted(rng.uniform(0.1, 0.9) * span_s for _ in faults)
+    rng.shuffle(faults)
+    t0 = time.monotonic()
+    for at, fault in zip(moments, faults, strict=True):
+        await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+        started = time.monotonic()
+        if fault.startswith("kill the worker"):
+            stack.kill("worker")
+        elif fault.startswith("restart the Temporal"):
+            await stack.restart_temporal()
+        elif fault.startswith("restart PostgreSQL"):
+            await stack.restart_postgres()
+        else:
+            await stack.pause("gateway", plan.gateway_pause_s)
+        await _ready(stack.api_url)
+        figures.chaos.append((fault, time.monotonic() - started))
+
+
+async def run_chaos_torture(
+    settings: Settings,
+    plan: ChaosPlan,
+    *,
+    orders: int,
+    expires_in_s: int,
+    seed: int,
+    settle_within_s: float,
+    out: Callable[[str], None] = print,
+) -> int:
+    """The torture on a private local stack of its own, so faults can hit every part."""
+    async with private_stack(settings, out) as (stack, local):
+        return await run_torture(
+            local,
+            orders=orders,
+            expires_in_s=expires_in_s,
+            seed=seed,
+            settle_within_s=settle_within_s,
+            out=out,
+            chaos=lambda figures, span: _chaos(stack, plan, figures, span, seed),
+        )
+
+
+@asynccontextmanager
+async def private_stack(
+    settings: Settings, out: Callable[[str], None]
+) -> AsyncIterator[tuple[Any, Settings]]:
+    import shutil
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    from payorders.devstack import DevOptions, DevStack
+    from payorders.runtime import with_stack_defaults
+
+    def free() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    tmp = Path(tempfile.mkdtemp(prefix="payorders-torture-"))
+    local = settings.model_copy(update={"data_dir": tmp / "data", "database_url": None})
+    stack = DevStack(
+        local,
+        DevOptions(temporal_port=free(), ui_port=free(), api_port=free(), gateway_port=free()),
+    )
+    stop = asyncio.Event()
+    try:
+        await stack.start(lambda m: out(f"  stack: {m}"))
+        supervisor = asyncio.create_task(stack.supervise(stop, lambda m: out(f"  stack: {m}")))
+        try:
+            yield stack, with_stack_defaults(local)
+        finally:
+            stop.set()
+            await supervisor
+    finally:
+        await asyncio.to_thread(stack.stop)
+        shutil.rmtree(tmp, ignore_errors=True)
