@@ -354,3 +354,88 @@ async def test_health_and_readiness(web: HttpStack) -> None:
         assert {"/v1/pay-orders", "/v1/pay-orders/{pay_order_no}", "/v1/webhooks/gateway"} <= set(
             spec["paths"]
         )
+
+
+RAW_SIGNALS = [
+    (
+        "negative amount",
+        '{"txn_id":"t1","amount":-5,"currency":"USD","paid_at":"2026-11-27T11:00:00Z"}',
+    ),
+    ("zero amount", '{"txn_id":"t2","amount":0,"currency":"USD","paid_at":"2026-11-27T11:00:00Z"}'),
+    (
+        "fractional amount",
+        '{"txn_id":"t3","amount":1.5,"currency":"USD","paid_at":"2026-11-27T11:00:00Z"}',
+    ),
+    (
+        "amount as string",
+        '{"txn_id":"t4","amount":"100","currency":"USD","paid_at":"2026-11-27T11:00:00Z"}',
+    ),
+    (
+        "unknown currency",
+        '{"txn_id":"t5","amount":100,"currency":"XXX","paid_at":"2026-11-27T11:00:00Z"}',
+    ),
+    (
+        "SQL in txn_id",
+        '{"txn_id":"t\'; DROP TABLE payment;--","amount":100,"currency":"USD",'
+        '"paid_at":"2026-11-27T11:00:00Z"}',
+    ),
+    (
+        "control characters in txn_id",
+        '{"txn_id":"t\\u0000x","amount":100,"currency":"USD","paid_at":"2026-11-27T11:00:00Z"}',
+    ),
+    ("missing fields", '{"amount":100}'),
+    ("not an object", '"hello"'),
+    (
+        "huge payload",
+        '{"txn_id":"'
+        + "x" * 200_000
+        + '","amount":1,"currency":"USD","paid_at":"2026-11-27T11:00:00Z"}',
+    ),
+]
+
+
+async def test_raw_signals_sent_with_the_temporal_cli_change_nothing(
+    web: HttpStack, dev_env: WorkflowEnvironment
+) -> None:
+    """Hostile payloads sent straight to the workflow, bypassing every edge check."""
+    import asyncio
+    import subprocess
+    import tempfile
+
+    from payorders.binaries import find_binary
+
+    doc = await web.service.create(order_no=new_order(), amount=100, currency="USD")
+    no = doc["pay_order_no"]
+    await web.wait_order(no, lambda o: o["workflow"] is not None)
+    before = await web.counts()
+    address = dev_env.client.service_client.config.target_host
+    for name, payload in RAW_SIGNALS:
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+            f.write(payload)
+            f.flush()
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [
+                    find_binary("temporal"),
+                    "workflow",
+                    "signal",
+                    "--address",
+                    address,
+                    "--workflow-id",
+                    f"pay-order-{no}",
+                    "--name",
+                    "payment_succeeded",
+                    "--input-file",
+                    f.name,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        # The server takes the signal (or refuses the oversized one); either way nothing moves.
+        assert done.returncode == 0 or name == "huge payload", (name, done.stderr)
+    # Six decode and are refused by the handler; four never decode and the SDK drops them.
+    order = await web.wait_order(no, lambda o: o["workflow"]["rejected_notifications"] == 6)
+    assert order["status"] == "PAYING" and order["payments"] == []
+    assert order["workflow_status"] == "RUNNING"
+    assert await web.counts() == before

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.client import WorkflowExecutionStatus
@@ -251,21 +252,49 @@ async def test_a_worker_killed_in_the_middle_of_a_refund_refunds_once_after_rest
     assert outcomes == ["SUCCEEDED", "ANSWER_WITHHELD", "REPLAYED"]
 
 
-@pytest.mark.parametrize("path", ["paid", "expired", "late_refund"])
+HISTORY_PATHS = [
+    "paid",
+    "expired",
+    "late_refund",
+    "already_paid_on_close",
+    "double_payment",
+    "wrong_amount_then_paid",
+    "late_payment_refund_retried",
+    "late_payment_refund_ambiguous",
+]
+
+
+@pytest.mark.parametrize("path", HISTORY_PATHS)
 async def test_histories_of_each_path_replay(
     dev_env: WorkflowEnvironment, svc: Resources, path: str
 ) -> None:
-    """Runs each path and replays its fresh history; with PAYORDERS_RECORD_HISTORIES=1 it
-    also saves it to tests/histories/ for the replay suite."""
+    """Runs each branch of the workflows and replays its fresh history; with
+    PAYORDERS_RECORD_HISTORIES=1 it also saves it to tests/histories/ for the replay suite."""
     from temporalio.worker import Replayer
 
     from workflows.pay_order import PayOrderWorkflow
 
     async with running_stack(dev_env, svc, settlement_window_s=1) as stack:
+        no = order_no(path.replace("_", "-"))
+        faults: dict[str, Any] = {
+            "already_paid_on_close": {"paid_on_close_amount": 42, "paid_on_close_currency": "USD"},
+            "late_payment_refund_retried": {"fail_next_refunds": 2},
+            "late_payment_refund_ambiguous": {"timeout_after_success_next": 1},
+        }.get(path, {})
+        if faults:
+            await svc.sandbox.set_faults(f"po_{no}", **faults)
         started = await stack.api.start_pay_order(
-            order_no=order_no(path), amount=42, currency="USD", expires_in=timedelta(seconds=1)
+            order_no=no, amount=42, currency="USD", expires_in=timedelta(seconds=2)
         )
-        if path == "paid":
+        if path in ("paid", "double_payment"):
+            await pay(stack, started.pay_order_no, 42)
+        if path == "double_payment":
+            await pay(stack, started.pay_order_no, 42)
+        if path == "wrong_amount_then_paid":
+            await pay(stack, started.pay_order_no, 41)
+            await pay(stack, started.pay_order_no, 42)
+        if path.startswith("late_payment"):
+            await stack.wait_view(started.pay_order_no, lambda v: v.status is EXPIRED)
             await pay(stack, started.pay_order_no, 42)
         handle = stack.handle(started.pay_order_no)
         await stack.result(started.pay_order_no)
