@@ -180,9 +180,17 @@ class Injected:
         self.touched.update(pay_order_nos)
 
 
+async def pick(conn: asyncpg.Connection, sql: str, inj: Injected, n: int) -> list[asyncpg.Record]:
+    """n rows not touched yet; too few means too small a data set to inject into."""
+    rows = await conn.fetch(sql, list(inj.touched), n)
+    if len(rows) < n:
+        raise SystemExit(f"only {len(rows)} of {n} rows to inject into: raise --orders")
+    return rows
+
+
 async def inject_persistent(conn: asyncpg.Connection, inj: Injected) -> None:
     # 10 orders whose paid_amount was changed by SQL: paid_amount_mismatch, EXCEPTION.
-    rows = await conn.fetch(SQL_PICK_PAID_ORDERS, list(inj.touched), 10)
+    rows = await pick(conn, SQL_PICK_PAID_ORDERS, inj, 10)
     nos = [r["pay_order_no"] for r in rows]
     await conn.execute(
         "UPDATE pay_order SET paid_amount = paid_amount + $2 WHERE pay_order_no = ANY($1)",
@@ -206,7 +214,7 @@ async def inject_persistent(conn: asyncpg.Connection, inj: Injected) -> None:
 
     # 6 settled payments of the period: 3 captures deleted at the gateway
     # (payment_absent_at_gateway), 3 captured with another amount (amount_differs).
-    rows = await conn.fetch(SQL_PICK_CAPTURES, list(inj.touched), 6)
+    rows = await pick(conn, SQL_PICK_CAPTURES, inj, 6)
     absent, differs = rows[:3], rows[3:]
     await conn.execute(
         f"DELETE FROM {SCHEMA}.capture WHERE txn_id = ANY($1)", [r["txn_id"] for r in absent]
@@ -223,7 +231,7 @@ async def inject_persistent(conn: asyncpg.Connection, inj: Injected) -> None:
 async def inject_for_run(conn: asyncpg.Connection, inj: Injected) -> Counter[tuple[str, str, str]]:
     """5 refund rows deleted after they succeeded: refund_restored, REPAIRED (once)."""
     inj.runs += 1
-    rows = await conn.fetch(SQL_PICK_REFUNDS, list(inj.touched), 5)
+    rows = await pick(conn, SQL_PICK_REFUNDS, inj, 5)
     await conn.execute(
         "DELETE FROM refund WHERE refund_key = ANY($1)", [r["refund_key"] for r in rows]
     )

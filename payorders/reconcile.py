@@ -81,19 +81,25 @@ SELECT count(*) AS checked, max(pay_order_no) AS last,
 SQL_PAGE_SUSPECTS = """
 WITH page AS (
     SELECT * FROM pay_order WHERE pay_order_no > $1 ORDER BY pay_order_no LIMIT $2
+), bound AS (
+    SELECT max(pay_order_no) AS last FROM page
 ), pays AS (
+    -- The explicit range lets the planner read only this page's payments and refunds
+    -- (a join to the page alone made it scan both tables on every page).
     SELECT p.pay_order_no, sum(p.amount) AS paid,
-           array_agg(p.txn_id) FILTER (
-               WHERE NOT p.settled AND NOT EXISTS (SELECT 1 FROM refund r WHERE r.txn_id = p.txn_id)
-           ) AS owed
-      FROM payment p JOIN page USING (pay_order_no) GROUP BY p.pay_order_no
+           array_agg(p.txn_id) FILTER (WHERE NOT p.settled AND r.txn_id IS NULL) AS owed
+      FROM payment p LEFT JOIN refund r ON r.txn_id = p.txn_id
+     WHERE p.pay_order_no > $1 AND p.pay_order_no <= (SELECT last FROM bound)
+     GROUP BY p.pay_order_no
 ), refs AS (
     SELECT r.pay_order_no,
            coalesce(sum(r.amount) FILTER (WHERE r.status = 'SUCCEEDED'), 0) AS refunded,
            array_agg(r.refund_key) FILTER (
                WHERE r.status = 'PENDING' AND r.created_at < now() - make_interval(secs => $3)
            ) AS old_pending
-      FROM refund r JOIN page USING (pay_order_no) GROUP BY r.pay_order_no
+      FROM refund r
+     WHERE r.pay_order_no > $1 AND r.pay_order_no <= (SELECT last FROM bound)
+     GROUP BY r.pay_order_no
 )
 SELECT page.pay_order_no, page.status, page.amount, page.currency, page.paid_amount,
        page.refunded_amount, page.expires_at, page.lock_version,

@@ -143,11 +143,15 @@ class Torture:
                     "fault", lambda: self.gateway.set_faults(no, webhook_duplicate_next=1)
                 )
                 self.figures.faults["webhooks duplicated"] += 1
-            doc = await self.service.create(
-                order_no=no.removeprefix("po_"),
-                amount=AMOUNT,
-                currency="USD",
-                expires_in_s=self.expires_in_s,
+            # A lost answer is retried with the same order number: checkout is idempotent.
+            doc = await self._retry(
+                "create",
+                lambda: self.service.create(
+                    order_no=no.removeprefix("po_"),
+                    amount=AMOUNT,
+                    currency="USD",
+                    expires_in_s=self.expires_in_s,
+                ),
             )
         self.pay_orders.append(no)
         expires_at = datetime.fromisoformat(doc["expires_at"])

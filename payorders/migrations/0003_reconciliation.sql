@@ -26,5 +26,7 @@ CREATE TABLE reconciliation_finding (
     created_at   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX reconciliation_finding_run ON reconciliation_finding (run_id);
-CREATE INDEX payment_recorded_at ON payment (recorded_at);
-CREATE INDEX refund_created_at ON refund (created_at);
+-- What the checks look up: a page's refunds, and the statement period's payments and refunds.
+CREATE INDEX refund_pay_order_no ON refund (pay_order_no);
+CREATE INDEX payment_paid_at ON payment (paid_at);
+CREATE INDEX refund_succeeded_at ON refund (succeeded_at) WHERE status = 'SUCCEEDED';
