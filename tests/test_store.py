@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 
 import asyncpg
 import pytest
@@ -16,6 +17,16 @@ from payorders.models import CreatePayOrder, PaymentNotification, RecordPayment
 from payorders.runtime import Resources
 
 from .conftest import order_no
+
+ALL_MIGRATIONS = sorted(
+    f.name.removesuffix(".sql")
+    for f in resources.files("payorders.migrations").iterdir()
+    if f.name.endswith(".sql")
+)
+
+
+def test_the_migrations_are_the_ones_we_ship() -> None:
+    assert ALL_MIGRATIONS[:3] == ["0001_pay_orders", "0002_webhook_events", "0003_reconciliation"]
 
 
 async def new_order(svc: Resources, amount: int = 100) -> str:
@@ -160,7 +171,7 @@ async def test_migrations_are_safe_when_workers_start_together(db_url: str) -> N
         assert results == [[], [], []]  # already applied by the session's first worker
         async with pools[0].acquire() as conn:
             versions = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
-        assert [v["version"] for v in versions] == ["0001_pay_orders", "0002_webhook_events"]
+        assert [v["version"] for v in versions] == ALL_MIGRATIONS
     finally:
         for p in pools:
             await p.close()
@@ -173,7 +184,7 @@ async def test_migrations_apply_once_on_a_fresh_database(pg_admin_url: str) -> N
     pools = [await store.create_pool(url, min_size=1, max_size=1) for _ in range(3)]
     try:
         results = await asyncio.gather(*(store.migrate(p) for p in pools))
-        assert sorted(results) == [[], [], ["0001_pay_orders", "0002_webhook_events"]]
+        assert sorted(results) == [[], [], ALL_MIGRATIONS]
     finally:
         for p in pools:
             await p.close()
