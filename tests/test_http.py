@@ -406,7 +406,12 @@ async def test_raw_signals_sent_with_the_temporal_cli_change_nothing(
 
     doc = await web.service.create(order_no=new_order(), amount=100, currency="USD")
     no = doc["pay_order_no"]
-    await web.wait_order(no, lambda o: o["workflow"] is not None)
+    # Wait for the workflow's first activity to write the row (reads answer before it does).
+    async with web.pool.acquire() as conn:
+        for _ in range(300):
+            if await conn.fetchval("SELECT 1 FROM pay_order WHERE pay_order_no = $1", no):
+                break
+            await asyncio.sleep(0.02)
     before = await web.counts()
     address = dev_env.client.service_client.config.target_host
     for name, payload in RAW_SIGNALS:
