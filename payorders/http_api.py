@@ -32,6 +32,7 @@ from payorders import api as payorders_api
 from payorders import domain, webhook
 from payorders.api import PayOrderConflict, PayOrders, UnknownPayOrder
 from payorders.gateway import Gateway, GatewayError
+from payorders.http_errors import ApiError
 from payorders.runtime import database_url, open_resources
 from payorders.settings import Settings
 from payorders.store import PayOrderStore
@@ -39,14 +40,6 @@ from payorders.store import PayOrderStore
 log = logging.getLogger("payorders.api")
 
 PAY_ORDER_NO = r"^po_[A-Za-z0-9_-]{1,64}$"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:

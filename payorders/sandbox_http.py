@@ -38,6 +38,7 @@ from payorders.gateway import (
     GatewayUnavailable,
     RefundRequest,
 )
+from payorders.http_errors import ApiError
 from payorders.sandbox_gateway import SandboxGateway, SandboxRefund
 from payorders.settings import Settings
 
@@ -52,16 +53,6 @@ WEBHOOK_CLIENT_TIMEOUT_S = 5.0
 _INT32_MAX = 2**31 - 1
 
 T = TypeVar("T")
-
-
-class ApiError(Exception):
-    """An answer of ``{"error": {"code": ..., "message": ...}}`` with ``status``."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 class _ClientGone(Exception):
