@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 
+import asyncpg
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -64,6 +65,7 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    await _wait_for_database(database_url, stop)
     async with open_resources(settings, database_url) as res:
         client = await api.connect(settings)
         await api.ensure_reconcile_schedule(client, settings)
@@ -73,6 +75,23 @@ async def run(settings: Settings) -> None:
             await stop.wait()
             log.info("stopping: finishing the tasks in hand")
     del keep
+
+
+async def _wait_for_database(url: str, stop: asyncio.Event, within_s: float = 120) -> None:
+    """A worker started while PostgreSQL restarts waits for it instead of exiting."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while not stop.is_set():
+        try:
+            conn = await asyncpg.connect(url, timeout=5)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as e:
+            if loop.time() > deadline:
+                raise
+            log.warning("waiting for PostgreSQL: %s", e)
+            await asyncio.sleep(1)
+            continue
+        await conn.close()
+        return
 
 
 def main() -> None:
