@@ -174,9 +174,7 @@ class PayOrders:
         """
         now = now or datetime.now(UTC)
         expires_at = now + (
-            expires_in
-            if expires_in is not None
-            else timedelta(seconds=self._settings.default_expires_in_s)
+            expires_in if expires_in is not None else self._settings.default_expires_in
         )
         domain.validate_new_pay_order(
             order_no=order_no, amount=amount, currency=currency, expires_at=expires_at, now=now

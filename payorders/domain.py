@@ -92,10 +92,6 @@ def can_transition(current: PayOrderStatus, new: PayOrderStatus) -> bool:
     return current is PayOrderStatus.PAYING and is_terminal(new)
 
 
-def is_expired(expires_at: datetime, now: datetime) -> bool:
-    return now >= expires_at
-
-
 def decide_payment(
     *,
     status: PayOrderStatus,

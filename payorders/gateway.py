@@ -13,6 +13,9 @@ from typing import Protocol
 
 from payorders.domain import RefundStatus
 
+PROCESSING_HEADER = "Gateway-Processing-Ms"
+"""Response header in which a gateway reports the milliseconds it spent on a request."""
+
 
 class GatewayError(Exception):
     """Base of gateway failures."""

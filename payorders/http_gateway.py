@@ -21,6 +21,7 @@ from prometheus_client import Counter, Histogram
 
 from payorders.domain import RefundStatus
 from payorders.gateway import (
+    PROCESSING_HEADER,
     Capture,
     CloseResult,
     GatewayAmbiguous,
@@ -33,7 +34,6 @@ from payorders.gateway import (
 
 log = logging.getLogger(__name__)
 
-PROCESSING_HEADER = "Gateway-Processing-Ms"
 
 CALLS = Counter(
     "payorders_gateway_calls_total", "Gateway calls by operation and outcome", ["op", "outcome"]

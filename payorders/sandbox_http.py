@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from payorders import domain, runtime, store
 from payorders.domain import RefundStatus
 from payorders.gateway import (
+    PROCESSING_HEADER,
     Capture,
     GatewayRefund,
     GatewayRejected,
@@ -44,7 +45,6 @@ from payorders.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PROCESSING_HEADER = "Gateway-Processing-Ms"
 WITHHOLD_ANSWER_S = 120.0
 """The "timeout after success" fault over HTTP: the refund is committed and the answer comes
 this late (or never, if the caller hangs up first), so the caller's client timeout fires."""

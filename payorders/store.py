@@ -43,7 +43,6 @@ VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT DO NOTHING
 RETURNING *"""
 SQL_GET_PAY_ORDER = "SELECT * FROM pay_order WHERE pay_order_no = $1"
-SQL_GET_PAY_ORDER_BY_ORDER_NO = "SELECT * FROM pay_order WHERE order_no = $1"
 SQL_LOCK_PAY_ORDER = "SELECT * FROM pay_order WHERE pay_order_no = $1 FOR UPDATE"
 
 # The original design's conditional update: only one of "paid" and "expired" can win.
@@ -178,11 +177,6 @@ class PayOrderStore:
     async def get_pay_order(self, pay_order_no: str) -> PayOrderRow | None:
         async with self._pool.acquire() as conn:
             rec = await conn.fetchrow(SQL_GET_PAY_ORDER, pay_order_no)
-        return None if rec is None else _row(rec)
-
-    async def get_pay_order_by_order_no(self, order_no: str) -> PayOrderRow | None:
-        async with self._pool.acquire() as conn:
-            rec = await conn.fetchrow(SQL_GET_PAY_ORDER_BY_ORDER_NO, order_no)
         return None if rec is None else _row(rec)
 
     async def record_payment(self, cmd: RecordPayment) -> RecordedPayment:
