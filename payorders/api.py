@@ -40,6 +40,7 @@ from payorders import domain
 from payorders import search_attributes as sa
 from payorders.domain import PayOrderStatus
 from payorders.models import (
+    PAY_ORDER_VERSION,
     LateRefundInput,
     PaymentNotification,
     PayOrderInput,
@@ -194,6 +195,7 @@ class PayOrders:
                     settlement_window_s=self._settings.settlement_window_s,
                     refund_retry=self._settings.refund_retry(),
                     timeouts=self._settings.timeouts(),
+                    version=PAY_ORDER_VERSION,
                 ),
                 id=workflow_id,
                 task_queue=self._settings.task_queue,

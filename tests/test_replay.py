@@ -21,7 +21,7 @@ from payorders.models import PayOrderInput, PayOrderResult
 from workflows.late_refund import LateRefundWorkflow
 from workflows.pay_order import PayOrderWorkflow
 
-HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+HISTORIES = sorted((Path(__file__).parent / "histories").rglob("*.json"))
 
 
 def test_histories_cover_every_saved_path() -> None:

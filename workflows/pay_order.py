@@ -51,6 +51,7 @@ class PayOrderWorkflow:
         self._rejected = 0
         self._duplicates = 0
         self._settlement_ends_at: datetime | None = None
+        self._local = False
 
     @workflow.signal(name="payment_succeeded")
     def payment_succeeded(self, payment: PaymentNotification) -> None:
@@ -89,7 +90,8 @@ class PayOrderWorkflow:
 
     @workflow.run
     async def run(self, input: PayOrderInput) -> PayOrderResult:
-        row = await workflow.execute_activity(
+        self._local = input.version >= 2
+        row = await _common.db_write(
             "create_pay_order",
             CreatePayOrder(
                 pay_order_no=input.pay_order_no,
@@ -98,9 +100,9 @@ class PayOrderWorkflow:
                 currency=input.currency,
                 expires_at=input.expires_at,
             ),
-            result_type=PayOrderRow,
-            start_to_close_timeout=self._db_timeout,
-            retry_policy=_common.DB_RETRY,
+            PayOrderRow,
+            input.timeouts,
+            local=self._local,
             summary=f"create pay order {input.amount} {input.currency}",
         )
         self._lock_version = row.lock_version
@@ -139,10 +141,6 @@ class PayOrderWorkflow:
             refunded_amount=self._refunded,
         )
 
-    @property
-    def _db_timeout(self) -> timedelta:
-        return timedelta(milliseconds=self._in.timeouts.db_activity_start_to_close_ms)
-
     async def _wait_for_payment(self, wait: timedelta, what: str) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await workflow.wait_condition(
@@ -172,6 +170,7 @@ class PayOrderWorkflow:
                     expected_lock_version=self._lock_version if settle else None,
                 ),
                 i.timeouts,
+                local=self._local,
             )
         except ActivityError as e:
             # Only non-retryable conflicts get here (a txn id reused with other facts):
@@ -229,12 +228,12 @@ class PayOrderWorkflow:
                 return
             if self._inbox:
                 return
-        result = await workflow.execute_activity(
+        result = await _common.db_write(
             "expire_pay_order",
             ExpirePayOrder(pay_order_no=i.pay_order_no, expected_lock_version=self._lock_version),
-            result_type=TransitionResult,
-            start_to_close_timeout=self._db_timeout,
-            retry_policy=_common.DB_RETRY,
+            TransitionResult,
+            i.timeouts,
+            local=self._local,
             summary="trade closed: expire the pay order",
         )
         self._lock_version = result.row.lock_version
