@@ -5,6 +5,7 @@
   only once Temporal has accepted the payment, 4xx for what must never be retried, and
   503 while Temporal (or the gateway, to verify against) cannot be reached.
 - ``/healthz`` is liveness; ``/readyz`` is ready only when Temporal and PostgreSQL answer.
+- ``/metrics`` is Prometheus's (no token; see ``payorders.api_metrics``).
 
 Run with ``uvicorn --factory payorders.http_api:app``.
 """
@@ -21,15 +22,16 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
 from temporalio.service import RPCError
 
 from payorders import api as payorders_api
-from payorders import domain, webhook
+from payorders import api_metrics, domain, webhook
 from payorders.api import PayOrderConflict, PayOrders, UnknownPayOrder
 from payorders.gateway import Gateway, GatewayError
 from payorders.http_errors import ApiError
@@ -40,6 +42,7 @@ from payorders.store import PayOrderStore
 log = logging.getLogger("payorders.api")
 
 PAY_ORDER_NO = r"^po_[A-Za-z0-9_-]{1,64}$"
+WEBHOOK_ROUTE = "/v1/webhooks/gateway"
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
@@ -145,6 +148,7 @@ class BodyLimit:
             return
         for name, value in scope.get("headers", []):
             if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                api_metrics.note_error(scope, "too_large")
                 await _error(413, "too_large", f"body over {self.limit} bytes")(
                     scope, receive, send
                 )
@@ -236,9 +240,14 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    # Added last, so outermost: it also times and counts what BodyLimit refuses.
+    app.add_middleware(
+        api_metrics.RequestMetrics, routes=app.router.routes, webhook_route=WEBHOOK_ROUTE
+    )
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        api_metrics.note_error(request.scope, exc.code)
         if exc.status < 500:
             log.info("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.code)
         return _error(exc.status, exc.code, exc.message)
@@ -249,6 +258,7 @@ def create_app(settings: Settings) -> FastAPI:
             {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()
         ]
         log.info("%s %s -> 422 invalid_request", request.method, request.url.path)
+        api_metrics.note_error(request.scope, "invalid_request")
         return _error(422, "invalid_request", "the request is not valid", details=errors)
 
     auth = [Depends(require_token)]
@@ -322,7 +332,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
 
     @app.post(
-        "/v1/webhooks/gateway",
+        WEBHOOK_ROUTE,
         response_model=WebhookAccepted,
         dependencies=[Depends(require_json)],
         openapi_extra={
@@ -355,6 +365,7 @@ def create_app(settings: Settings) -> FastAPI:
             event = webhook.parse_payment_event(body)
         except webhook.WebhookRejected as e:
             log.warning("webhook rejected: %s", e.reason)
+            api_metrics.note_webhook_reason(request.scope, api_metrics.webhook_check_reason(e))
             raise ApiError(e.status, "webhook_rejected", e.reason) from None
         seen = await deps.store.webhook_outcome(event.event_id)
         if seen is not None:
@@ -384,6 +395,12 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        """Prometheus exposition of the default registry (``payorders_api_*``,
+        ``payorders_gateway_*``, the process); not itself counted in the request metrics."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/readyz", responses={503: {"description": "not ready"}})
     async def readyz(deps: DepsDep) -> JSONResponse:

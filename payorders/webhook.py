@@ -22,12 +22,14 @@ EVENT_PAYMENT_SUCCEEDED = "payment.succeeded"
 
 
 class WebhookRejected(ValueError):
-    """The webhook cannot be accepted; ``reason`` is safe to log (no secrets, no body)."""
+    """The webhook cannot be accepted; ``reason`` is safe to log (no secrets, no body);
+    ``code`` is a short stable name for the check that refused it (a metrics label)."""
 
-    def __init__(self, reason: str, *, status: int) -> None:
+    def __init__(self, reason: str, *, status: int, code: str) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.code = code
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -55,25 +57,33 @@ def verify(
             ``v1`` matching any accepted secret (compared in constant time).
     """
     if not header:
-        raise WebhookRejected(f"missing {HEADER} header", status=401)
+        raise WebhookRejected(f"missing {HEADER} header", status=401, code="missing_signature")
     timestamp: int | None = None
     candidates: list[str] = []
     for part in header.split(","):
         key, sep, value = part.strip().partition("=")
         if not sep:
-            raise WebhookRejected("malformed signature header", status=401)
+            raise WebhookRejected(
+                "malformed signature header", status=401, code="malformed_signature"
+            )
         if key == "t":
             if not value.isdigit() or len(value) > 12:
-                raise WebhookRejected("malformed signature timestamp", status=401)
+                raise WebhookRejected(
+                    "malformed signature timestamp", status=401, code="malformed_signature"
+                )
             timestamp = int(value)
         elif key == "v1":
             candidates.append(value)
     if timestamp is None or not candidates:
-        raise WebhookRejected("signature header needs t= and v1=", status=401)
+        raise WebhookRejected(
+            "signature header needs t= and v1=", status=401, code="malformed_signature"
+        )
     age = now.timestamp() - timestamp
     if abs(age) > tolerance_s:
         raise WebhookRejected(
-            f"signature timestamp outside the {tolerance_s}s tolerance", status=401
+            f"signature timestamp outside the {tolerance_s}s tolerance",
+            status=401,
+            code="stale_timestamp",
         )
     expected = [signature(s, timestamp, body) for s in secrets]
     # Compare every pair so timing reveals nothing about which one matched.
@@ -82,7 +92,7 @@ def verify(
         for want in expected:
             matched |= hmac.compare_digest(candidate.encode(), want.encode())
     if not matched:
-        raise WebhookRejected("signature does not match", status=401)
+        raise WebhookRejected("signature does not match", status=401, code="bad_signature")
     return timestamp
 
 
@@ -101,16 +111,18 @@ def parse_payment_event(body: bytes) -> PaymentEvent:
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise WebhookRejected("body is not valid JSON", status=400) from None
+        raise WebhookRejected("body is not valid JSON", status=400, code="malformed_body") from None
     if not isinstance(doc, dict):
-        raise WebhookRejected("body must be a JSON object", status=400)
+        raise WebhookRejected("body must be a JSON object", status=400, code="malformed_body")
     if doc.get("type") != EVENT_PAYMENT_SUCCEEDED:
         raise WebhookRejected(
-            f"unsupported event type (want {EVENT_PAYMENT_SUCCEEDED})", status=400
+            f"unsupported event type (want {EVENT_PAYMENT_SUCCEEDED})",
+            status=400,
+            code="malformed_body",
         )
     data = doc.get("data")
     if not isinstance(data, dict):
-        raise WebhookRejected("data must be an object", status=400)
+        raise WebhookRejected("data must be an object", status=400, code="malformed_body")
     try:
         event_id = domain.check_identifier(doc.get("id"), "id")
         pay_order_no = data.get("pay_order_no")
@@ -130,7 +142,7 @@ def parse_payment_event(body: bytes) -> PaymentEvent:
         if paid_at.tzinfo is None:
             raise domain.InvalidInput("data.paid_at needs a time zone")
     except domain.InvalidInput as e:
-        raise WebhookRejected(str(e), status=422) from None
+        raise WebhookRejected(str(e), status=422, code="invalid_event") from None
     return PaymentEvent(
         event_id=event_id,
         pay_order_no=pay_order_no,
