@@ -1,22 +1,27 @@
 """The pay-order worker: both workflows and all activities on one task queue.
 
 Configuration comes from the environment (``PAYORDERS_*``, ``TEMPORAL_ADDRESS``,
-``TEMPORAL_NAMESPACE``). Migrations run at start, under an advisory lock.
+``TEMPORAL_NAMESPACE``). Migrations run at start, under an advisory lock. Prometheus
+metrics, the SDK's and ours, at ``http://$PAYORDERS_WORKER_METRICS_ADDRESS/metrics``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 
 import asyncpg
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+from temporalio.worker import PollerBehaviorSimpleMaximum, UnsandboxedWorkflowRunner, Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.pay_order import PayOrderActivities
 from activities.reconcile import ReconcileActivities
 from payorders import api, embedded
+from payorders.metrics import RefundGauges
 from payorders.reconcile import ReconcileStore
 from payorders.runtime import Resources, open_resources
 from payorders.settings import Settings
@@ -35,9 +40,19 @@ def build_worker(client: Client, res: Resources, *, task_queue: str) -> Worker:
         refund_alert_after_attempts=res.settings.refund_alert_after_attempts,
     )
     recon = ReconcileActivities(ReconcileStore(res.pool), res.store, res.gateway, res.settings)
+    s = res.settings
     return Worker(
         client,
         task_queue=task_queue,
+        # The sandbox re-creates each workflow's modules and guards every call: about 10 ms
+        # of worker CPU per pay order (bench/README.md). Tests run with it, so a
+        # non-deterministic call fails CI; deployments may turn it off for throughput.
+        workflow_runner=SandboxedWorkflowRunner()
+        if s.workflow_sandbox
+        else UnsandboxedWorkflowRunner(),
+        workflow_task_poller_behavior=PollerBehaviorSimpleMaximum(s.worker_workflow_task_pollers),
+        activity_task_poller_behavior=PollerBehaviorSimpleMaximum(s.worker_activity_task_pollers),
+        max_cached_workflows=s.worker_max_cached_workflows,
         workflows=[PayOrderWorkflow, LateRefundWorkflow, ReconcileWorkflow, RedriveWorkflow],
         activities=[
             acts.create_pay_order,
@@ -54,7 +69,32 @@ def build_worker(client: Client, res: Resources, *, task_queue: str) -> Worker:
     )
 
 
+class MetricsUnavailable(RuntimeError):
+    """The metrics endpoint cannot be served at the configured address."""
+
+
+def metrics_runtime(address: str) -> Runtime:
+    """An SDK runtime whose meter serves Prometheus at ``http://{address}/metrics``: the
+    SDK's own metrics (``temporal_*``) and ours (``payorders_*``), on one endpoint.
+
+    The port is bound here, once per process (a second runtime on it fails).
+    """
+    try:
+        return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address)))
+    except ValueError as e:  # e.g. "Failed starting Prometheus exporter: Address in use"
+        raise MetricsUnavailable(
+            f"cannot serve metrics at {address} ({e}): set PAYORDERS_WORKER_METRICS_ADDRESS"
+            " to a free IP:port, or to empty for no endpoint"
+        ) from e
+
+
 async def run(settings: Settings) -> None:
+    runtime: Runtime | None = None
+    if settings.worker_metrics_address is not None:
+        runtime = metrics_runtime(settings.worker_metrics_address)
+        log.info("metrics at http://%s/metrics", settings.worker_metrics_address)
+    else:
+        log.info("no metrics endpoint (PAYORDERS_WORKER_METRICS_ADDRESS is empty)")
     keep: object = None
     database_url = settings.database_url
     if database_url is None:
@@ -67,13 +107,23 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await _wait_for_database(database_url, stop)
     async with open_resources(settings, database_url) as res:
-        client = await api.connect(settings)
+        client = await api.connect(settings, runtime=runtime)
         await api.ensure_reconcile_schedule(client, settings)
         worker = build_worker(client, res, task_queue=settings.task_queue)
         log.info("worker on task queue %s at %s", settings.task_queue, settings.temporal_address)
         async with worker:
-            await stop.wait()
-            log.info("stopping: finishing the tasks in hand")
+            gauges: asyncio.Task[None] | None = None
+            if runtime is not None:
+                refunds = RefundGauges(runtime.metric_meter, res.store)
+                gauges = asyncio.create_task(refunds.refresh_forever())
+            try:
+                await stop.wait()
+                log.info("stopping: finishing the tasks in hand")
+            finally:
+                if gauges is not None:
+                    gauges.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await gauges
     del keep
 
 

@@ -11,7 +11,8 @@ import logging
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from payorders.domain import RefundStatus
+from payorders import metrics
+from payorders.domain import RefundReason, RefundStatus
 from payorders.gateway import (
     Gateway,
     GatewayAmbiguous,
@@ -65,13 +66,23 @@ class PayOrderActivities:
     @activity.defn(name="record_payment")
     async def record_payment(self, cmd: RecordPayment) -> RecordedPayment:
         try:
-            return await self._store.record_payment(cmd)
+            recorded, new = await self._store.record_payment_new(cmd)
         except TxnConflict as e:
             raise ApplicationError(str(e), type="TxnConflict", non_retryable=True) from e
         except PayOrderNotFound as e:
             raise ApplicationError(
                 f"unknown pay order {e}", type="PayOrderNotFound", non_retryable=True
             ) from e
+        # Counted here, where the store says this call recorded it: once per transaction,
+        # whichever workflow (pay order, late refund, re-drive) records it, and however
+        # often a retry or a second notification records it again.
+        reason = recorded.refund_reason
+        if new and not recorded.settled and reason is not None:
+            meter = activity.metric_meter()
+            metrics.PAYMENTS_REFUND_REQUIRED.add(meter, reason=reason.value)
+            if reason is RefundReason.LATE:
+                metrics.LATE_PAYMENTS.add(meter)
+        return recorded
 
     @activity.defn(name="expire_pay_order")
     async def expire_pay_order(self, cmd: ExpirePayOrder) -> TransitionResult:
@@ -95,9 +106,13 @@ class PayOrderActivities:
     async def refund_payment(self, cmd: RefundPayment) -> RefundOutcome:
         """Refund once under ``cmd.refund_key``; every failure is retried with the same key."""
         attempt = activity.info().attempt
+        meter = activity.metric_meter()
+        metrics.REFUNDS_ATTEMPTED.add(meter)
         if attempt > self._alert_after:
             log.error("refund %s still not confirmed after %d attempts", cmd.refund_key, attempt)
         if await self._store.refund_status(cmd.refund_key) is RefundStatus.SUCCEEDED:
+            # Confirmed before (an earlier attempt whose answer was lost, or reconciliation):
+            # counted by whoever confirmed it, not again here.
             return RefundOutcome(
                 refund_key=cmd.refund_key, status=RefundStatus.SUCCEEDED, gateway_refund_id=None
             )
@@ -111,7 +126,8 @@ class PayOrderActivities:
         try:
             refund = await self._refund_or_resolve(request)
         except GatewayRejected as e:
-            await self._store.reject_refund(cmd.refund_key, str(e))
+            if await self._store.reject_refund(cmd.refund_key, str(e)):
+                metrics.REFUNDS_REJECTED.add(meter)
             log.error("refund %s rejected by the gateway: %s", cmd.refund_key, e)
             return RefundOutcome(
                 refund_key=cmd.refund_key, status=RefundStatus.REJECTED, gateway_refund_id=None
@@ -122,7 +138,9 @@ class PayOrderActivities:
         await self._store.note_refund_attempt(cmd.refund_key, attempt, None)
         if refund.status is RefundStatus.PENDING:
             raise ApplicationError("refund accepted, not yet confirmed", type="RefundPending")
-        await self._store.confirm_refund(cmd.refund_key, refund.gateway_refund_id)
+        if await self._store.confirm_refund(cmd.refund_key, refund.gateway_refund_id):
+            # Only the attempt whose write moved the row PENDING -> SUCCEEDED: once per key.
+            metrics.REFUNDS_CONFIRMED.add(meter)
         return RefundOutcome(
             refund_key=cmd.refund_key,
             status=RefundStatus.SUCCEEDED,

@@ -5,6 +5,7 @@ twice."""
 
 from __future__ import annotations
 
+import collections
 import logging
 from datetime import datetime
 from typing import Any
@@ -14,7 +15,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
-from payorders import domain
+from payorders import domain, metrics
 from payorders.api import PayOrders
 from payorders.domain import PayOrderStatus, RefundStatus
 from payorders.gateway import Gateway, GatewayRefund
@@ -78,6 +79,7 @@ class ReconcileActivities:
             findings += await self._old_pending(client, order, cmd.refund_retry, cmd.timeouts)
             findings += await self._stuck(client, order, cmd)
         await self._recon.record(cmd.run_id, findings)
+        _count(findings)
         suspects = {o["pay_order_no"] for o in page.suspects}
         await self._recon.add_counts(
             cmd.run_id,
@@ -309,6 +311,7 @@ class ReconcileActivities:
                     )
         findings += await self._refunds(stmt.refunds, cmd)
         await self._recon.record(cmd.run_id, findings)
+        _count(findings)
         return len(findings)
 
     async def _refunds(self, refunds: list[GatewayRefund], cmd: ReconcileWindow) -> list[Finding]:
@@ -381,6 +384,15 @@ class ReconcileActivities:
                     )
                 )
         return findings
+
+
+def _count(findings: list[Finding]) -> None:
+    """Count the findings just written (after the insert returned, so none that failed to
+    be recorded). A retried slice writes its findings again, and a problem that lasts is
+    found by every run: the counter follows the rows of ``reconciliation_finding``."""
+    meter = activity.metric_meter()
+    for (kind, action), n in collections.Counter((f.kind, f.action) for f in findings).items():
+        metrics.RECONCILE_FINDINGS.add(meter, n, kind=kind.value, action=action)
 
 
 async def _running(client: Client, workflow_id: str) -> bool:

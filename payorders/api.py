@@ -34,6 +34,7 @@ from temporalio.common import (
 )
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.runtime import Runtime
 from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 
 from payorders import domain
@@ -64,11 +65,15 @@ class PayOrderConflict(ValueError):
 FAIL_FAST = RetryConfig(max_elapsed_time_millis=2_000, max_retries=4)
 
 
-async def connect(settings: Settings, *, service: bool = False) -> Client:
+async def connect(
+    settings: Settings, *, service: bool = False, runtime: Runtime | None = None
+) -> Client:
     """The one Temporal client of a process, with the pydantic data converter.
 
     ``service``: for a request-serving process: connect on first use (so it can start,
     and answer 503, while Temporal is down) and fail fast instead of retrying for long.
+    ``runtime``: the SDK runtime (its telemetry: the worker's Prometheus endpoint); a
+    worker built on this client uses it too. Default: the SDK's default runtime.
     """
     return await Client.connect(
         settings.temporal_address,
@@ -76,6 +81,7 @@ async def connect(settings: Settings, *, service: bool = False) -> Client:
         data_converter=pydantic_data_converter,
         lazy=service,
         retry_config=FAIL_FAST if service else None,
+        runtime=runtime,
     )
 
 

@@ -452,6 +452,7 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
         ui_port=args.ui_port,
         api_port=args.api_port,
         gateway_port=args.gateway_port,
+        worker_metrics_port=args.worker_metrics_port,
     )
 
     async def demo(stack: DevStack) -> int:
@@ -489,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ui-port", type=_count, default=8233, help="Temporal Web UI port")
     c.add_argument("--api-port", type=_count, default=8000, help="service API port")
     c.add_argument("--gateway-port", type=_count, default=8001, help="sandbox gateway port")
+    c.add_argument(
+        "--worker-metrics-port", type=_count, default=9464, help="the worker's Prometheus port"
+    )
 
     c = command("create", "checkout: create the pay order of an order (idempotent)", cmd_create)
     c.add_argument("--order-no", required=True, type=_identifier("order_no"))

@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Local tuning of the dev server (see README "Performance"): an idle dev server hands work
 # between its internal queues at 20 polls/s by default (~47 ms a hand-off); SQLite in WAL
-# mode with synchronous=normal is about 3x faster than its defaults.
+# mode with synchronous=normal is about 3x faster than its defaults; one worker needs one
+# task-queue partition (more only forward polls and tasks between partitions).
 DEV_SERVER_TUNING = [
     "--dynamic-config-value",
     "history.transferProcessorMaxPollRPS=1000",
@@ -41,19 +42,26 @@ DEV_SERVER_TUNING = [
     "history.timerProcessorMaxPollRPS=1000",
     "--dynamic-config-value",
     "history.visibilityProcessorMaxPollRPS=1000",
+    "--dynamic-config-value",
+    "matching.numTaskqueueReadPartitions=1",
+    "--dynamic-config-value",
+    "matching.numTaskqueueWritePartitions=1",
     "--sqlite-pragma",
     "journal_mode=wal",
     "--sqlite-pragma",
     "synchronous=normal",
 ]
 
-# Local defaults for the worker, so failure paths show up in seconds, not minutes.
-# Anything set in the environment wins.
+# Local defaults for the worker, so failure paths show up in seconds, not minutes, and the
+# worker keeps up with the server (see README "Performance": no sandbox, 20 workflow-task
+# pollers). Anything set in the environment wins.
 DEV_WORKER_DEFAULTS = {
     "PAYORDERS_GATEWAY_SERVER_TIMEOUT_MS": "2000",
     "PAYORDERS_GATEWAY_CLIENT_TIMEOUT_MS": "3000",
     "PAYORDERS_REFUND_RETRY_INITIAL_MS": "200",
     "PAYORDERS_REFUND_RETRY_MAX_MS": "2000",
+    "PAYORDERS_WORKFLOW_SANDBOX": "false",
+    "PAYORDERS_WORKER_WORKFLOW_TASK_POLLERS": "20",
 }
 
 
@@ -67,6 +75,7 @@ class DevOptions:
     ui_port: int = 8233
     api_port: int = 8000
     gateway_port: int = 8001
+    worker_metrics_port: int = 9464
     ip: str = "127.0.0.1"
 
 
@@ -128,6 +137,8 @@ class DevStack:
         self.ui_url = f"http://{options.ip}:{options.ui_port}"
         self.api_url = f"http://{options.ip}:{options.api_port}"
         self.gateway_url = f"http://{options.ip}:{options.gateway_port}"
+        self.worker_metrics_address = f"{options.ip}:{options.worker_metrics_port}"
+        self.worker_metrics_url = f"http://{self.worker_metrics_address}/metrics"
         self._stopping = False
         self._restarting_temporal = False
         uvicorn = [sys.executable, "-m", "uvicorn", "--factory", "--host", options.ip]
@@ -161,6 +172,7 @@ class DevStack:
         _check_port_free(self.options.ip, self.options.ui_port, "ui")
         _check_port_free(self.options.ip, self.options.api_port, "api")
         _check_port_free(self.options.ip, self.options.gateway_port, "gateway")
+        _check_port_free(self.options.ip, self.options.worker_metrics_port, "worker metrics")
         say("starting PostgreSQL")
         await self._start_postgres()
         say(f"starting the Temporal dev server on {self.temporal_address}")
@@ -186,6 +198,7 @@ class DevStack:
                 api_url=self.api_url,
                 gateway_url=self.gateway_url,
                 tuning=DEV_WORKER_DEFAULTS,
+                worker_metrics_url=self.worker_metrics_url,
             ),
         )
 
@@ -247,6 +260,7 @@ class DevStack:
                 "PAYORDERS_API_URL": self.api_url,
                 "PAYORDERS_GATEWAY_URL": self.gateway_url,
                 "PAYORDERS_WEBHOOK_URL": f"{self.api_url}/v1/webhooks/gateway",
+                "PAYORDERS_WORKER_METRICS_ADDRESS": self.worker_metrics_address,
             }
         )
         return env
@@ -363,6 +377,8 @@ class DevStack:
             ("Temporal (gRPC)", self.temporal_address),
             ("Temporal Web UI", self.ui_url),
             ("service API", f"{self.api_url}  (OpenAPI: {self.api_url}/docs)"),
+            ("API metrics", f"{self.api_url}/metrics"),
+            ("worker metrics", self.worker_metrics_url),
             ("sandbox gateway", self.gateway_url),
             ("PostgreSQL", self.database_url),
             ("task queue", self.settings.task_queue),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import timedelta
 from pathlib import Path
 
@@ -75,6 +76,42 @@ class Settings(BaseSettings):
     reconcile_page_size: PositiveInt = 20_000
     sandbox_webhook_max_attempts: PositiveInt = 8
     sandbox_webhook_retry_initial_ms: PositiveInt = 500
+    workflow_sandbox: bool = True
+    """Run workflows in the SDK's sandbox (guards determinism; costs worker CPU)."""
+    worker_workflow_task_pollers: PositiveInt = 5
+    worker_activity_task_pollers: PositiveInt = 5
+    worker_max_cached_workflows: PositiveInt = 1000
+    """Workflows kept in worker memory (sticky); evicted ones replay on their next task."""
+    worker_metrics_address: str | None = "127.0.0.1:9464"
+    """IP:port of the worker's Prometheus endpoint (``/metrics``); empty: no endpoint."""
+
+    @field_validator("worker_metrics_address", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        if isinstance(v, str) and not v.strip():
+            return None
+        return v
+
+    @field_validator("worker_metrics_address")
+    @classmethod
+    def _ip_and_port(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = v.strip()
+        host, _, port = v.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        try:
+            ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+            ok = (ip.version == 6) == bracketed and port.isdigit() and 0 < int(port) < 65536
+        except ValueError:
+            ok = False
+        if not ok:
+            # The SDK's exporter binds a literal socket address: no host names.
+            raise ValueError(
+                "worker_metrics_address must be IP:port (e.g. 127.0.0.1:9464, [::1]:9464),"
+                " or empty to serve no metrics"
+            )
+        return v
 
     @field_validator("sandbox_schema")
     @classmethod

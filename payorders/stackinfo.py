@@ -21,6 +21,8 @@ class StackInfo:
     gateway_url: str
     tuning: dict[str, str]
     """Local settings of the stack (PAYORDERS_* names), applied by every client of it."""
+    worker_metrics_url: str | None = None
+    """The worker's Prometheus endpoint (None in files written before it existed)."""
 
 
 def write(data_dir: Path, info: StackInfo) -> None:

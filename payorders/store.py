@@ -81,6 +81,11 @@ SQL_REJECT_REFUND = """
 UPDATE refund SET status = 'REJECTED', last_error = $2
  WHERE refund_key = $1 AND status = 'PENDING'"""
 SQL_GET_REFUND_STATUS = "SELECT status FROM refund WHERE refund_key = $1"
+# For the worker's gauges: reads only the partial index refund_pending (PENDING rows).
+SQL_PENDING_REFUNDS = """
+SELECT count(*) AS pending,
+       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_s
+  FROM refund WHERE status = 'PENDING'"""
 SQL_PAYMENTS_OF = """
 SELECT p.*, r.refund_key, r.status AS refund_status, r.attempts, r.gateway_refund_id
   FROM payment p LEFT JOIN refund r USING (txn_id)
@@ -184,12 +189,17 @@ class PayOrderStore:
 
         Idempotent: the same ``txn_id`` again returns what was recorded the first time.
         """
+        recorded, _ = await self.record_payment_new(cmd)
+        return recorded
+
+    async def record_payment_new(self, cmd: RecordPayment) -> tuple[RecordedPayment, bool]:
+        """``record_payment``, and whether this call recorded it (False: it was already)."""
         p = cmd.payment
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 existing = await conn.fetchrow(SQL_GET_PAYMENT, p.txn_id)
                 if existing is not None:
-                    return await self._recorded(conn, existing, cmd)
+                    return await self._recorded(conn, existing, cmd), False
                 order = await conn.fetchrow(SQL_LOCK_PAY_ORDER, cmd.pay_order_no)
                 if order is None:
                     raise PayOrderNotFound(cmd.pay_order_no)
@@ -229,7 +239,7 @@ class PayOrderStore:
                             refund_key=None,
                             order_status=PayOrderStatus.PAY_SUCCESS,
                             lock_version=settled["lock_version"],
-                        )
+                        ), True
                     # The guard found the order moved on: re-read it and refund.
                     order = await conn.fetchrow(SQL_GET_PAY_ORDER, cmd.pay_order_no)
                     assert order is not None
@@ -268,13 +278,13 @@ class PayOrderStore:
                     refund_key=key,
                     order_status=PayOrderStatus(updated["status"]),
                     lock_version=updated["lock_version"],
-                )
+                ), True
         except asyncpg.UniqueViolationError:
             # A concurrent writer recorded the same transaction first: answer with its record.
             async with self._pool.acquire() as conn:
                 existing = await conn.fetchrow(SQL_GET_PAYMENT, p.txn_id)
                 assert existing is not None
-                return await self._recorded(conn, existing, cmd)
+                return await self._recorded(conn, existing, cmd), False
 
     async def _recorded(
         self, conn: Conn, existing: asyncpg.Record, cmd: RecordPayment
@@ -350,14 +360,23 @@ class PayOrderStore:
             )
             return True
 
-    async def reject_refund(self, refund_key: str, error: str) -> None:
+    async def reject_refund(self, refund_key: str, error: str) -> bool:
+        """Mark a pending refund REJECTED; False when it was not pending (any more)."""
         async with self._pool.acquire() as conn:
-            await conn.execute(SQL_REJECT_REFUND, refund_key, error)
+            done = await conn.execute(SQL_REJECT_REFUND, refund_key, error)
+        return done == "UPDATE 1"
 
     async def refund_status(self, refund_key: str) -> RefundStatus | None:
         async with self._pool.acquire() as conn:
             status = await conn.fetchval(SQL_GET_REFUND_STATUS, refund_key)
         return None if status is None else RefundStatus(status)
+
+    async def pending_refunds(self) -> tuple[int, float]:
+        """How many refunds are PENDING, and the age in seconds of the oldest (0: none)."""
+        async with self._pool.acquire() as conn:
+            rec = await conn.fetchrow(SQL_PENDING_REFUNDS)
+        assert rec is not None
+        return int(rec["pending"]), float(rec["oldest_s"])
 
     async def webhook_outcome(self, event_id: str) -> str | None:
         """What we did with this gateway event, or None if we never accepted it."""

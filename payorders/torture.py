@@ -474,7 +474,13 @@ async def private_stack(
     local = settings.model_copy(update={"data_dir": tmp / "data", "database_url": None})
     stack = DevStack(
         local,
-        DevOptions(temporal_port=free(), ui_port=free(), api_port=free(), gateway_port=free()),
+        DevOptions(
+            temporal_port=free(),
+            ui_port=free(),
+            api_port=free(),
+            gateway_port=free(),
+            worker_metrics_port=free(),
+        ),
     )
     stop = asyncio.Event()
     try:

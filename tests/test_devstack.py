@@ -40,6 +40,7 @@ class DevProcess:
     ui_port: int
     api_port: int = field(default_factory=free_port)
     gateway_port: int = field(default_factory=free_port)
+    worker_metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[str] | None = None
 
     def port_args(self) -> list[str]:
@@ -52,6 +53,8 @@ class DevProcess:
             str(self.api_port),
             "--gateway-port",
             str(self.gateway_port),
+            "--worker-metrics-port",
+            str(self.worker_metrics_port),
         ]
 
     def env(self) -> dict[str, str]:
@@ -143,6 +146,36 @@ def test_checkout_payment_and_status_through_the_cli(dev: DevProcess) -> None:
     assert "PAY_SUCCESS" in table and "holds" in table
     listed = dev.cli_json("list", "--status", "PAY_SUCCESS")
     assert "pay-order-po_cli-A" in {r["workflow_id"] for r in listed}
+
+
+def test_the_worker_serves_prometheus_metrics_on_its_own_port(dev: DevProcess) -> None:
+    url = f"http://127.0.0.1:{dev.worker_metrics_port}/metrics"
+    info = stackinfo.read(dev.data_dir)
+    assert info is not None and info.worker_metrics_url == url
+    dev.cli("create", "--order-no", "metrics-A", "--amount", "100", "--currency", "USD")
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        if "\npayorders_orders_created{" in text:
+            break
+        assert time.monotonic() < deadline, text
+        time.sleep(0.2)
+    assert "\ntemporal_num_pollers{" in text  # the SDK's own, on the same endpoint
+    assert "\npayorders_refund_oldest_pending_seconds{" in text
+
+
+def test_the_banner_and_the_worker_get_the_metrics_addresses(tmp_path: Path) -> None:
+    from payorders.devstack import DevOptions, DevStack
+    from payorders.settings import Settings
+
+    stack = DevStack(
+        Settings(data_dir=tmp_path), DevOptions(api_port=8100, worker_metrics_port=9564)
+    )
+    assert stack.child_env()["PAYORDERS_WORKER_METRICS_ADDRESS"] == "127.0.0.1:9564"
+    banner = stack.banner()
+    assert "http://127.0.0.1:9564/metrics" in banner
+    assert "http://127.0.0.1:8100/metrics" in banner  # the API's
 
 
 def test_notify_replays_a_notification_and_faults_can_be_set(dev: DevProcess) -> None:

@@ -23,6 +23,7 @@ from payorders.runtime import Resources
 from workflows.late_refund import LateRefundWorkflow
 
 from .conftest import Stack, assert_settled, order_no, pay, running_stack
+from .http_stack import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -198,6 +199,8 @@ def _worker_process(stack: Stack, db_url: str) -> subprocess.Popen[bytes]:
         "PAYORDERS_GATEWAY_CLIENT_TIMEOUT_MS": str(s.gateway_client_timeout_ms),
         "PAYORDERS_REFUND_RETRY_INITIAL_MS": str(s.refund_retry_initial_ms),
         "PAYORDERS_REFUND_RETRY_MAX_MS": str(s.refund_retry_max_ms),
+        # Never the default 9464: tests run beside a local stack and one another.
+        "PAYORDERS_WORKER_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
     }
     return subprocess.Popen([sys.executable, str(ROOT / "worker.py")], env=env, cwd=ROOT)
 

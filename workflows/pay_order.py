@@ -14,7 +14,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from payorders import domain
+    from payorders import domain, metrics
     from payorders import search_attributes as sa
     from payorders.domain import PayOrderStatus, RefundReason, RefundStatus, Settle
     from payorders.models import (
@@ -106,6 +106,7 @@ class PayOrderWorkflow:
             summary=f"create pay order {input.amount} {input.currency}",
         )
         self._lock_version = row.lock_version
+        metrics.ORDERS_CREATED.add(workflow.metric_meter())
         if row.status is not PayOrderStatus.PAYING:
             self._became(row.status)
 
@@ -245,4 +246,6 @@ class PayOrderWorkflow:
             self._settlement_ends_at = workflow.now() + timedelta(
                 seconds=self._in.settlement_window_s
             )
+            # Once per pay order: this branch runs only on its first terminal status.
+            metrics.became_terminal(workflow.metric_meter(), status)
         workflow.upsert_search_attributes([sa.PAY_ORDER_STATUS.value_set(status.value)])
