@@ -35,7 +35,8 @@ class Timeouts(_Model):
 # TemporalChangeVersion: two of the twenty events the happy path may have).
 #   1: database writes as regular activities (orders started before version 2; the field
 #      is absent from their input and reads as 1, so their histories replay unchanged).
-#   2: the short database writes (create, record payment, expire) as local activities.
+#   2: the short database writes (create, record payment, expire) and the gateway's
+#      trade close as local activities: one workflow task per payment and per expiry.
 # An older worker refuses an input carrying a version field (``extra="forbid"``): its
 # workflow task fails and is retried until an upgraded worker takes it, so deploy workers
 # before starters and nothing runs on code that does not know the version.

@@ -268,9 +268,9 @@ HISTORY_PATHS = [
 
 MAX_EVENTS = {
     "paid": 20,
-    "expired": 24,
+    "expired": 19,
     "late_refund": 17,
-    "already_paid_on_close": 24,
+    "already_paid_on_close": 19,
     "double_payment": 40,
     "wrong_amount_then_paid": 40,
     "late_payment_refund_retried": 45,

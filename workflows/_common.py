@@ -11,6 +11,9 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from payorders.models import (
+        CloseTrade,
+        CloseTradeResult,
+        PayOrderInput,
         RecordedPayment,
         RecordPayment,
         RefundOutcome,
@@ -70,6 +73,39 @@ async def db_write(
         result_type=result_type,
         start_to_close_timeout=timeout,
         retry_policy=DB_RETRY,
+        summary=summary,
+    )
+    return result
+
+
+async def close_trade(cmd: CloseTrade, input: PayOrderInput, *, local: bool) -> CloseTradeResult:
+    """Close the trade at the gateway: idempotent at every gateway, so retried until it
+    succeeds, and safe to repeat if a worker dies after the gateway closed it.
+
+    ``local``: inside the expiry's workflow task (one task per expiry instead of two plus
+    an activity task: the expiry burst's drain rate). A gateway outage keeps it retrying
+    in the worker for a minute, then with workflow timers between attempts.
+    """
+    timeout = timedelta(milliseconds=input.timeouts.activity_start_to_close_ms)
+    retry = until_success(input.refund_retry)
+    summary = "payment window over: close the trade at the gateway"
+    result: CloseTradeResult
+    if local:
+        result = await workflow.execute_local_activity(
+            "close_trade",
+            cmd,
+            result_type=CloseTradeResult,
+            start_to_close_timeout=timeout,
+            retry_policy=retry,
+            summary=summary,
+        )
+        return result
+    result = await workflow.execute_activity(
+        "close_trade",
+        cmd,
+        result_type=CloseTradeResult,
+        start_to_close_timeout=timeout,
+        retry_policy=retry,
         summary=summary,
     )
     return result

@@ -19,7 +19,6 @@ with workflow.unsafe.imports_passed_through():
     from payorders.domain import PayOrderStatus, RefundReason, RefundStatus, Settle
     from payorders.models import (
         CloseTrade,
-        CloseTradeResult,
         CreatePayOrder,
         ExpirePayOrder,
         PaymentNotification,
@@ -213,13 +212,8 @@ class PayOrderWorkflow:
 
     async def _expire(self) -> None:
         i = self._in
-        closed = await workflow.execute_activity(
-            "close_trade",
-            CloseTrade(pay_order_no=i.pay_order_no),
-            result_type=CloseTradeResult,
-            start_to_close_timeout=timedelta(milliseconds=i.timeouts.activity_start_to_close_ms),
-            retry_policy=_common.until_success(i.refund_retry),
-            summary="payment window over: close the trade at the gateway",
+        closed = await _common.close_trade(
+            CloseTrade(pay_order_no=i.pay_order_no), i, local=self._local
         )
         if closed.already_paid and closed.payment is not None:
             if closed.payment.txn_id not in self._seen:
