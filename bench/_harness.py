@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -84,6 +85,15 @@ DROP TRIGGER IF EXISTS bench_outbox_notify ON outbox;
 CREATE TRIGGER bench_outbox_notify AFTER INSERT ON outbox
   FOR EACH ROW WHEN (NEW.event_type IN ('pay_order.succeeded', 'pay_order.expired'))
   EXECUTE FUNCTION bench_outbox_notify();
+CREATE OR REPLACE FUNCTION bench_created_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_notify('bench_commit', 'pay_order.created ' || NEW.pay_order_no || ' '
+                    || extract(epoch FROM clock_timestamp())::text);
+  RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS bench_created_notify ON pay_order;
+CREATE TRIGGER bench_created_notify AFTER INSERT ON pay_order
+  FOR EACH ROW EXECUTE FUNCTION bench_created_notify();
 """
 
 
@@ -93,11 +103,15 @@ class Commits:
 
     succeeded: dict[str, float] = field(default_factory=dict)
     expired: dict[str, float] = field(default_factory=dict)
+    created: dict[str, float] = field(default_factory=dict)
     _waiters: dict[str, asyncio.Future[float]] = field(default_factory=dict)
 
     def on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         kind, no, ts = payload.split(" ")
         t = float(ts)
+        if kind == "pay_order.created":
+            self.created[no] = t
+            return
         (self.succeeded if kind == "pay_order.succeeded" else self.expired)[no] = t
         fut = self._waiters.pop(no, None)
         if fut is not None and not fut.done():
@@ -368,7 +382,7 @@ async def paced(n: int, rate: float, job: Callable[[int], Awaitable[Any]]) -> No
 def pct(values: Sequence[float], p: float) -> float:
     """The p-th percentile (nearest rank) of ``values``."""
     s = sorted(values)
-    k = max(0, min(len(s) - 1, round(p / 100 * len(s) + 0.5) - 1))
+    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
     return s[k]
 
 

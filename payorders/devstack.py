@@ -53,8 +53,8 @@ DEV_SERVER_TUNING = [
 ]
 
 # Local defaults for the worker, so failure paths show up in seconds, not minutes, and the
-# worker keeps up with the server (see README "Performance": no sandbox, 20 workflow-task
-# pollers). Anything set in the environment wins.
+# worker keeps up with the server and stays small (see README "Performance": no sandbox,
+# 20 workflow-task pollers, 500 cached workflows). Anything set in the environment wins.
 DEV_WORKER_DEFAULTS = {
     "PAYORDERS_GATEWAY_SERVER_TIMEOUT_MS": "2000",
     "PAYORDERS_GATEWAY_CLIENT_TIMEOUT_MS": "3000",
@@ -62,6 +62,7 @@ DEV_WORKER_DEFAULTS = {
     "PAYORDERS_REFUND_RETRY_MAX_MS": "2000",
     "PAYORDERS_WORKFLOW_SANDBOX": "false",
     "PAYORDERS_WORKER_WORKFLOW_TASK_POLLERS": "20",
+    "PAYORDERS_WORKER_MAX_CACHED_WORKFLOWS": "500",
 }
 
 
