@@ -231,29 +231,34 @@ class Bench:
             out["trivial worker"] = [self.trivial_pid]
         return out
 
-    def rss_mib(self) -> dict[str, float]:
-        result: dict[str, float] = {}
-        for name, pids in self.pids().items():
-            total = 0
-            for pid in pids:
-                with contextlib.suppress(psutil.Error):
-                    # PostgreSQL backends share their buffers: count unique set size.
-                    mem = psutil.Process(pid).memory_full_info()
-                    total += mem.uss if name == "postgresql" else mem.rss
-            result[name] = total / 2**20
-        return result
-
-    def cpu_s(self) -> dict[str, float]:
-        """CPU seconds used so far by each process group (deltas give cores used)."""
+    def _per_group(self, measure: Callable[[str, psutil.Process], float]) -> dict[str, float]:
         result: dict[str, float] = {}
         for name, pids in self.pids().items():
             total = 0.0
             for pid in pids:
                 with contextlib.suppress(psutil.Error):
-                    t = psutil.Process(pid).cpu_times()
-                    total += t.user + t.system
+                    total += measure(name, psutil.Process(pid))
             result[name] = total
         return result
+
+    def rss_mib(self) -> dict[str, float]:
+        """Memory by process group; PostgreSQL's backends share their buffers, so for them
+        the unique set size (private memory) is summed instead of RSS."""
+
+        def mib(name: str, p: psutil.Process) -> float:
+            mem = p.memory_full_info()
+            return float(mem.uss if name == "postgresql" else mem.rss) / 2**20
+
+        return self._per_group(mib)
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds used so far by each process group (deltas give cores used)."""
+
+        def cpu(_name: str, p: psutil.Process) -> float:
+            t = p.cpu_times()
+            return float(t.user + t.system)
+
+        return self._per_group(cpu)
 
     async def wait_until(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

@@ -40,6 +40,29 @@ def until_success(cfg: RetryConfig) -> RetryPolicy:
     )
 
 
+async def _execute(
+    name: str,
+    arg: Any,
+    result_type: type[T],
+    *,
+    local: bool,
+    start_to_close: timedelta,
+    retry: RetryPolicy,
+    summary: str,
+) -> T:
+    """One activity, local (inside the workflow task) or regular, with the same options."""
+    run = workflow.execute_local_activity if local else workflow.execute_activity
+    result: T = await run(
+        name,
+        arg,
+        result_type=result_type,
+        start_to_close_timeout=start_to_close,
+        retry_policy=retry,
+        summary=summary,
+    )
+    return result
+
+
 async def db_write(
     name: str,
     arg: Any,
@@ -55,27 +78,15 @@ async def db_write(
     history instead of three activity events and another workflow task, and no round trip
     through the server's task queue. Pay orders of version 1 replay with regular ones.
     """
-    timeout = timedelta(milliseconds=timeouts.db_activity_start_to_close_ms)
-    result: T
-    if local:
-        result = await workflow.execute_local_activity(
-            name,
-            arg,
-            result_type=result_type,
-            start_to_close_timeout=timeout,
-            retry_policy=DB_RETRY,
-            summary=summary,
-        )
-        return result
-    result = await workflow.execute_activity(
+    return await _execute(
         name,
         arg,
-        result_type=result_type,
-        start_to_close_timeout=timeout,
-        retry_policy=DB_RETRY,
+        result_type,
+        local=local,
+        start_to_close=timedelta(milliseconds=timeouts.db_activity_start_to_close_ms),
+        retry=DB_RETRY,
         summary=summary,
     )
-    return result
 
 
 async def close_trade(cmd: CloseTrade, input: PayOrderInput, *, local: bool) -> CloseTradeResult:
@@ -86,29 +97,15 @@ async def close_trade(cmd: CloseTrade, input: PayOrderInput, *, local: bool) -> 
     an activity task: the expiry burst's drain rate). A gateway outage keeps it retrying
     in the worker for a minute, then with workflow timers between attempts.
     """
-    timeout = timedelta(milliseconds=input.timeouts.activity_start_to_close_ms)
-    retry = until_success(input.refund_retry)
-    summary = "payment window over: close the trade at the gateway"
-    result: CloseTradeResult
-    if local:
-        result = await workflow.execute_local_activity(
-            "close_trade",
-            cmd,
-            result_type=CloseTradeResult,
-            start_to_close_timeout=timeout,
-            retry_policy=retry,
-            summary=summary,
-        )
-        return result
-    result = await workflow.execute_activity(
+    return await _execute(
         "close_trade",
         cmd,
-        result_type=CloseTradeResult,
-        start_to_close_timeout=timeout,
-        retry_policy=retry,
-        summary=summary,
+        CloseTradeResult,
+        local=local,
+        start_to_close=timedelta(milliseconds=input.timeouts.activity_start_to_close_ms),
+        retry=until_success(input.refund_retry),
+        summary="payment window over: close the trade at the gateway",
     )
-    return result
 
 
 async def record_payment(
