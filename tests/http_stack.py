@@ -5,11 +5,13 @@ and a real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -25,6 +27,24 @@ from payorders.settings import Settings
 from worker import build_worker
 
 from .conftest import make_settings
+
+
+def payment_event(pay_order_no: str, txn_id: str, **data: Any) -> bytes:
+    """The body of a ``payment.succeeded`` webhook; ``data`` overrides its fields."""
+    return json.dumps(
+        {
+            "id": f"evt_{uuid.uuid4().hex}",
+            "type": "payment.succeeded",
+            "data": {
+                "pay_order_no": pay_order_no,
+                "txn_id": txn_id,
+                "amount": 100,
+                "currency": "USD",
+                "paid_at": datetime.now(UTC).isoformat(),
+                **data,
+            },
+        }
+    ).encode()
 
 
 def free_port() -> int:

@@ -7,7 +7,6 @@ compares a scrape before with a scrape after.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +26,7 @@ from payorders.http_api import Deps, create_app
 
 from .conftest import make_settings
 from .http_stack import HttpStack, http_stack
+from .http_stack import payment_event as event
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -58,23 +58,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def rejections(samples: Samples) -> dict[str, float]:
     return {dict(k[1])["reason"]: v for k, v in samples.items() if k[0] == REJECTIONS}
-
-
-def event(pay_order_no: str, txn_id: str, **data: Any) -> bytes:
-    return json.dumps(
-        {
-            "id": f"evt_{uuid.uuid4().hex}",
-            "type": "payment.succeeded",
-            "data": {
-                "pay_order_no": pay_order_no,
-                "txn_id": txn_id,
-                "amount": 100,
-                "currency": "USD",
-                "paid_at": datetime.now(UTC).isoformat(),
-                **data,
-            },
-        }
-    ).encode()
 
 
 def signed(body: bytes, *, secret: str = SECRET, at: int | None = None) -> dict[str, str]:

@@ -4,12 +4,10 @@ gateway client. Real Temporal dev server, real PostgreSQL."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -20,7 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 from payorders import webhook
 from payorders.http_clients import ServiceError
 
-from .http_stack import HttpStack, http_stack
+from .http_stack import HttpStack, http_stack, payment_event
 
 pytestmark = pytest.mark.slow
 
@@ -127,19 +125,7 @@ async def test_a_refund_that_times_out_after_success_across_the_network_is_made_
 
 
 def _event(pay_order_no: str, txn_id: str, amount: Any = 100, currency: Any = "USD") -> bytes:
-    return json.dumps(
-        {
-            "id": f"evt_{uuid.uuid4().hex}",
-            "type": "payment.succeeded",
-            "data": {
-                "pay_order_no": pay_order_no,
-                "txn_id": txn_id,
-                "amount": amount,
-                "currency": currency,
-                "paid_at": datetime.now(UTC).isoformat(),
-            },
-        }
-    ).encode()
+    return payment_event(pay_order_no, txn_id, amount=amount, currency=currency)
 
 
 def _signed(
