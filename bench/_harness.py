@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -165,7 +166,7 @@ class Bench:
             paid_at=datetime.now(UTC),
         )
 
-    @property
+    @functools.cached_property
     def sandbox(self) -> SandboxGateway:
         return SandboxGateway(self.db, schema=self.settings.sandbox_schema, server_timeout_s=5)
 
@@ -204,6 +205,12 @@ class Bench:
         await asyncio.gather(*(h.result() for h in handles))
         return n / (time.time() - t0)
 
+    @functools.cached_property
+    def _postmaster_pid(self) -> int:
+        """The embedded PostgreSQL's postmaster, from the first line of its pid file."""
+        pgdata = Path(self.stack._pg.pgdata)
+        return int((pgdata / "postmaster.pid").read_text().split()[0])
+
     def pids(self) -> dict[str, list[int]]:
         """The processes whose memory a benchmark reports."""
         out: dict[str, list[int]] = {}
@@ -213,18 +220,11 @@ class Bench:
         temporal = self.stack._temporal
         if temporal is not None:
             out["temporal server"] = [temporal.pid]
-        pg = []
-        for p in psutil.process_iter(["name", "cmdline"]):
-            with contextlib.suppress(psutil.Error):
-                if p.info["name"] in ("postgres", "postmaster"):
-                    cmd = " ".join(p.info["cmdline"] or [])
-                    if str(self.stack.data_dir) in cmd or p.ppid() in pg:
-                        pg.append(p.pid)
-        # Backends are children of the postmaster: take the postmaster's whole tree.
-        if pg:
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(pg[0])
-                pg = [root.pid, *(c.pid for c in root.children(recursive=True))]
+        pg: list[int] = []
+        with contextlib.suppress(psutil.Error, OSError, ValueError):
+            # Backends are children of the postmaster: take its whole tree, as it is now.
+            root = psutil.Process(self._postmaster_pid)
+            pg = [root.pid, *(c.pid for c in root.children(recursive=True))]
         out["postgresql"] = pg
         out["benchmark (starter)"] = [os.getpid()]
         if self.trivial_pid is not None:
