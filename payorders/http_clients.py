@@ -4,6 +4,7 @@ harness call it)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -41,21 +42,42 @@ def _raise_for(resp: httpx.Response) -> None:
     raise ServiceError(resp.status_code, code, message)
 
 
+# A server closes a keep-alive connection once it has been idle for a while (uvicorn: 5 s).
+# A client that sends on such a connection at that instant sees it drop with no answer.
+# Clients therefore give up idle connections sooner than the server does.
+POOL_LIMITS = httpx.Limits(keepalive_expiry=2.0)
+
+# A dropped connection is sent again, with the same body. That is safe only because every
+# call below is idempotent: a pay order by its order_no, a webhook by its event_id and
+# txn_id, a capture by its txn_id (``SandboxClient.pay`` always sends one), faults by PUT
+# and DELETE. A timeout is not retried: the caller chose how long to wait.
+RESEND_ATTEMPTS = 3
+RESEND_ON = (httpx.NetworkError, httpx.RemoteProtocolError)
+
+
 class _Base:
     def __init__(self, base_url: str, *, headers: dict[str, str] | None = None) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=30, headers=headers or {})
+        self._http = httpx.AsyncClient(
+            base_url=base_url, timeout=30, headers=headers or {}, limits=POOL_LIMITS
+        )
         self.base_url = base_url
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            resp = await self._http.request(method, path, **kwargs)
-        except httpx.TransportError as e:
-            raise Unreachable(f"{self.base_url} did not answer ({type(e).__name__})") from None
-        _raise_for(resp)
-        return resp.json() if resp.content else None
+        attempt = 1
+        while True:
+            try:
+                resp = await self._http.request(method, path, **kwargs)
+            except httpx.TransportError as e:
+                if isinstance(e, RESEND_ON) and attempt < RESEND_ATTEMPTS:
+                    await asyncio.sleep(0.05 * 2**attempt)
+                    attempt += 1
+                    continue
+                raise Unreachable(f"{self.base_url} did not answer ({type(e).__name__})") from None
+            _raise_for(resp)
+            return resp.json() if resp.content else None
 
 
 class ServiceClient(_Base):
@@ -123,14 +145,14 @@ class SandboxClient(_Base):
     async def pay(
         self, *, pay_order_no: str, amount: int, currency: str, txn_id: str | None = None
     ) -> dict[str, Any]:
-        """A customer pays: the gateway captures, then sends its webhook."""
+        """A customer pays: the gateway captures, then sends its webhook. The txn_id is
+        chosen here when not given, so that a resent request captures once."""
         body: dict[str, Any] = {
             "pay_order_no": pay_order_no,
             "amount": amount,
             "currency": currency,
+            "txn_id": txn_id or f"txn_{uuid.uuid4().hex[:24]}",
         }
-        if txn_id is not None:
-            body["txn_id"] = txn_id
         doc: dict[str, Any] = await self._request("POST", "/v1/payments", json=body)
         return doc
 

@@ -31,6 +31,7 @@ from payorders.gateway import (
     RefundRequest,
     Statement,
 )
+from payorders.http_clients import POOL_LIMITS
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,9 @@ class HttpGateway:
     """Implements ``payorders.gateway.Gateway`` over HTTP."""
 
     def __init__(self, base_url: str, *, client_timeout_s: float) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=client_timeout_s)
+        self._http = httpx.AsyncClient(
+            base_url=base_url, timeout=client_timeout_s, limits=POOL_LIMITS
+        )
         self._timeout = client_timeout_s
 
     async def aclose(self) -> None:

@@ -39,6 +39,7 @@ from payorders.gateway import (
     GatewayUnavailable,
     RefundRequest,
 )
+from payorders.http_clients import POOL_LIMITS
 from payorders.http_errors import ApiError
 from payorders.sandbox_gateway import SandboxGateway, SandboxRefund
 from payorders.settings import Settings
@@ -84,7 +85,8 @@ def create_sandbox_app(settings: Settings) -> FastAPI:
             )
             await gateway.install()
             api.state.sandbox = gateway
-            async with httpx.AsyncClient(timeout=WEBHOOK_CLIENT_TIMEOUT_S) as http:
+            http = httpx.AsyncClient(timeout=WEBHOOK_CLIENT_TIMEOUT_S, limits=POOL_LIMITS)
+            async with http:
                 delivery = asyncio.create_task(
                     _deliver_forever(gateway, http, settings, secrets), name="webhook-delivery"
                 )

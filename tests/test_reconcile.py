@@ -5,6 +5,7 @@ a second run repairs nothing twice; the Schedule exists and fires."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from temporalio.client import WorkflowExecutionStatus
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from payorders import api, embedded
@@ -174,9 +176,14 @@ async def test_every_injected_discrepancy_is_found_repaired_or_reported(stack: S
 
 async def test_the_schedule_exists_after_worker_start_and_fires(stack: Stack) -> None:
     settings = stack.settings.model_copy(update={"reconcile_every_s": 1})
+    handle = stack.client.get_schedule_handle(api.RECONCILE_SCHEDULE_ID)
+    # Worker processes of other tests share this server and created the Schedule for
+    # their own task queues, now without a worker: start from none.
+    with contextlib.suppress(RPCError):
+        await handle.delete()
+    created = datetime.now(UTC)
     await api.ensure_reconcile_schedule(stack.client, settings)
     await api.ensure_reconcile_schedule(stack.client, settings)  # idempotent
-    handle = stack.client.get_schedule_handle(api.RECONCILE_SCHEDULE_ID)
     try:
         for _ in range(150):
             desc = await handle.describe()
@@ -184,15 +191,17 @@ async def test_the_schedule_exists_after_worker_start_and_fires(stack: Stack) ->
                 break
             await asyncio.sleep(0.1)
         assert desc.info.recent_actions, "the schedule never fired"
-        started = desc.info.recent_actions[0].action
+        fired = desc.info.recent_actions[0]
+        assert fired.started_at >= created - timedelta(seconds=1)
+        started = fired.action
         run = stack.client.get_workflow_handle_for(
             ReconcileWorkflow.run,
             started.workflow_id,  # type: ignore[attr-defined]
         )
-        report = await run.result()
+        assert (await run.describe()).task_queue == stack.settings.task_queue
+        report = await asyncio.wait_for(run.result(), 60)
         assert report.run_id == started.workflow_id  # type: ignore[attr-defined]
         assert report.finished_at is not None
         assert (await run.describe()).status is WorkflowExecutionStatus.COMPLETED
     finally:
         await handle.delete()
-    assert datetime.now(UTC) > desc.info.recent_actions[0].started_at
