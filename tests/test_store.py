@@ -4,6 +4,7 @@ and the sandbox gateway's ledger."""
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 
@@ -140,6 +141,99 @@ async def test_recording_a_payment_twice_counts_its_money_once(svc: Resources) -
     row = await svc.store.get_pay_order(no)
     assert row is not None and row.refunded_amount == 50
     assert [e["event_type"] for e in await svc.store.outbox_of(no)] == ["refund.succeeded"]
+
+
+async def test_settling_twice_at_once_settles_once_with_one_event(svc: Resources) -> None:
+    no = await new_order(svc)
+    txn = order_no("t")
+    cmd = RecordPayment(
+        pay_order_no=no, payment=payment(txn), refund_reason=None, expected_lock_version=0
+    )
+    first, second = await asyncio.gather(
+        svc.store.record_payment_new(cmd), svc.store.record_payment_new(cmd)
+    )
+    assert first[0] == second[0] and first[0].settled and first[0].lock_version == 1
+    assert sorted([first[1], second[1]]) == [False, True]  # one of them wrote it
+    row = await svc.store.get_pay_order(no)
+    assert row is not None and (row.status, row.paid_amount) == (PayOrderStatus.PAY_SUCCESS, 100)
+    [event] = await svc.store.outbox_of(no)
+    assert (event["event_type"], event["dedupe_key"]) == (
+        "pay_order.succeeded",
+        f"pay_order.succeeded:{no}",
+    )
+    assert json.loads(event["payload"]) == {
+        "pay_order_no": no,
+        "order_no": row.order_no,
+        "txn_id": txn,
+        "amount": 100,
+        "currency": "USD",
+    }
+
+
+async def test_two_payments_racing_to_settle_settle_one_and_refund_the_other(
+    svc: Resources,
+) -> None:
+    no = await new_order(svc)
+    a, b = (
+        RecordPayment(
+            pay_order_no=no,
+            payment=payment(order_no("t")),
+            refund_reason=None,
+            expected_lock_version=0,
+        )
+        for _ in range(2)
+    )
+    results = await asyncio.gather(svc.store.record_payment(a), svc.store.record_payment(b))
+    assert sorted(r.settled for r in results) == [False, True]
+    [refunded] = [r for r in results if not r.settled]
+    assert refunded.refund_reason is RefundReason.DUPLICATE and refunded.refund_key
+    row = await svc.store.get_pay_order(no)
+    assert row is not None and (row.paid_amount, row.lock_version) == (200, 1)
+    assert [e["event_type"] for e in await svc.store.outbox_of(no)] == ["pay_order.succeeded"]
+
+
+async def test_a_payment_kept_for_refund_never_settles_the_order_later(svc: Resources) -> None:
+    no = await new_order(svc)
+    pay = payment(order_no("t"), 60)
+    kept = await svc.store.record_payment(
+        RecordPayment(
+            pay_order_no=no,
+            payment=pay,
+            refund_reason=RefundReason.AMOUNT_MISMATCH,
+            expected_lock_version=None,
+        )
+    )
+    again, new = await svc.store.record_payment_new(
+        RecordPayment(pay_order_no=no, payment=pay, refund_reason=None, expected_lock_version=0)
+    )
+    assert (again, new) == (kept, False)
+    row = await svc.store.get_pay_order(no)
+    assert row is not None and (row.status, row.paid_amount) == (PayOrderStatus.PAYING, 60)
+
+
+async def test_expiring_writes_its_event_once(svc: Resources) -> None:
+    no = await new_order(svc)
+    assert (await svc.store.expire(no, 0)).changed
+    assert not (await svc.store.expire(no, 0)).changed
+    row = await svc.store.get_pay_order(no)
+    assert row is not None
+    [event] = await svc.store.outbox_of(no)
+    assert event["event_type"] == "pay_order.expired"
+    assert json.loads(event["payload"]) == {"pay_order_no": no, "order_no": row.order_no}
+
+
+async def test_a_connection_given_back_inside_a_transaction_comes_back_rolled_back(
+    svc: Resources,
+) -> None:
+    no = await new_order(svc)
+    async with svc.pool.acquire() as conn:
+        await conn.execute("BEGIN")
+        await conn.execute("UPDATE pay_order SET paid_amount = 7 WHERE pay_order_no = $1", no)
+    for _ in range(svc.pool.get_max_size()):  # whichever connection it was
+        async with svc.pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+    row = await svc.store.get_pay_order(no)
+    assert row is not None and row.paid_amount == 0
 
 
 async def test_a_txn_id_reused_with_other_facts_is_refused(svc: Resources) -> None:
