@@ -185,9 +185,9 @@ async def test_the_schedule_exists_after_worker_start_and_fires(stack: Stack) ->
     await api.ensure_reconcile_schedule(stack.client, settings)
     await api.ensure_reconcile_schedule(stack.client, settings)  # idempotent
     try:
-        for _ in range(150):
-            desc = await handle.describe()
-            if desc.info.recent_actions:
+        deadline = asyncio.get_running_loop().time() + 30
+        while not (desc := await handle.describe()).info.recent_actions:
+            if asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.1)
         assert desc.info.recent_actions, "the schedule never fired"

@@ -96,7 +96,7 @@ class Receiver:
             if h.event.pay_order_no == pay_order_no and (h.status == 200 or not ok_only)
         ]
 
-    async def wait(self, pay_order_no: str, count: int, within: float = 5) -> list[Hit]:
+    async def wait(self, pay_order_no: str, count: int, within: float = 15) -> list[Hit]:
         deadline = time.monotonic() + within
         while len(self.of(pay_order_no)) < count:
             if time.monotonic() > deadline:
@@ -185,7 +185,7 @@ async def ledger(http: httpx.AsyncClient, no: str) -> dict[str, Any]:
     return doc
 
 
-async def delivered(http: httpx.AsyncClient, no: str, within: float = 5) -> list[dict[str, Any]]:
+async def delivered(http: httpx.AsyncClient, no: str, within: float = 15) -> list[dict[str, Any]]:
     """The order's webhook rows once each was delivered as often as owed. The receiver sees
     a webhook a moment before the gateway commits that it was delivered, so poll."""
     deadline = time.monotonic() + within
