@@ -194,6 +194,13 @@ def test_the_api_and_gateway_run_the_project_apps() -> None:
         assert services()[name]["build"] == services()["worker"]["build"]
 
 
+def test_the_api_keeps_idle_connections_longer_than_a_load_balancer_does() -> None:
+    # A backend that closes an idle connection first makes the proxy answer 502.
+    cmd = [str(c) for c in services()["api"]["command"]]
+    assert "--timeout-keep-alive" in cmd, cmd
+    assert int(cmd[cmd.index("--timeout-keep-alive") + 1]) > 60
+
+
 def test_worker_is_built_from_the_repo_dockerfile() -> None:
     text = dockerfile()
     cmd = instructions(text, "CMD")

@@ -13,8 +13,15 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
+import uvicorn
 
-from payorders.http_clients import RESEND_ATTEMPTS, SandboxClient, ServiceClient, Unreachable
+from payorders.http_clients import (
+    POOL_LIMITS,
+    RESEND_ATTEMPTS,
+    SandboxClient,
+    ServiceClient,
+    Unreachable,
+)
 from payorders.settings import Settings
 
 
@@ -59,6 +66,11 @@ async def serving(server: DroppingServer) -> AsyncIterator[DroppingServer]:
     finally:
         srv.close()
         await srv.wait_closed()
+
+
+def test_clients_drop_idle_connections_before_uvicorn_closes_them() -> None:
+    assert POOL_LIMITS.keepalive_expiry is not None
+    assert POOL_LIMITS.keepalive_expiry < uvicorn.Config(app=None).timeout_keep_alive
 
 
 def settings(url: str) -> Settings:
