@@ -201,6 +201,11 @@ def _worker_process(stack: Stack, db_url: str) -> subprocess.Popen[bytes]:
         "PAYORDERS_REFUND_RETRY_MAX_MS": str(s.refund_retry_max_ms),
         # Never the default 9464: tests run beside a local stack and one another.
         "PAYORDERS_WORKER_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
+        # The worker (re)creates the reconciliation Schedule, by default every 5 minutes on
+        # the clock's 5-minute marks. A run that met the killed refund would confirm it from
+        # the gateway's statement, correctly, before the restarted worker replays it: the
+        # test is about the replay, so no run comes during it.
+        "PAYORDERS_RECONCILE_EVERY_S": str(24 * 3600),
     }
     return subprocess.Popen([sys.executable, str(ROOT / "worker.py")], env=env, cwd=ROOT)
 

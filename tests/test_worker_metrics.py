@@ -260,6 +260,8 @@ async def test_the_worker_process_serves_its_metrics_and_stops_cleanly(
             "PAYORDERS_DATABASE_URL": db,
             "PAYORDERS_TASK_QUEUE": f"pay-orders-metrics-{uuid.uuid4().hex[:8]}",
             "PAYORDERS_WORKER_METRICS_ADDRESS": address,
+            # No scheduled reconciliation (every 5 minutes by default) during the test.
+            "PAYORDERS_RECONCILE_EVERY_S": str(24 * 3600),
         }
     )
     proc = subprocess.Popen(
