@@ -146,6 +146,11 @@ class RecordPayment(_Model):
     refund_reason: RefundReason | None
     expected_lock_version: int | None
 
+    @property
+    def settles(self) -> bool:
+        """Whether this payment is meant to settle the order (else it is kept for a refund)."""
+        return self.refund_reason is None and self.expected_lock_version is not None
+
 
 class RecordedPayment(_Model):
     txn_id: str

@@ -85,8 +85,9 @@ def create_sandbox_app(settings: Settings) -> FastAPI:
             )
             await gateway.install()
             api.state.sandbox = gateway
-            http = httpx.AsyncClient(timeout=WEBHOOK_CLIENT_TIMEOUT_S, limits=POOL_LIMITS)
-            async with http:
+            async with httpx.AsyncClient(
+                timeout=WEBHOOK_CLIENT_TIMEOUT_S, limits=POOL_LIMITS
+            ) as http:
                 delivery = asyncio.create_task(
                     _deliver_forever(gateway, http, settings, secrets), name="webhook-delivery"
                 )

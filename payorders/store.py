@@ -57,12 +57,12 @@ WITH settled AS (
      WHERE pay_order_no = $1 AND status = 'PAYING' AND lock_version = $2
        AND NOT EXISTS (SELECT 1 FROM payment WHERE txn_id = $4)
     RETURNING *
-), payment AS (
+), new_payment AS (
     INSERT INTO payment (txn_id, pay_order_no, amount, currency, paid_at, settled)
     SELECT $4, pay_order_no, $3, $5::text, $6, true FROM settled
-), event AS (
+), new_event AS (
     INSERT INTO outbox (event_type, pay_order_no, dedupe_key, payload)
-    SELECT 'pay_order.succeeded', pay_order_no, 'pay_order.succeeded:' || pay_order_no,
+    SELECT 'pay_order.succeeded', pay_order_no, $7,
            jsonb_build_object('pay_order_no', pay_order_no, 'order_no', order_no,
                               'txn_id', $4::text, 'amount', $3::bigint, 'currency', $5::text)
       FROM settled
@@ -75,9 +75,9 @@ WITH expired AS (
        SET status = 'PAY_EXPIRED', lock_version = lock_version + 1
      WHERE pay_order_no = $1 AND status = 'PAYING' AND lock_version = $2
     RETURNING *
-), event AS (
+), new_event AS (
     INSERT INTO outbox (event_type, pay_order_no, dedupe_key, payload)
-    SELECT 'pay_order.expired', pay_order_no, 'pay_order.expired:' || pay_order_no,
+    SELECT 'pay_order.expired', pay_order_no, $3,
            jsonb_build_object('pay_order_no', pay_order_no, 'order_no', order_no)
       FROM expired
     ON CONFLICT (dedupe_key) DO NOTHING
@@ -187,11 +187,20 @@ def _row(record: asyncpg.Record) -> PayOrderRow:
     return PayOrderRow.model_validate(dict(record))
 
 
+def _dedupe_key(event_type: str, dedupe: str) -> str:
+    """The outbox row's unique key: one event of a type per pay order or refund."""
+    return f"{event_type}:{dedupe}"
+
+
 async def _outbox(
     conn: Conn, event_type: str, pay_order_no: str, dedupe: str, payload: Any
 ) -> None:
     await conn.execute(
-        SQL_INSERT_OUTBOX, event_type, pay_order_no, f"{event_type}:{dedupe}", json.dumps(payload)
+        SQL_INSERT_OUTBOX,
+        event_type,
+        pay_order_no,
+        _dedupe_key(event_type, dedupe),
+        json.dumps(payload),
     )
 
 
@@ -237,7 +246,7 @@ class PayOrderStore:
         p = cmd.payment
         try:
             async with self._pool.acquire() as conn:
-                if cmd.refund_reason is None and cmd.expected_lock_version is not None:
+                if cmd.settles:
                     settled = await conn.fetchrow(
                         SQL_SETTLE_NEW_PAYMENT,
                         cmd.pay_order_no,
@@ -246,6 +255,7 @@ class PayOrderStore:
                         p.txn_id,
                         p.currency,
                         p.paid_at,
+                        _dedupe_key("pay_order.succeeded", cmd.pay_order_no),
                     )
                     if settled is not None:
                         return _settled(p.txn_id, settled), True
@@ -268,8 +278,7 @@ class PayOrderStore:
         order = await conn.fetchrow(SQL_LOCK_PAY_ORDER, cmd.pay_order_no)
         if order is None:
             raise PayOrderNotFound(cmd.pay_order_no)
-        settling = cmd.refund_reason is None and cmd.expected_lock_version is not None
-        if settling and order["status"] == PayOrderStatus.PAYING:
+        if cmd.settles and order["status"] == PayOrderStatus.PAYING:
             # The settling statement wrote nothing, yet the order still waits for payment.
             raise TxnConflict(f"pay order {cmd.pay_order_no} is PAYING at another lock version")
         # Otherwise the order moved on (or the caller chose to refund): refund.
@@ -335,7 +344,12 @@ class PayOrderStore:
     async def expire(self, pay_order_no: str, expected_lock_version: int) -> TransitionResult:
         """PAYING -> PAY_EXPIRED under the guard, with its outbox event in the same transaction."""
         async with self._pool.acquire() as conn:
-            rec = await conn.fetchrow(SQL_EXPIRE_WITH_EVENT, pay_order_no, expected_lock_version)
+            rec = await conn.fetchrow(
+                SQL_EXPIRE_WITH_EVENT,
+                pay_order_no,
+                expected_lock_version,
+                _dedupe_key("pay_order.expired", pay_order_no),
+            )
             if rec is not None:
                 return TransitionResult(changed=True, row=_row(rec))
             current = await conn.fetchrow(SQL_GET_PAY_ORDER, pay_order_no)

@@ -112,11 +112,7 @@ async def record_payment(
     cmd: RecordPayment, timeouts: Timeouts, *, local: bool = False
 ) -> RecordedPayment:
     p = cmd.payment
-    intent = (
-        "settle"
-        if cmd.refund_reason is None and cmd.expected_lock_version is not None
-        else (f"refund ({cmd.refund_reason or 'order closed'})")
-    )
+    intent = "settle" if cmd.settles else f"refund ({cmd.refund_reason or 'order closed'})"
     return await db_write(
         "record_payment",
         cmd,
