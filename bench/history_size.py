@@ -21,8 +21,8 @@ from typing import Any
 from temporalio.api.enums.v1 import EventType
 
 from bench._harness import ROOT, Bench, bench_stack, chart, save, say, table
-from payorders import api as payorders_api
-from payorders import domain
+from payorders import pay_orders as payorders_api
+from payorders.core import domain
 
 V1 = ROOT / "tests" / "histories" / "before-local-db-writes"
 TARGET = 20  # events on the happy path

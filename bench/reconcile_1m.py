@@ -39,12 +39,12 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from payorders import embedded
-from payorders import search_attributes as sa
-from payorders.binaries import find_binary
-from payorders.models import ReconcileReport
+from payorders.core import search_attributes as sa
+from payorders.core.models import ReconcileReport
+from payorders.core.settings import Settings
+from payorders.localstack import postgres as embedded
+from payorders.localstack.binaries import find_binary
 from payorders.runtime import open_resources
-from payorders.settings import Settings
 from worker import build_worker
 from workflows.reconcile import ReconcileWorkflow
 
@@ -601,7 +601,7 @@ def table(
 
 async def explain(pool: asyncpg.Pool, page_size: int, orders: int) -> None:
     """EXPLAIN ANALYZE of the reconciliation SQL on a page in the middle and one window."""
-    from payorders import reconcile as r
+    from payorders.core import reconcile as r
 
     async with pool.acquire() as conn:
         after = await conn.fetchval(

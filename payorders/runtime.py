@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from payorders import stackinfo, store
-from payorders.gateway import Gateway
-from payorders.http_gateway import HttpGateway
-from payorders.sandbox_gateway import SandboxGateway, TimeoutClient
-from payorders.settings import Settings
+from payorders.core import store
+from payorders.core.settings import Settings
+from payorders.gateways.http_sandbox import HttpGateway
+from payorders.gateways.port import Gateway
+from payorders.localstack import stackinfo
+from payorders.sandbox.ledger import SandboxGateway, TimeoutClient
 
 
 class StackNotRunning(RuntimeError):

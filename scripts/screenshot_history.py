@@ -18,9 +18,9 @@ from pathlib import Path
 
 from playwright.async_api import async_playwright
 
-from payorders.api import connect
+from payorders.core.settings import Settings
+from payorders.pay_orders import connect
 from payorders.runtime import with_stack_defaults
-from payorders.settings import Settings
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "pay-order-history.png"
 CHROMIUM_FLAGS = [

@@ -24,14 +24,14 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from payorders import embedded
-from payorders import search_attributes as sa
-from payorders.api import PayOrders, ensure_search_attributes
-from payorders.binaries import find_binary
-from payorders.domain import PayOrderStatus, workflow_id_for
-from payorders.models import PayOrderResult, PayOrderView
+from payorders.core import search_attributes as sa
+from payorders.core.domain import PayOrderStatus, workflow_id_for
+from payorders.core.models import PayOrderResult, PayOrderView
+from payorders.core.settings import Settings
+from payorders.localstack import postgres as embedded
+from payorders.localstack.binaries import find_binary
+from payorders.pay_orders import PayOrders, ensure_search_attributes
 from payorders.runtime import Resources, open_resources
-from payorders.settings import Settings
 from worker import build_worker
 from workflows.pay_order import PayOrderWorkflow
 

@@ -19,11 +19,11 @@ import uvicorn
 from fastapi import FastAPI
 from temporalio.client import Client
 
-from payorders.http_api import create_app
-from payorders.http_clients import SandboxClient, ServiceClient
+from payorders.core.settings import Settings
 from payorders.runtime import open_resources
-from payorders.sandbox_http import create_sandbox_app
-from payorders.settings import Settings
+from payorders.sandbox.app import create_sandbox_app
+from payorders.service.app import create_app
+from payorders.tools.http_clients import SandboxClient, ServiceClient
 from worker import build_worker
 
 from .conftest import make_settings

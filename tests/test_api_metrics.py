@@ -19,10 +19,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from temporalio.testing import WorkflowEnvironment
 
-from payorders import api_metrics, webhook
-from payorders.api import UnknownPayOrder
-from payorders.gateway import Capture, GatewayUnavailable
-from payorders.http_api import Deps, create_app
+from payorders.gateways.port import Capture, GatewayUnavailable
+from payorders.pay_orders import UnknownPayOrder
+from payorders.service import metrics as api_metrics
+from payorders.service import webhook
+from payorders.service.app import Deps, create_app
 
 from .conftest import make_settings
 from .http_stack import HttpStack, http_stack
@@ -336,7 +337,7 @@ async def test_refusals_after_the_checks_are_counted_by_their_error_code(
 
 
 def test_every_refusal_of_the_signature_and_payload_checks_has_its_reason() -> None:
-    """Each check of ``payorders.webhook`` names its refusal with its own code."""
+    """Each check of ``payorders.service.webhook`` names its refusal with its own code."""
     now = datetime.now(UTC)
     t = int(now.timestamp())
     body = event("po_x", "txn_1")

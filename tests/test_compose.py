@@ -14,8 +14,8 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
-from payorders import search_attributes as sa
-from payorders.settings import TASK_QUEUE, Settings
+from payorders.core import search_attributes as sa
+from payorders.core.settings import TASK_QUEUE, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ONE_SHOT = "temporal-create-search-attributes"
@@ -188,8 +188,8 @@ def test_app_services_get_only_settings_variables(
 
 
 def test_the_api_and_gateway_run_the_project_apps() -> None:
-    assert "payorders.http_api:app" in services()["api"]["command"]
-    assert "payorders.sandbox_http:app" in services()["sandbox-gateway"]["command"]
+    assert "payorders.service.app:app" in services()["api"]["command"]
+    assert "payorders.sandbox.app:app" in services()["sandbox-gateway"]["command"]
     for name in ("api", "sandbox-gateway"):
         assert services()[name]["build"] == services()["worker"]["build"]
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from payorders import stackinfo
-from payorders.binaries import find_binary
+from payorders.localstack import stackinfo
+from payorders.localstack.binaries import find_binary
 
 pytestmark = pytest.mark.slow
 
@@ -166,8 +166,8 @@ def test_the_worker_serves_prometheus_metrics_on_its_own_port(dev: DevProcess) -
 
 
 def test_the_banner_and_the_worker_get_the_metrics_addresses(tmp_path: Path) -> None:
-    from payorders.devstack import DevOptions, DevStack
-    from payorders.settings import Settings
+    from payorders.core.settings import Settings
+    from payorders.localstack.stack import DevOptions, DevStack
 
     stack = DevStack(
         Settings(data_dir=tmp_path), DevOptions(api_port=8100, worker_metrics_port=9564)

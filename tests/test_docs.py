@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from payorders.settings import Settings
+from payorders.core.settings import Settings
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 ALIASES = {"temporal_address": "TEMPORAL_ADDRESS", "temporal_namespace": "TEMPORAL_NAMESPACE"}

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from payorders import domain
-from payorders.domain import PayOrderStatus, RefundReason, Settle
+from payorders.core import domain
+from payorders.core.domain import PayOrderStatus, RefundReason, Settle
 
 NOW = datetime(2026, 11, 27, 11, 0, tzinfo=UTC)
 

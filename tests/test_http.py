@@ -15,8 +15,8 @@ import pytest
 from prometheus_client import REGISTRY
 from temporalio.testing import WorkflowEnvironment
 
-from payorders import webhook
-from payorders.http_clients import ServiceError
+from payorders.service import webhook
+from payorders.tools.http_clients import ServiceError
 
 from .http_stack import HttpStack, http_stack, payment_event
 
@@ -293,7 +293,7 @@ def _api_attacks(token: str) -> list[tuple[str, str, str, dict[str, Any], int]]:
 async def test_every_attack_gets_a_clear_4xx_changes_nothing_and_logs_no_secret(
     web: HttpStack, paid: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="payorders.api")
+    caplog.set_level(logging.INFO, logger="payorders.pay_orders")
     before = await web.counts()
     answers: list[tuple[str, int]] = []
     async with httpx.AsyncClient(base_url=web.settings.api_url, timeout=10) as http:
@@ -388,7 +388,7 @@ async def test_raw_signals_sent_with_the_temporal_cli_change_nothing(
     import subprocess
     import tempfile
 
-    from payorders.binaries import find_binary
+    from payorders.localstack.binaries import find_binary
 
     doc = await web.service.create(order_no=new_order(), amount=100, currency="USD")
     no = doc["pay_order_no"]

@@ -15,14 +15,14 @@ import httpx
 import pytest
 import uvicorn
 
-from payorders.http_clients import (
+from payorders.core.settings import Settings
+from payorders.tools.http_clients import (
     POOL_LIMITS,
     RESEND_ATTEMPTS,
     SandboxClient,
     ServiceClient,
     Unreachable,
 )
-from payorders.settings import Settings
 
 
 @dataclass

@@ -16,8 +16,8 @@ import pytest
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from payorders import search_attributes as sa
-from payorders.binaries import find_binary
+from payorders.core import search_attributes as sa
+from payorders.localstack.binaries import find_binary
 
 from .http_stack import free_port, http_stack
 

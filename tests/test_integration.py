@@ -16,9 +16,9 @@ import pytest
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
-from payorders.api import NotifyOutcome, StartedPayOrder, UnknownPayOrder
-from payorders.domain import InvalidPayment, InvalidPayOrder, PayOrderStatus, RefundStatus
-from payorders.models import LateRefundResult
+from payorders.core.domain import InvalidPayment, InvalidPayOrder, PayOrderStatus, RefundStatus
+from payorders.core.models import LateRefundResult
+from payorders.pay_orders import NotifyOutcome, StartedPayOrder, UnknownPayOrder
 from payorders.runtime import Resources
 from workflows.late_refund import LateRefundWorkflow
 
@@ -159,7 +159,7 @@ async def test_bad_calls_are_refused_and_start_nothing(
 async def test_checkout_retried_returns_the_same_pay_order_and_refuses_another_amount(
     dev_env: WorkflowEnvironment, svc: Resources
 ) -> None:
-    from payorders.api import PayOrderConflict
+    from payorders.pay_orders import PayOrderConflict
 
     async with running_stack(dev_env, svc) as stack:
         no = order_no()
@@ -216,7 +216,7 @@ async def test_a_worker_killed_in_the_middle_of_a_refund_refunds_once_after_rest
     from .conftest import make_settings
 
     settings = make_settings(settlement_window_s=1)
-    from payorders.api import PayOrders
+    from payorders.pay_orders import PayOrders
 
     stack = Stack(
         env=dev_env,

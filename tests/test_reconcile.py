@@ -17,11 +17,12 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
-from payorders import api, embedded
-from payorders.domain import RefundReason
-from payorders.gateway import RefundRequest
-from payorders.models import PaymentNotification, ReconcileReport, RecordPayment
-from payorders.reconcile import ReconcileStore
+from payorders import pay_orders as api
+from payorders.core.domain import RefundReason
+from payorders.core.models import PaymentNotification, ReconcileReport, RecordPayment
+from payorders.core.reconcile import ReconcileStore
+from payorders.gateways.port import RefundRequest
+from payorders.localstack import postgres as embedded
 from payorders.runtime import Resources, open_resources
 from workflows.reconcile import ReconcileWorkflow
 

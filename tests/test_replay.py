@@ -17,7 +17,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from payorders.models import PayOrderInput, PayOrderResult
+from payorders.core.models import PayOrderInput, PayOrderResult
 from workflows.late_refund import LateRefundWorkflow
 from workflows.pay_order import PayOrderWorkflow
 

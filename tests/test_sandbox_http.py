@@ -23,10 +23,11 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from pydantic import SecretStr
 
-from payorders import store, webhook
-from payorders.sandbox_gateway import SandboxGateway
-from payorders.sandbox_http import PROCESSING_HEADER, create_sandbox_app
-from payorders.settings import Settings
+from payorders.core import store
+from payorders.core.settings import Settings
+from payorders.sandbox.app import PROCESSING_HEADER, create_sandbox_app
+from payorders.sandbox.ledger import SandboxGateway
+from payorders.service import webhook
 
 SECRET = "whsec_sandbox_http_test"
 SCHEMA = f"sbx_{uuid.uuid4().hex[:12]}"

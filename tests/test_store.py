@@ -11,17 +11,17 @@ from importlib import resources
 import asyncpg
 import pytest
 
-from payorders import store
-from payorders.domain import PayOrderStatus, RefundReason
-from payorders.gateway import GatewayRejected, RefundRequest
-from payorders.models import CreatePayOrder, PaymentNotification, RecordPayment
+from payorders.core import store
+from payorders.core.domain import PayOrderStatus, RefundReason
+from payorders.core.models import CreatePayOrder, PaymentNotification, RecordPayment
+from payorders.gateways.port import GatewayRejected, RefundRequest
 from payorders.runtime import Resources
 
 from .conftest import order_no
 
 ALL_MIGRATIONS = sorted(
     f.name.removesuffix(".sql")
-    for f in resources.files("payorders.migrations").iterdir()
+    for f in resources.files("payorders.core.migrations").iterdir()
     if f.name.endswith(".sql")
 )
 
@@ -272,7 +272,7 @@ async def test_migrations_are_safe_when_workers_start_together(db_url: str) -> N
 
 
 async def test_migrations_apply_once_on_a_fresh_database(pg_admin_url: str) -> None:
-    from payorders import embedded
+    from payorders.localstack import postgres as embedded
 
     url = await embedded.ensure_database(pg_admin_url, f"fresh_{order_no('db').replace('-', '_')}")
     pools = [await store.create_pool(url, min_size=1, max_size=1) for _ in range(3)]

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from payorders.settings import Settings
-from payorders.torture import ChaosPlan, run_chaos_torture
+from payorders.core.settings import Settings
+from payorders.tools.torture import ChaosPlan, run_chaos_torture
 
 pytestmark = pytest.mark.slow
 

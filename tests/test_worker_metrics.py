@@ -29,11 +29,13 @@ from temporalio.runtime import Runtime
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
 from activities import reconcile as reconcile_activities
-from payorders import api, embedded, metrics
-from payorders.domain import PayOrderStatus, RefundStatus
-from payorders.reconcile import EXCEPTION, REPAIRED, Finding, Kind
+from payorders import pay_orders as api
+from payorders.core import metrics
+from payorders.core.domain import PayOrderStatus, RefundStatus
+from payorders.core.reconcile import EXCEPTION, REPAIRED, Finding, Kind
+from payorders.core.settings import Settings
+from payorders.localstack import postgres as embedded
 from payorders.runtime import Resources, open_resources
-from payorders.settings import Settings
 from worker import MetricsUnavailable, build_worker, metrics_runtime
 
 from .conftest import Stack, assert_settled, make_settings, order_no, pay
@@ -231,7 +233,7 @@ async def test_the_gauge_task_outlives_a_database_outage(
             return 3, 42.5
 
     gauges = metrics.RefundGauges(endpoint.runtime.metric_meter, FlakyStore())  # type: ignore[arg-type]
-    with caplog.at_level(logging.WARNING, logger="payorders.metrics"):
+    with caplog.at_level(logging.WARNING, logger="payorders.core.metrics"):
         task = asyncio.create_task(gauges.refresh_forever(every_s=0.05))
         try:
             got = await scrape_until(

@@ -7,7 +7,7 @@ from typing import Any
 
 from temporalio.testing import WorkflowEnvironment
 
-from payorders.domain import PayOrderStatus, RefundReason
+from payorders.core.domain import PayOrderStatus, RefundReason
 from payorders.runtime import Resources
 
 from .conftest import Stack, assert_settled, order_no, pay, running_stack

@@ -10,7 +10,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from payorders.models import (
+    from payorders.core.models import (
         CloseTrade,
         CloseTradeResult,
         PayOrderInput,

@@ -9,8 +9,8 @@ from __future__ import annotations
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from payorders.domain import RefundStatus
-    from payorders.models import LateRefundInput, LateRefundResult, RecordPayment
+    from payorders.core.domain import RefundStatus
+    from payorders.core.models import LateRefundInput, LateRefundResult, RecordPayment
     from workflows import _common
 
 

@@ -14,10 +14,10 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from payorders import domain, metrics
-    from payorders import search_attributes as sa
-    from payorders.domain import PayOrderStatus, RefundReason, RefundStatus, Settle
-    from payorders.models import (
+    from payorders.core import domain, metrics
+    from payorders.core import search_attributes as sa
+    from payorders.core.domain import PayOrderStatus, RefundReason, RefundStatus, Settle
+    from payorders.core.models import (
         CloseTrade,
         CreatePayOrder,
         ExpirePayOrder,

@@ -10,7 +10,7 @@ from datetime import timedelta
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from payorders.models import (
+    from payorders.core.models import (
         ReconcileInput,
         ReconcilePage,
         ReconcilePageResult,

@@ -9,8 +9,8 @@ from datetime import timedelta
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from payorders.domain import PayOrderStatus
-    from payorders.models import (
+    from payorders.core.domain import PayOrderStatus
+    from payorders.core.models import (
         CloseTrade,
         CloseTradeResult,
         ExpirePayOrder,

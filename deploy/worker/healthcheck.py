@@ -19,8 +19,8 @@ from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 
-from payorders import api
-from payorders.settings import Settings
+from payorders import pay_orders as api
+from payorders.core.settings import Settings
 
 # A long poll waits up to about a minute before the worker polls again, so the freshest
 # poll of a live worker is at most that old; two minutes leaves room without hiding a

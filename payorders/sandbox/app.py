@@ -1,6 +1,6 @@
 """The sandbox gateway as an HTTP service, reached the way a real payment gateway is.
 
-``uvicorn --factory payorders.sandbox_http:app`` serves it on its own port. The ledger,
+``uvicorn --factory payorders.sandbox.app:app`` serves it on its own port. The ledger,
 the faults and the webhook queue are the ``SandboxGateway``'s rows; this module only
 translates HTTP to its calls and back, with vendor-style lower-case statuses. A
 background task delivers the queued webhooks, signed, to ``settings.webhook_url``.
@@ -29,9 +29,11 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from payorders import domain, runtime, store
-from payorders.domain import RefundStatus
-from payorders.gateway import (
+from payorders import runtime
+from payorders.core import domain, store
+from payorders.core.domain import RefundStatus
+from payorders.core.settings import Settings
+from payorders.gateways.port import (
     PROCESSING_HEADER,
     Capture,
     GatewayRefund,
@@ -39,10 +41,9 @@ from payorders.gateway import (
     GatewayUnavailable,
     RefundRequest,
 )
-from payorders.http_clients import POOL_LIMITS
-from payorders.http_errors import ApiError
-from payorders.sandbox_gateway import SandboxGateway, SandboxRefund
-from payorders.settings import Settings
+from payorders.sandbox.ledger import SandboxGateway, SandboxRefund
+from payorders.service.errors import ApiError
+from payorders.tools.http_clients import POOL_LIMITS
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def create_sandbox_app(settings: Settings) -> FastAPI:
 
 
 def app() -> FastAPI:
-    """For ``uvicorn --factory payorders.sandbox_http:app``: settings from the environment."""
+    """For ``uvicorn --factory payorders.sandbox.app:app``: settings from the environment."""
     return create_sandbox_app(Settings())
 
 

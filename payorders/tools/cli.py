@@ -21,13 +21,14 @@ from typing import Any, NoReturn
 
 from temporalio.service import RPCError
 
-from payorders import domain, stackinfo
-from payorders.api import connect
-from payorders.http_clients import SandboxClient, ServiceClient, ServiceError, Unreachable
-from payorders.models import ReconcileReport
+from payorders.core import domain
+from payorders.core.models import ReconcileReport
+from payorders.core.settings import Settings
+from payorders.localstack import stackinfo
+from payorders.pay_orders import connect
 from payorders.runtime import with_stack_defaults
-from payorders.settings import Settings
-from payorders.table import pairs, render
+from payorders.tools.http_clients import SandboxClient, ServiceClient, ServiceError, Unreachable
+from payorders.tools.table import pairs, render
 
 START_HINT = "start the local stack first: scripts/dev (or payorders dev)"
 
@@ -320,8 +321,8 @@ async def cmd_fault(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
-    from payorders import store
-    from payorders.reconcile import ReconcileStore
+    from payorders.core import store
+    from payorders.core.reconcile import ReconcileStore
     from payorders.runtime import StackNotRunning, database_url
 
     settings = with_stack_defaults(settings)
@@ -410,7 +411,7 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_torture(args: argparse.Namespace, settings: Settings) -> int:
-    from payorders.torture import ChaosPlan, run_chaos_torture, run_torture
+    from payorders.tools.torture import ChaosPlan, run_chaos_torture, run_torture
 
     if args.chaos:
         return await run_chaos_torture(
@@ -436,14 +437,14 @@ def _ui(c: Ctx, pay_order_no: str) -> str:
 
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from payorders.demo import run_demo
+    from payorders.tools.demo import run_demo
 
     async with connected(settings) as c:
         return await run_demo(c.settings)
 
 
 async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
-    from payorders.devstack import DevOptions, DevStack, run_dev
+    from payorders.localstack.stack import DevOptions, DevStack, run_dev
 
     if args.data_dir is not None:
         settings = settings.model_copy(update={"data_dir": args.data_dir})
@@ -456,7 +457,7 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     )
 
     async def demo(stack: DevStack) -> int:
-        from payorders.demo import run_demo
+        from payorders.tools.demo import run_demo
 
         # The stack has written its addresses and tuning to the data directory.
         return await run_demo(with_stack_defaults(settings))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from payorders import domain
+from payorders.core import domain
 
 HEADER = "Payorders-Signature"
 DEFAULT_TOLERANCE_S = 300

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 from temporalio.common import MetricMeter
 
-from payorders.domain import PayOrderStatus
+from payorders.core.domain import PayOrderStatus
 
 if TYPE_CHECKING:
-    from payorders.store import PayOrderStore
+    from payorders.core.store import PayOrderStore
 
 log = logging.getLogger(__name__)
 

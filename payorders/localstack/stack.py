@@ -24,12 +24,13 @@ from typing import IO, Any
 import httpx
 from temporalio.client import Client
 
-from payorders import embedded, stackinfo
-from payorders import search_attributes as sa
-from payorders.binaries import find_binary
-from payorders.settings import Settings
+from payorders.core import search_attributes as sa
+from payorders.core.settings import Settings
+from payorders.localstack import postgres as embedded
+from payorders.localstack import stackinfo
+from payorders.localstack.binaries import find_binary
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Local tuning of the dev server (see README "Performance"): an idle dev server hands work
 # between its internal queues at 20 polls/s by default (~47 ms a hand-off); SQLite in WAL
@@ -147,7 +148,7 @@ class DevStack:
         self.children = {
             "api": Child(
                 "api",
-                [*uvicorn, "--port", str(options.api_port), *quiet, "payorders.http_api:app"],
+                [*uvicorn, "--port", str(options.api_port), *quiet, "payorders.service.app:app"],
                 f"{self.api_url}/healthz",
             ),
             "gateway": Child(
@@ -157,7 +158,7 @@ class DevStack:
                     "--port",
                     str(options.gateway_port),
                     *quiet,
-                    "payorders.sandbox_http:app",
+                    "payorders.sandbox.app:app",
                 ],
                 f"{self.gateway_url}/healthz",
             ),

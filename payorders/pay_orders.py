@@ -37,10 +37,10 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.runtime import Runtime
 from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 
-from payorders import domain
-from payorders import search_attributes as sa
-from payorders.domain import PayOrderStatus
-from payorders.models import (
+from payorders.core import domain
+from payorders.core import search_attributes as sa
+from payorders.core.domain import PayOrderStatus
+from payorders.core.models import (
     PAY_ORDER_VERSION,
     LateRefundInput,
     PaymentNotification,
@@ -48,8 +48,8 @@ from payorders.models import (
     PayOrderRow,
     PayOrderView,
 )
-from payorders.settings import Settings
-from payorders.store import PayOrderStore
+from payorders.core.settings import Settings
+from payorders.core.store import PayOrderStore
 
 
 class UnknownPayOrder(LookupError):

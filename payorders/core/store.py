@@ -13,9 +13,9 @@ from typing import Any, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from payorders import domain
-from payorders.domain import PayOrderStatus, RefundReason, RefundStatus
-from payorders.models import (
+from payorders.core import domain
+from payorders.core.domain import PayOrderStatus, RefundReason, RefundStatus
+from payorders.core.models import (
     CreatePayOrder,
     PayOrderRow,
     RecordedPayment,
@@ -165,7 +165,7 @@ async def migrate(pool: asyncpg.Pool) -> list[str]:
     """
     files = sorted(
         (f.name, f.read_text())
-        for f in resources.files("payorders.migrations").iterdir()
+        for f in resources.files("payorders.core.migrations").iterdir()
         if f.name.endswith(".sql")
     )
     applied_now: list[str] = []

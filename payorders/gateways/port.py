@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from payorders.domain import RefundStatus
+from payorders.core.domain import RefundStatus
 
 PROCESSING_HEADER = "Gateway-Processing-Ms"
 """Response header in which a gateway reports the milliseconds it spent on a request."""

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 from prometheus_client import Counter, Histogram
 
-from payorders.domain import RefundStatus
-from payorders.gateway import (
+from payorders.core.domain import RefundStatus
+from payorders.gateways.port import (
     PROCESSING_HEADER,
     Capture,
     CloseResult,
@@ -31,7 +31,7 @@ from payorders.gateway import (
     RefundRequest,
     Statement,
 )
-from payorders.http_clients import POOL_LIMITS
+from payorders.tools.http_clients import POOL_LIMITS
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _refund(doc: dict[str, Any]) -> GatewayRefund:
 
 
 class HttpGateway:
-    """Implements ``payorders.gateway.Gateway`` over HTTP."""
+    """Implements ``payorders.gateways.port.Gateway`` over HTTP."""
 
     def __init__(self, base_url: str, *, client_timeout_s: float) -> None:
         self._http = httpx.AsyncClient(

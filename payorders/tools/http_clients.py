@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 
-from payorders import webhook
-from payorders.settings import Settings
+from payorders.core.settings import Settings
+from payorders.service import webhook
 
 
 class ServiceError(Exception):

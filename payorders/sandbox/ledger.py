@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from payorders import webhook
-from payorders.domain import RefundStatus
-from payorders.gateway import (
+from payorders.core.domain import RefundStatus
+from payorders.core.store import Conn
+from payorders.gateways.port import (
     Capture,
     CloseResult,
     GatewayAmbiguous,
@@ -34,7 +34,7 @@ from payorders.gateway import (
     RefundRequest,
     Statement,
 )
-from payorders.store import Conn
+from payorders.service import webhook
 
 _SCHEMA_LOCK_ID = 0x73616E64626F78  # "sandbox"
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from payorders import domain
-from payorders.domain import PayOrderStatus
-from payorders.http_clients import SandboxClient, ServiceClient
-from payorders.settings import Settings
-from payorders.table import render
+from payorders.core import domain
+from payorders.core.domain import PayOrderStatus
+from payorders.core.settings import Settings
+from payorders.tools.http_clients import SandboxClient, ServiceClient
+from payorders.tools.table import render
 
 SHORT = timedelta(seconds=4)
 SETTLE_WITHIN_S = 120.0

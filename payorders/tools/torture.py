@@ -20,12 +20,12 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from payorders import store
-from payorders.http_clients import SandboxClient, ServiceClient, ServiceError, Unreachable
-from payorders.models import ReconcileReport
+from payorders.core import store
+from payorders.core.models import ReconcileReport
+from payorders.core.settings import Settings
 from payorders.runtime import database_url
-from payorders.settings import Settings
-from payorders.table import render
+from payorders.tools.http_clients import SandboxClient, ServiceClient, ServiceError, Unreachable
+from payorders.tools.table import render
 
 AMOUNT = 1000
 T = TypeVar("T")
@@ -338,7 +338,7 @@ async def run_torture(
     chaos: Callable[[Figures, float], Coroutine[Any, Any, None]] | None = None,
 ) -> int:
     """Returns 0 when every check holds, 1 otherwise (after printing the figures)."""
-    from payorders.api import connect
+    from payorders.pay_orders import connect
 
     t = Torture(settings, orders=orders, expires_in_s=expires_in_s, seed=seed, out=out)
     pool = await store.create_pool(database_url(settings), min_size=1, max_size=4)
@@ -462,7 +462,7 @@ async def private_stack(
     import tempfile
     from pathlib import Path
 
-    from payorders.devstack import DevOptions, DevStack
+    from payorders.localstack.stack import DevOptions, DevStack
     from payorders.runtime import with_stack_defaults
 
     def free() -> int:

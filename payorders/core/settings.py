@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from payorders.models import ReconcileInput, RetryConfig, Timeouts
+from payorders.core.models import ReconcileInput, RetryConfig, Timeouts
 
 TASK_QUEUE = "pay-orders"
 

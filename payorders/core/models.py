@@ -7,7 +7,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, StrictInt
 
-from payorders.domain import PayOrderStatus, RefundReason, RefundStatus
+from payorders.core.domain import PayOrderStatus, RefundReason, RefundStatus
 
 
 class _Model(BaseModel):

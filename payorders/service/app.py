@@ -5,9 +5,9 @@
   only once Temporal has accepted the payment, 4xx for what must never be retried, and
   503 while Temporal (or the gateway, to verify against) cannot be reached.
 - ``/healthz`` is liveness; ``/readyz`` is ready only when Temporal and PostgreSQL answer.
-- ``/metrics`` is Prometheus's (no token; see ``payorders.api_metrics``).
+- ``/metrics`` is Prometheus's (no token; see ``payorders.service.metrics``).
 
-Run with ``uvicorn --factory payorders.http_api:app``.
+Run with ``uvicorn --factory payorders.service.app:app``.
 """
 
 from __future__ import annotations
@@ -30,16 +30,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from payorders import api as payorders_api
-from payorders import api_metrics, domain, webhook
-from payorders.api import PayOrderConflict, PayOrders, UnknownPayOrder
-from payorders.gateway import Gateway, GatewayError
-from payorders.http_errors import ApiError
+from payorders import pay_orders as payorders_api
+from payorders.core import domain
+from payorders.core.settings import Settings
+from payorders.core.store import PayOrderStore
+from payorders.gateways.port import Gateway, GatewayError
+from payorders.pay_orders import PayOrderConflict, PayOrders, UnknownPayOrder
 from payorders.runtime import database_url, open_resources
-from payorders.settings import Settings
-from payorders.store import PayOrderStore
+from payorders.service import metrics as api_metrics
+from payorders.service import webhook
+from payorders.service.errors import ApiError
 
-log = logging.getLogger("payorders.api")
+log = logging.getLogger("payorders.pay_orders")
 
 PAY_ORDER_NO = r"^po_[A-Za-z0-9_-]{1,64}$"
 WEBHOOK_ROUTE = "/v1/webhooks/gateway"
@@ -448,5 +450,5 @@ async def _verify_with_gateway(gateway: Gateway, event: webhook.PaymentEvent) ->
 
 
 def app() -> FastAPI:
-    """Factory for ``uvicorn --factory payorders.http_api:app``."""
+    """Factory for ``uvicorn --factory payorders.service.app:app``."""
     return create_app(Settings())

@@ -18,8 +18,8 @@ from typing import Any
 
 import asyncpg
 
-from payorders import domain
-from payorders.domain import PayOrderStatus
+from payorders.core import domain
+from payorders.core.domain import PayOrderStatus
 
 
 class Kind(StrEnum):

@@ -1,0 +1,2 @@
+"""The service API: the FastAPI app checkout and the gateways call, webhook signature
+checks, its metrics and errors."""
