@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 
 import asyncpg
 from temporalio.client import Client
@@ -24,6 +25,7 @@ from payorders import pay_orders as api
 from payorders.core.metrics import RefundGauges
 from payorders.core.reconcile import ReconcileStore
 from payorders.core.settings import Settings
+from payorders.gateways.factory import GatewayNotConfigured
 from payorders.localstack import postgres as embedded
 from payorders.runtime import Resources, open_resources
 from workflows.late_refund import LateRefundWorkflow
@@ -147,7 +149,11 @@ async def _wait_for_database(url: str, stop: asyncio.Event, within_s: float = 12
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(run(Settings()))
+    try:
+        asyncio.run(run(Settings()))
+    except GatewayNotConfigured as e:
+        log.error("cannot start: %s", e)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,13 @@
     /tmp/venv/bin/python bench/reconcile_1m.py [--orders 1000000] [--page-sizes 20000,50000]
 
 It starts an embedded PostgreSQL in a temporary directory (removed at the end), migrates it
-with ``open_resources``, seeds N pay orders with set-based SQL in their final states (70%
-PAY_SUCCESS with one settled payment, 25% PAY_EXPIRED unpaid, 5% PAY_EXPIRED with a late
-payment refunded), seeds the sandbox gateway's ledger to match the last two days, injects a
-handful of discrepancies, then starts a Temporal dev server and an in-process worker and runs
-``ReconcileWorkflow`` once per page size, timing it end to end. It checks that exactly the
-injected discrepancies were found (exit status 1 otherwise) and prints a markdown table.
+(``in_process``: our resources on an in-process sandbox gateway), seeds N pay orders with
+set-based SQL in their final states (70% PAY_SUCCESS with one settled payment, 25%
+PAY_EXPIRED unpaid, 5% PAY_EXPIRED with a late payment refunded), seeds the sandbox
+gateway's ledger to match the last two days, injects a handful of discrepancies, then
+starts a Temporal dev server and an in-process worker and runs ``ReconcileWorkflow`` once
+per page size, timing it end to end. It checks that exactly the injected discrepancies were
+found (exit status 1 otherwise) and prints a markdown table.
 
 Times are spread over the last 30 days; about 2% of N payments (20,000 for 1M) fall in the
 last two days, the period the gateway statement is compared over.
@@ -44,7 +45,7 @@ from payorders.core.models import ReconcileReport
 from payorders.core.settings import Settings
 from payorders.localstack import postgres as embedded
 from payorders.localstack.binaries import find_binary
-from payorders.runtime import open_resources
+from payorders.sandbox.ledger import in_process
 from worker import build_worker
 from workflows.reconcile import ReconcileWorkflow
 
@@ -468,7 +469,7 @@ async def bench(args: argparse.Namespace, admin_url: str, pg_pid: int) -> int:
         sandbox_schema=SCHEMA,
         database_url=url,
     )
-    async with open_resources(settings, url) as res:
+    async with in_process(settings, url) as res:
         print(f"seeding {args.orders:,} pay orders ...", flush=True)
         started = time.perf_counter()
         seeded = await seed(url, args.orders, args.recent_payments, args.timeout)

@@ -1,5 +1,5 @@
 """The resources every entry point needs, built from one settings object: a database pool
-(migrated), our store, and the sandbox gateway with its client-side timeout."""
+(migrated), our store, and the configured gateway with its client-side timeout."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import asyncpg
 
 from payorders.core import store
 from payorders.core.settings import Settings
-from payorders.gateways.http_sandbox import HttpGateway
+from payorders.gateways.factory import open_gateway
 from payorders.gateways.port import Gateway
 from payorders.localstack import stackinfo
-from payorders.sandbox.ledger import SandboxGateway, TimeoutClient
 
 
 class StackNotRunning(RuntimeError):
@@ -26,10 +25,8 @@ class Resources:
     settings: Settings
     pool: asyncpg.Pool
     store: store.PayOrderStore
-    sandbox: SandboxGateway
-    """The sandbox's ledger, in-process: tests and local tools read and arm it directly."""
     gateway: Gateway
-    """What activities and the webhook adapter call: HTTP when ``gateway_url`` is set."""
+    """What activities and the webhook adapter call."""
 
 
 def database_url(settings: Settings) -> str:
@@ -67,37 +64,22 @@ def with_stack_defaults(settings: Settings) -> Settings:
 
 
 @asynccontextmanager
-async def open_resources(settings: Settings, url: str) -> AsyncIterator[Resources]:
+async def open_resources(
+    settings: Settings, url: str, *, gateway: Gateway | None = None
+) -> AsyncIterator[Resources]:
+    """A migrated pool, our store and the gateway (``gateway``: one the caller built, such
+    as an in-process sandbox in tests; default: the configured one)."""
     try:
         pool = await store.create_pool(
             url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
         )
     except (OSError, asyncpg.PostgresError) as e:
         raise StackNotRunning(f"cannot reach PostgreSQL ({e})") from e
-    stack = AsyncExitStack()
-    try:
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(pool.close)
         await store.migrate(pool)
-        sandbox = SandboxGateway(
-            pool,
-            schema=settings.sandbox_schema,
-            server_timeout_s=settings.gateway_server_timeout_ms / 1000,
-        )
-        await sandbox.install()
-        client_timeout_s = settings.gateway_client_timeout_ms / 1000
-        gateway: Gateway
-        if settings.gateway_url:
-            http = HttpGateway(settings.gateway_url, client_timeout_s=client_timeout_s)
-            stack.push_async_callback(http.aclose)
-            gateway = http
-        else:
-            gateway = TimeoutClient(sandbox, client_timeout_s=client_timeout_s)
+        if gateway is None:
+            gateway = await stack.enter_async_context(open_gateway(settings))
         yield Resources(
-            settings=settings,
-            pool=pool,
-            store=store.PayOrderStore(pool),
-            sandbox=sandbox,
-            gateway=gateway,
+            settings=settings, pool=pool, store=store.PayOrderStore(pool), gateway=gateway
         )
-    finally:
-        await stack.aclose()
-        await pool.close()

@@ -31,7 +31,7 @@ from payorders.core.settings import Settings
 from payorders.localstack import postgres as embedded
 from payorders.localstack.binaries import find_binary
 from payorders.pay_orders import PayOrders, ensure_search_attributes
-from payorders.runtime import Resources, open_resources
+from payorders.sandbox.ledger import InProcessResources, in_process
 from worker import build_worker
 from workflows.pay_order import PayOrderWorkflow
 
@@ -80,8 +80,8 @@ async def db_url(pg_admin_url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-async def svc(db_url: str) -> AsyncIterator[Resources]:
-    async with open_resources(make_settings(), db_url) as s:
+async def svc(db_url: str) -> AsyncIterator[InProcessResources]:
+    async with in_process(make_settings(), db_url) as s:
         yield s
 
 
@@ -116,7 +116,7 @@ class Stack:
     env: WorkflowEnvironment
     client: Client
     settings: Settings
-    svc: Resources
+    svc: InProcessResources
     api: PayOrders
 
     async def now(self) -> datetime:
@@ -154,7 +154,7 @@ class Stack:
 
 @asynccontextmanager
 async def running_stack(
-    env: WorkflowEnvironment, svc: Resources, **overrides: Any
+    env: WorkflowEnvironment, svc: InProcessResources, **overrides: Any
 ) -> AsyncIterator[Stack]:
     settings = make_settings(**overrides)
     worker = build_worker(env.client, svc, task_queue=settings.task_queue)

@@ -16,8 +16,8 @@ import pytest
 import uvicorn
 
 from payorders.core.settings import Settings
+from payorders.gateways.http_sandbox import POOL_LIMITS
 from payorders.tools.http_clients import (
-    POOL_LIMITS,
     RESEND_ATTEMPTS,
     SandboxClient,
     ServiceClient,

@@ -19,11 +19,12 @@ from temporalio.testing import WorkflowEnvironment
 from payorders.core.domain import InvalidPayment, InvalidPayOrder, PayOrderStatus, RefundStatus
 from payorders.core.models import LateRefundResult
 from payorders.pay_orders import NotifyOutcome, StartedPayOrder, UnknownPayOrder
-from payorders.runtime import Resources
+from payorders.sandbox.app import create_sandbox_app
+from payorders.sandbox.ledger import InProcessResources
 from workflows.late_refund import LateRefundWorkflow
 
 from .conftest import Stack, assert_settled, order_no, pay, running_stack
-from .http_stack import free_port
+from .http_stack import free_port, serve
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,7 @@ async def sleep_until(when: datetime) -> None:
 
 
 async def test_payment_and_expiry_landing_together_end_in_exactly_one_terminal_state(
-    dev_env: WorkflowEnvironment, svc: Resources
+    dev_env: WorkflowEnvironment, svc: InProcessResources
 ) -> None:
     async with running_stack(dev_env, svc, settlement_window_s=3) as stack:
         started = await asyncio.gather(
@@ -76,7 +77,7 @@ async def test_payment_and_expiry_landing_together_end_in_exactly_one_terminal_s
 
 
 async def test_a_notification_after_the_workflow_closed_is_refunded_by_a_late_refund_workflow(
-    dev_env: WorkflowEnvironment, svc: Resources
+    dev_env: WorkflowEnvironment, svc: InProcessResources
 ) -> None:
     async with running_stack(dev_env, svc, settlement_window_s=1) as stack:
         started = await stack.api.start_pay_order(order_no=order_no(), amount=250, currency="EUR")
@@ -118,7 +119,7 @@ async def test_a_notification_after_the_workflow_closed_is_refunded_by_a_late_re
 
 
 async def test_bad_calls_are_refused_and_start_nothing(
-    dev_env: WorkflowEnvironment, svc: Resources
+    dev_env: WorkflowEnvironment, svc: InProcessResources
 ) -> None:
     async with running_stack(dev_env, svc) as stack:
         for kwargs in (
@@ -157,7 +158,7 @@ async def test_bad_calls_are_refused_and_start_nothing(
 
 
 async def test_checkout_retried_returns_the_same_pay_order_and_refuses_another_amount(
-    dev_env: WorkflowEnvironment, svc: Resources
+    dev_env: WorkflowEnvironment, svc: InProcessResources
 ) -> None:
     from payorders.pay_orders import PayOrderConflict
 
@@ -172,7 +173,7 @@ async def test_checkout_retried_returns_the_same_pay_order_and_refuses_another_a
 
 
 async def test_operators_find_orders_by_search_attributes(
-    dev_env: WorkflowEnvironment, svc: Resources
+    dev_env: WorkflowEnvironment, svc: InProcessResources
 ) -> None:
     async with running_stack(dev_env, svc, settlement_window_s=60) as stack:
         no = order_no("sa")
@@ -188,12 +189,13 @@ async def test_operators_find_orders_by_search_attributes(
         assert found == [started.workflow_id]
 
 
-def _worker_process(stack: Stack, db_url: str) -> subprocess.Popen[bytes]:
+def _worker_process(stack: Stack, db_url: str, gateway_url: str) -> subprocess.Popen[bytes]:
     s = stack.settings
     env = {
         **os.environ,
         "TEMPORAL_ADDRESS": stack.env.client.service_client.config.target_host,
         "PAYORDERS_DATABASE_URL": db_url,
+        "PAYORDERS_GATEWAY_URL": gateway_url,
         "PAYORDERS_TASK_QUEUE": s.task_queue,
         "PAYORDERS_GATEWAY_SERVER_TIMEOUT_MS": str(s.gateway_server_timeout_ms),
         "PAYORDERS_GATEWAY_CLIENT_TIMEOUT_MS": str(s.gateway_client_timeout_ms),
@@ -211,7 +213,7 @@ def _worker_process(stack: Stack, db_url: str) -> subprocess.Popen[bytes]:
 
 
 async def test_a_worker_killed_in_the_middle_of_a_refund_refunds_once_after_restart(
-    dev_env: WorkflowEnvironment, svc: Resources, db_url: str
+    dev_env: WorkflowEnvironment, svc: InProcessResources, db_url: str
 ) -> None:
     from .conftest import make_settings
 
@@ -229,30 +231,38 @@ async def test_a_worker_killed_in_the_middle_of_a_refund_refunds_once_after_rest
     pay_order_no = f"po_{no}"
     # The gateway refunds, then withholds its answer: the worker dies while it waits.
     await svc.sandbox.set_faults(pay_order_no, timeout_after_success_next=1)
-    worker = _worker_process(stack, db_url)
-    try:
-        started = await stack.api.start_pay_order(
-            order_no=no, amount=60, currency="USD", expires_in=timedelta(seconds=1)
-        )
-        await stack.wait_view(pay_order_no, lambda v: v.status is EXPIRED)
-        await pay(stack, pay_order_no, 60)
-        for _ in range(200):
-            calls = (await svc.sandbox.ledger_of(pay_order_no))["refund_calls"]
-            if any(outcome == "ANSWER_WITHHELD" for _, outcome in calls):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail("the refund never reached the gateway")
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(10)
-        # The gateway has the money back; our record cannot know yet.
-        assert await svc.store.refund_status(calls[0][0]) is RefundStatus.PENDING
-        worker = _worker_process(stack, db_url)
-        result = await stack.result(started.pay_order_no)
-        assert (result.status, result.refunded_amount) == (EXPIRED, 60)
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(20)
+    # The worker process reaches the sandbox's ledger (svc.sandbox's) over HTTP, as it
+    # would reach any gateway; its webhooks go nowhere (this test reports payments itself).
+    gateway_port = free_port()
+    sandbox_settings = settings.model_copy(
+        update={"database_url": db_url, "webhook_url": "http://127.0.0.1:9/closed"}
+    )
+    async with serve(create_sandbox_app(sandbox_settings), gateway_port):
+        gateway_url = f"http://127.0.0.1:{gateway_port}"
+        worker = _worker_process(stack, db_url, gateway_url)
+        try:
+            started = await stack.api.start_pay_order(
+                order_no=no, amount=60, currency="USD", expires_in=timedelta(seconds=1)
+            )
+            await stack.wait_view(pay_order_no, lambda v: v.status is EXPIRED)
+            await pay(stack, pay_order_no, 60)
+            for _ in range(200):
+                calls = (await svc.sandbox.ledger_of(pay_order_no))["refund_calls"]
+                if any(outcome == "ANSWER_WITHHELD" for _, outcome in calls):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the refund never reached the gateway")
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(10)
+            # The gateway has the money back; our record cannot know yet.
+            assert await svc.store.refund_status(calls[0][0]) is RefundStatus.PENDING
+            worker = _worker_process(stack, db_url, gateway_url)
+            result = await stack.result(started.pay_order_no)
+            assert (result.status, result.refunded_amount) == (EXPIRED, 60)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(20)
     await assert_settled(
         stack, pay_order_no, status=EXPIRED, paid=60, refunded=60, gateway_refunds=1
     )
@@ -285,7 +295,7 @@ MAX_EVENTS = {
 
 @pytest.mark.parametrize("path", HISTORY_PATHS)
 async def test_histories_of_each_path_replay(
-    dev_env: WorkflowEnvironment, svc: Resources, path: str
+    dev_env: WorkflowEnvironment, svc: InProcessResources, path: str
 ) -> None:
     """Runs each branch of the workflows and replays its fresh history; with
     PAYORDERS_RECORD_HISTORIES=1 it also saves it to tests/histories/ for the replay suite."""

@@ -23,7 +23,7 @@ from payorders.core.models import PaymentNotification, ReconcileReport, RecordPa
 from payorders.core.reconcile import ReconcileStore
 from payorders.gateways.port import RefundRequest
 from payorders.localstack import postgres as embedded
-from payorders.runtime import Resources, open_resources
+from payorders.sandbox.ledger import InProcessResources, in_process
 from workflows.reconcile import ReconcileWorkflow
 
 from .conftest import Stack, make_settings, order_no, pay, running_stack
@@ -32,14 +32,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-async def own_db(pg_admin_url: str) -> AsyncIterator[Resources]:
+async def own_db(pg_admin_url: str) -> AsyncIterator[InProcessResources]:
     url = await embedded.ensure_database(pg_admin_url, f"reconcile_{os.getpid()}")
-    async with open_resources(make_settings(sandbox_schema="sbx_reconcile"), url) as res:
+    async with in_process(make_settings(sandbox_schema="sbx_reconcile"), url) as res:
         yield res
 
 
 @pytest.fixture
-async def stack(dev_env: WorkflowEnvironment, own_db: Resources) -> AsyncIterator[Stack]:
+async def stack(dev_env: WorkflowEnvironment, own_db: InProcessResources) -> AsyncIterator[Stack]:
     async with running_stack(dev_env, own_db, settlement_window_s=1) as s:
         yield s
 

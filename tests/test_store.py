@@ -15,7 +15,7 @@ from payorders.core import store
 from payorders.core.domain import PayOrderStatus, RefundReason
 from payorders.core.models import CreatePayOrder, PaymentNotification, RecordPayment
 from payorders.gateways.port import GatewayRejected, RefundRequest
-from payorders.runtime import Resources
+from payorders.sandbox.ledger import InProcessResources
 
 from .conftest import order_no
 
@@ -30,7 +30,7 @@ def test_the_migrations_are_the_ones_we_ship() -> None:
     assert ALL_MIGRATIONS[:3] == ["0001_pay_orders", "0002_webhook_events", "0003_reconciliation"]
 
 
-async def new_order(svc: Resources, amount: int = 100) -> str:
+async def new_order(svc: InProcessResources, amount: int = 100) -> str:
     no = order_no("st")
     row = await svc.store.create_pay_order(
         CreatePayOrder(
@@ -48,7 +48,7 @@ def payment(txn: str, amount: int = 100) -> PaymentNotification:
     return PaymentNotification(txn_id=txn, amount=amount, currency="USD", paid_at=datetime.now(UTC))
 
 
-async def test_creating_twice_returns_the_same_row(svc: Resources) -> None:
+async def test_creating_twice_returns_the_same_row(svc: InProcessResources) -> None:
     no = await new_order(svc)
     row = await svc.store.get_pay_order(no)
     assert row is not None
@@ -66,7 +66,7 @@ async def test_creating_twice_returns_the_same_row(svc: Resources) -> None:
 
 @pytest.mark.parametrize("terminal", ["PAY_SUCCESS", "PAY_EXPIRED"])
 async def test_the_database_refuses_to_move_a_pay_order_out_of_a_terminal_state(
-    svc: Resources, terminal: str
+    svc: InProcessResources, terminal: str
 ) -> None:
     no = await new_order(svc)
     async with svc.pool.acquire() as conn:
@@ -93,14 +93,16 @@ async def test_the_database_refuses_to_move_a_pay_order_out_of_a_terminal_state(
         "UPDATE pay_order SET amount = 1 WHERE pay_order_no = $1",
     ],
 )
-async def test_check_constraints_refuse_impossible_rows(svc: Resources, sql: str) -> None:
+async def test_check_constraints_refuse_impossible_rows(svc: InProcessResources, sql: str) -> None:
     no = await new_order(svc)
     async with svc.pool.acquire() as conn:
         with pytest.raises(asyncpg.IntegrityConstraintViolationError):
             await conn.execute(sql, no)
 
 
-async def test_the_conditional_update_lets_only_one_terminal_state_win(svc: Resources) -> None:
+async def test_the_conditional_update_lets_only_one_terminal_state_win(
+    svc: InProcessResources,
+) -> None:
     no = await new_order(svc)
     settle = RecordPayment(
         pay_order_no=no,
@@ -121,7 +123,7 @@ async def test_the_conditional_update_lets_only_one_terminal_state_win(svc: Reso
     assert (await svc.store.expire(no, 0)).changed is False
 
 
-async def test_recording_a_payment_twice_counts_its_money_once(svc: Resources) -> None:
+async def test_recording_a_payment_twice_counts_its_money_once(svc: InProcessResources) -> None:
     no = await new_order(svc)
     cmd = RecordPayment(
         pay_order_no=no,
@@ -143,7 +145,7 @@ async def test_recording_a_payment_twice_counts_its_money_once(svc: Resources) -
     assert [e["event_type"] for e in await svc.store.outbox_of(no)] == ["refund.succeeded"]
 
 
-async def test_settling_twice_at_once_settles_once_with_one_event(svc: Resources) -> None:
+async def test_settling_twice_at_once_settles_once_with_one_event(svc: InProcessResources) -> None:
     no = await new_order(svc)
     txn = order_no("t")
     cmd = RecordPayment(
@@ -171,7 +173,7 @@ async def test_settling_twice_at_once_settles_once_with_one_event(svc: Resources
 
 
 async def test_two_payments_racing_to_settle_settle_one_and_refund_the_other(
-    svc: Resources,
+    svc: InProcessResources,
 ) -> None:
     no = await new_order(svc)
     a, b = (
@@ -192,7 +194,9 @@ async def test_two_payments_racing_to_settle_settle_one_and_refund_the_other(
     assert [e["event_type"] for e in await svc.store.outbox_of(no)] == ["pay_order.succeeded"]
 
 
-async def test_a_payment_kept_for_refund_never_settles_the_order_later(svc: Resources) -> None:
+async def test_a_payment_kept_for_refund_never_settles_the_order_later(
+    svc: InProcessResources,
+) -> None:
     no = await new_order(svc)
     pay = payment(order_no("t"), 60)
     kept = await svc.store.record_payment(
@@ -211,7 +215,7 @@ async def test_a_payment_kept_for_refund_never_settles_the_order_later(svc: Reso
     assert row is not None and (row.status, row.paid_amount) == (PayOrderStatus.PAYING, 60)
 
 
-async def test_expiring_writes_its_event_once(svc: Resources) -> None:
+async def test_expiring_writes_its_event_once(svc: InProcessResources) -> None:
     no = await new_order(svc)
     assert (await svc.store.expire(no, 0)).changed
     assert not (await svc.store.expire(no, 0)).changed
@@ -223,7 +227,7 @@ async def test_expiring_writes_its_event_once(svc: Resources) -> None:
 
 
 async def test_a_connection_given_back_inside_a_transaction_comes_back_rolled_back(
-    svc: Resources,
+    svc: InProcessResources,
 ) -> None:
     no = await new_order(svc)
     async with svc.pool.acquire() as conn:
@@ -236,7 +240,7 @@ async def test_a_connection_given_back_inside_a_transaction_comes_back_rolled_ba
     assert row is not None and row.paid_amount == 0
 
 
-async def test_a_txn_id_reused_with_other_facts_is_refused(svc: Resources) -> None:
+async def test_a_txn_id_reused_with_other_facts_is_refused(svc: InProcessResources) -> None:
     no = await new_order(svc)
     txn = order_no("t")
     await svc.store.record_payment(
@@ -284,7 +288,9 @@ async def test_migrations_apply_once_on_a_fresh_database(pg_admin_url: str) -> N
             await p.close()
 
 
-async def test_the_sandbox_refunds_a_key_once_whatever_the_concurrency(svc: Resources) -> None:
+async def test_the_sandbox_refunds_a_key_once_whatever_the_concurrency(
+    svc: InProcessResources,
+) -> None:
     no = f"po_{order_no('gw')}"
     cap = await svc.sandbox.capture(pay_order_no=no, amount=80, currency="USD")
     req = RefundRequest(

@@ -35,7 +35,7 @@ from payorders.core.domain import PayOrderStatus, RefundStatus
 from payorders.core.reconcile import EXCEPTION, REPAIRED, Finding, Kind
 from payorders.core.settings import Settings
 from payorders.localstack import postgres as embedded
-from payorders.runtime import Resources, open_resources
+from payorders.sandbox.ledger import InProcessResources, in_process
 from worker import MetricsUnavailable, build_worker, metrics_runtime
 
 from .conftest import Stack, assert_settled, make_settings, order_no, pay
@@ -77,8 +77,8 @@ async def db(pg_admin_url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-async def res(db: str) -> AsyncIterator[Resources]:
-    async with open_resources(make_settings(), db) as r:
+async def res(db: str) -> AsyncIterator[InProcessResources]:
+    async with in_process(make_settings(), db) as r:
         yield r
 
 
@@ -128,7 +128,7 @@ async def scrape_until(
 
 @pytest.mark.slow
 async def test_business_and_sdk_metrics_on_one_endpoint(
-    endpoint: Endpoint, dev_env: WorkflowEnvironment, res: Resources
+    endpoint: Endpoint, dev_env: WorkflowEnvironment, res: InProcessResources
 ) -> None:
     target = dev_env.client.service_client.config.target_host
     settings = make_settings(temporal_address=target)
@@ -260,6 +260,8 @@ async def test_the_worker_process_serves_its_metrics_and_stops_cleanly(
         {
             "TEMPORAL_ADDRESS": dev_env.client.service_client.config.target_host,
             "PAYORDERS_DATABASE_URL": db,
+            # Required at start; nothing in this test calls the gateway.
+            "PAYORDERS_GATEWAY_URL": "http://127.0.0.1:9",
             "PAYORDERS_TASK_QUEUE": f"pay-orders-metrics-{uuid.uuid4().hex[:8]}",
             "PAYORDERS_WORKER_METRICS_ADDRESS": address,
             # No scheduled reconciliation (every 5 minutes by default) during the test.

@@ -8,7 +8,7 @@ from typing import Any
 from temporalio.testing import WorkflowEnvironment
 
 from payorders.core.domain import PayOrderStatus, RefundReason
-from payorders.runtime import Resources
+from payorders.sandbox.ledger import InProcessResources
 
 from .conftest import Stack, assert_settled, order_no, pay, running_stack
 
@@ -33,7 +33,7 @@ async def expire_then_pay(stack: Stack, amount: int, currency: str = "USD", **fa
 
 
 async def test_paid_before_expiry_succeeds_and_closes_after_the_25h_window(
-    ts_env: WorkflowEnvironment, svc: Resources
+    ts_env: WorkflowEnvironment, svc: InProcessResources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         started = await stack.api.start_pay_order(
@@ -49,7 +49,7 @@ async def test_paid_before_expiry_succeeds_and_closes_after_the_25h_window(
 
 
 async def test_unpaid_order_expires_after_the_default_hour(
-    ts_env: WorkflowEnvironment, svc: Resources
+    ts_env: WorkflowEnvironment, svc: InProcessResources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         t0 = await stack.now()
@@ -69,7 +69,7 @@ async def test_unpaid_order_expires_after_the_default_hour(
 
 
 async def test_gateway_already_paid_at_close_takes_the_success_path_without_refund(
-    ts_env: WorkflowEnvironment, svc: Resources
+    ts_env: WorkflowEnvironment, svc: InProcessResources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         no = order_no()
@@ -87,7 +87,7 @@ async def test_gateway_already_paid_at_close_takes_the_success_path_without_refu
 
 
 async def test_late_payment_after_expiry_is_refunded_once(
-    ts_env: WorkflowEnvironment, svc: Resources
+    ts_env: WorkflowEnvironment, svc: InProcessResources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         no = await expire_then_pay(stack, 700, "GBP")
@@ -97,7 +97,7 @@ async def test_late_payment_after_expiry_is_refunded_once(
 
 
 async def test_refund_failing_five_times_then_succeeding_refunds_exactly_once(
-    ts_env: WorkflowEnvironment, svc: Resources
+    ts_env: WorkflowEnvironment, svc: InProcessResources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         no = await expire_then_pay(stack, 300, fail_next_refunds=5)
@@ -110,7 +110,7 @@ async def test_refund_failing_five_times_then_succeeding_refunds_exactly_once(
 
 
 async def test_refund_timing_out_after_the_gateway_refunded_is_not_refunded_twice(
-    ts_env: WorkflowEnvironment, svc: Resources
+    ts_env: WorkflowEnvironment, svc: InProcessResources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         no = await expire_then_pay(stack, 4200, "JPY", timeout_after_success_next=1)
@@ -122,7 +122,7 @@ async def test_refund_timing_out_after_the_gateway_refunded_is_not_refunded_twic
 
 
 async def test_the_same_notification_twice_is_ignored(
-    ts_env: WorkflowEnvironment, svc: Resources
+    ts_env: WorkflowEnvironment, svc: InProcessResources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         started = await stack.api.start_pay_order(
@@ -141,7 +141,7 @@ async def test_the_same_notification_twice_is_ignored(
 
 
 async def test_a_second_payment_is_refunded_as_a_duplicate(
-    ts_env: WorkflowEnvironment, svc: Resources
+    ts_env: WorkflowEnvironment, svc: InProcessResources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         started = await stack.api.start_pay_order(
@@ -159,7 +159,7 @@ async def test_a_second_payment_is_refunded_as_a_duplicate(
 
 
 async def test_a_wrong_amount_or_currency_is_refunded_and_the_order_still_waits(
-    ts_env: WorkflowEnvironment, svc: Resources
+    ts_env: WorkflowEnvironment, svc: InProcessResources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         started = await stack.api.start_pay_order(
@@ -187,7 +187,7 @@ async def test_a_wrong_amount_or_currency_is_refunded_and_the_order_still_waits(
 
 
 async def test_malformed_signals_are_dropped_without_crashing_the_workflow(
-    ts_env: WorkflowEnvironment, svc: Resources
+    ts_env: WorkflowEnvironment, svc: InProcessResources
 ) -> None:
     async with running_stack(ts_env, svc) as stack:
         started = await stack.api.start_pay_order(

@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     api_token: SecretStr = SecretStr("dev-api-token")
     """Bearer token for checkout and reads; the default is for the local stack only."""
     gateway_url: str | None = None
-    """The payment gateway's HTTP base; unset: the sandbox gateway in-process."""
+    """The payment gateway's HTTP base (required by the worker and the API; the local stack
+    sets its sandbox gateway's)."""
     webhook_url: str = "http://127.0.0.1:8000/v1/webhooks/gateway"
     """Where the (sandbox) gateway delivers its webhooks."""
     webhook_secrets: list[SecretStr] = [SecretStr("whsec_dev_only")]

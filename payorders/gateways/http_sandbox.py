@@ -31,7 +31,13 @@ from payorders.gateways.port import (
     RefundRequest,
     Statement,
 )
-from payorders.tools.http_clients import POOL_LIMITS
+
+# A server closes a keep-alive connection once it has been idle for a while (uvicorn: 5 s).
+# A client that sends on such a connection at that instant sees it drop with no answer.
+# Our HTTP clients (this adapter, the tools', the sandbox's webhook sender) therefore give up
+# idle connections sooner than the server does.
+POOL_LIMITS = httpx.Limits(keepalive_expiry=2.0)
+
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from payorders import runtime
 from payorders.core import domain, store
 from payorders.core.domain import RefundStatus
 from payorders.core.settings import Settings
+from payorders.gateways.http_sandbox import POOL_LIMITS
 from payorders.gateways.port import (
     PROCESSING_HEADER,
     Capture,
@@ -43,7 +44,6 @@ from payorders.gateways.port import (
 )
 from payorders.sandbox.ledger import SandboxGateway, SandboxRefund
 from payorders.service.errors import ApiError
-from payorders.tools.http_clients import POOL_LIMITS
 
 log = logging.getLogger(__name__)
 

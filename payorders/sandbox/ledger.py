@@ -15,14 +15,17 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, TypeVar
 
 import asyncpg
 
+from payorders.core import store
 from payorders.core.domain import RefundStatus
+from payorders.core.settings import Settings
 from payorders.core.store import Conn
 from payorders.gateways.port import (
     Capture,
@@ -34,6 +37,7 @@ from payorders.gateways.port import (
     RefundRequest,
     Statement,
 )
+from payorders.runtime import Resources, open_resources
 from payorders.service import webhook
 
 _SCHEMA_LOCK_ID = 0x73616E64626F78  # "sandbox"
@@ -717,3 +721,30 @@ def _refund(rec: asyncpg.Record) -> GatewayRefund:
         status=RefundStatus(rec["status"]),
         created_at=rec["created_at"],
     )
+
+
+@dataclass
+class InProcessResources(Resources):
+    sandbox: SandboxGateway
+    """The sandbox's ledger itself: tests and benchmarks read and arm it directly."""
+
+
+@asynccontextmanager
+async def in_process(settings: Settings, url: str) -> AsyncIterator[InProcessResources]:
+    """Our resources wired to a sandbox gateway inside this process (tests, benchmarks):
+    the product calls it through a client timeout, as it would call one over the wire."""
+    pool = await store.create_pool(url, min_size=1, max_size=settings.db_pool_max)
+    try:
+        sandbox = SandboxGateway(
+            pool,
+            schema=settings.sandbox_schema,
+            server_timeout_s=settings.gateway_server_timeout_ms / 1000,
+        )
+        await sandbox.install()
+        gateway = TimeoutClient(sandbox, client_timeout_s=settings.gateway_client_timeout_ms / 1000)
+        async with open_resources(settings, url, gateway=gateway) as res:
+            yield InProcessResources(
+                **{f.name: getattr(res, f.name) for f in fields(Resources)}, sandbox=sandbox
+            )
+    finally:
+        await pool.close()

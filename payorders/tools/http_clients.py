@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from payorders.core.settings import Settings
+from payorders.gateways.http_sandbox import POOL_LIMITS
 from payorders.service import webhook
 
 
@@ -41,11 +42,6 @@ def _raise_for(resp: httpx.Response) -> None:
         code, message = "http_error", resp.text[:200] or resp.reason_phrase
     raise ServiceError(resp.status_code, code, message)
 
-
-# A server closes a keep-alive connection once it has been idle for a while (uvicorn: 5 s).
-# A client that sends on such a connection at that instant sees it drop with no answer.
-# Clients therefore give up idle connections sooner than the server does.
-POOL_LIMITS = httpx.Limits(keepalive_expiry=2.0)
 
 # A dropped connection is sent again, with the same body. That is safe only because every
 # call below is idempotent: a pay order by its order_no, a webhook by its event_id and
