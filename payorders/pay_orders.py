@@ -5,6 +5,7 @@ The Temporal client is built here and only here, with the pydantic data converte
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -171,24 +172,38 @@ class PayOrders:
         amount: int,
         currency: str,
         expires_in: timedelta | None = None,
+        expires_at: datetime | None = None,
         now: datetime | None = None,
     ) -> StartedPayOrder:
         """Start the pay order of ``order_no``; a retried checkout returns the same one.
+
+        It expires at ``expires_at`` (with a time zone) or ``expires_in`` from now, at most
+        one of them; with neither, after the configured default window.
 
         Raises:
             InvalidPayOrder: bad input; nothing was started.
             PayOrderConflict: the order already has a pay order for another amount.
         """
         now = now or datetime.now(UTC)
-        expires_at = now + (
-            expires_in if expires_in is not None else self._settings.default_expires_in
+        expires_at = domain.pay_order_deadline(
+            now=now,
+            default=self._settings.default_expires_in,
+            expires_at=expires_at,
+            expires_in=expires_in,
         )
         domain.validate_new_pay_order(
             order_no=order_no, amount=amount, currency=currency, expires_at=expires_at, now=now
         )
         pay_order_no = domain.pay_order_no_for(order_no)
         workflow_id = domain.workflow_id_for(pay_order_no)
-        memo = {"amount": amount, "currency": currency, "expires_at": expires_at.isoformat()}
+        # The start id tells our own start from an existing run: a retried checkout with the
+        # same absolute deadline has an otherwise identical memo.
+        memo = {
+            "amount": amount,
+            "currency": currency,
+            "expires_at": expires_at.isoformat(),
+            "start_id": uuid.uuid4().hex,
+        }
         try:
             handle: WorkflowHandle[Any, Any] = await self._client.start_workflow(
                 "PayOrderWorkflow",
@@ -232,8 +247,7 @@ class PayOrders:
             currency=currency,
             expires_at=datetime.fromisoformat(existing["expires_at"]),
             workflow_id=workflow_id,
-            # Our own memo (down to the microsecond of expires_at) means we started it.
-            created=existing == memo,
+            created=existing.get("start_id") == memo["start_id"],
         )
 
     async def notify_payment(
@@ -289,6 +303,11 @@ class PayOrders:
         except WorkflowAlreadyStartedError:
             return NotifyOutcome.LATE_REFUND_EXISTS
         return NotifyOutcome.LATE_REFUND_STARTED
+
+    async def has_payment(self, pay_order_no: str, txn_id: str) -> bool:
+        """Whether the pay order has recorded a payment with ``txn_id`` (its workflow then
+        counts any further notification of it as a duplicate)."""
+        return any(p["txn_id"] == txn_id for p in await self._store.payments_of(pay_order_no))
 
     async def get_pay_order(self, pay_order_no: str) -> PayOrderDetails:
         row, payments = await self._store.snapshot(pay_order_no)

@@ -12,7 +12,8 @@ if ! "$UV" --version >/dev/null 2>&1 \
   || [ "$(cat .venv-uv/.pinned 2>/dev/null)" != "$(sha256sum scripts/uv-requirements.txt)" ]; then
   echo "==> installing uv into .venv-uv (pinned by hash)"
   rm -rf .venv-uv
-  "$PY" -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps \
+  PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install --quiet --disable-pip-version-check \
+    --require-hashes --no-deps \
     --target .venv-uv -r scripts/uv-requirements.txt
   sha256sum scripts/uv-requirements.txt > .venv-uv/.pinned
 fi

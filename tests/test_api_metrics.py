@@ -266,9 +266,12 @@ def _stand_ins(
         if seen is not None:
             raise seen
 
+    async def has_payment(pay_order_no: str, txn_id: str) -> bool:
+        return False
+
     return {
         "gateway": SimpleNamespace(query_capture=query_capture),
-        "orders": SimpleNamespace(notify_payment=notify_payment),
+        "orders": SimpleNamespace(notify_payment=notify_payment, has_payment=has_payment),
         "store": SimpleNamespace(webhook_outcome=webhook_outcome),
     }
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 
@@ -132,3 +133,81 @@ def test_a_good_payment_has_no_problem_and_bad_ones_say_why() -> None:
     assert domain.payment_problem(txn_id="t_1", amount=1, currency="CNY") is None
     assert "txn_id" in (domain.payment_problem(txn_id="t 1", amount=1, currency="CNY") or "")
     assert "zero" in (domain.payment_problem(txn_id="t1", amount=0, currency="CNY") or "")
+
+
+# --- the deadline of a new pay order: an absolute time or a window, never both ------------
+
+HOUR = timedelta(hours=1)
+
+
+def test_with_neither_the_deadline_is_the_default_window() -> None:
+    assert domain.pay_order_deadline(now=NOW, default=HOUR) == NOW + HOUR
+
+
+def test_a_window_counts_from_now() -> None:
+    window = timedelta(minutes=15)
+    assert domain.pay_order_deadline(now=NOW, default=HOUR, expires_in=window) == NOW + window
+
+
+def test_an_absolute_deadline_keeps_its_instant_and_is_stored_in_utc() -> None:
+    tokyo = timezone(timedelta(hours=9))
+    given = datetime(2026, 11, 28, 10, 0, tzinfo=tokyo)  # 01:00 UTC, 14 h after NOW
+    deadline = domain.pay_order_deadline(now=NOW, default=HOUR, expires_at=given)
+    assert deadline == given and deadline.utcoffset() == timedelta(0)
+
+
+def test_the_last_allowed_deadline_is_seven_days_away() -> None:
+    last = NOW + domain.MAX_EXPIRES_IN
+    assert domain.pay_order_deadline(now=NOW, default=HOUR, expires_at=last) == last
+    window = domain.MAX_EXPIRES_IN
+    assert domain.pay_order_deadline(now=NOW, default=HOUR, expires_in=window) == last
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"expires_at": NOW + HOUR, "expires_in": HOUR}, "expires_at or expires_in, not both"),
+        ({"expires_at": datetime(2026, 11, 27, 12, 0)}, "expires_at must carry a time zone"),
+        ({"expires_at": NOW}, "expires_at must be in the future"),
+        ({"expires_at": NOW - timedelta(seconds=1)}, "expires_at must be in the future"),
+        (
+            {"expires_at": NOW + domain.MAX_EXPIRES_IN + timedelta(seconds=1)},
+            "expires_at must be at most 7 days away",
+        ),
+        # The ends of the calendar, where converting to UTC would overflow.
+        (
+            {"expires_at": datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))},
+            "expires_at must be in the future",
+        ),
+        (
+            {"expires_at": datetime(9999, 12, 31, 23, 59, tzinfo=timezone(-timedelta(hours=14)))},
+            "expires_at must be at most 7 days away",
+        ),
+        ({"expires_in": timedelta(0)}, "expires_in must be longer than zero"),
+        ({"expires_in": timedelta(minutes=-5)}, "expires_in must be longer than zero"),
+        (
+            {"expires_in": domain.MAX_EXPIRES_IN + timedelta(seconds=1)},
+            "expires_in must be at most 7 days",
+        ),
+    ],
+)
+def test_a_bad_deadline_is_refused_naming_the_field_and_the_rule(
+    kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(domain.InvalidPayOrder, match=message):
+        domain.pay_order_deadline(now=NOW, default=HOUR, **kwargs)
+
+
+def test_each_caller_names_the_fields_its_own_way() -> None:
+    with pytest.raises(domain.InvalidPayOrder, match="expires_at or expires_in_s, not both"):
+        domain.pay_order_deadline(
+            now=NOW,
+            default=HOUR,
+            expires_at=NOW + HOUR,
+            expires_in=HOUR,
+            window_field="expires_in_s",
+        )
+    with pytest.raises(domain.InvalidPayOrder, match=r"^the payment window must be longer"):
+        domain.check_expires_in(timedelta(0), "the payment window")
+    with pytest.raises(domain.InvalidPayOrder, match=r"^the deadline must be in the future"):
+        domain.check_expires_at(NOW, now=NOW, what="the deadline")

@@ -8,13 +8,16 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
 import pytest
 from prometheus_client import REGISTRY
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
+from payorders.core import domain
 from payorders.service import webhook
 from payorders.tools.http_clients import ServiceError
 
@@ -228,6 +231,50 @@ def _webhook_attacks(p: dict[str, Any]) -> list[tuple[str, dict[str, Any], int]]
     ]
 
 
+def _in(delta: timedelta, zone: timezone = UTC) -> str:
+    return (datetime.now(UTC) + delta).astimezone(zone).isoformat()
+
+
+# Each bad checkout body: (name, fields that differ from a good body, the field the 422's
+# message must name, the rule it must state).
+CHECKOUT_REFUSALS: list[tuple[str, dict[str, Any], str, str]] = [
+    ("negative amount", {"amount": -1}, "amount", "greater than 0"),
+    ("zero amount", {"amount": 0}, "amount", "greater than 0"),
+    ("fractional amount", {"amount": 1.5}, "amount", "valid integer"),
+    ("huge amount", {"amount": 10**18}, "amount", "less than or equal to 100000000000"),
+    ("boolean amount", {"amount": True}, "amount", "valid integer"),
+    ("unknown currency", {"currency": "ABC"}, "currency", "ISO 4217"),
+    ("lower-case currency", {"currency": "usd"}, "currency", "upper case"),
+    ("SQL in order_no", {"order_no": "o'; DROP TABLE x;--"}, "order_no", "match pattern"),
+    ("control chars in order_no", {"order_no": "a\x00b"}, "order_no", "match pattern"),
+    ("empty order_no", {"order_no": ""}, "order_no", "match pattern"),
+    ("long order_no", {"order_no": "x" * 65}, "order_no", "match pattern"),
+    ("expiry zero", {"expires_in_s": 0}, "expires_in_s", "greater than 0"),
+    ("expiry negative", {"expires_in_s": -300}, "expires_in_s", "greater than 0"),
+    ("expiry over 7 days", {"expires_in_s": 8 * 86400}, "expires_in_s", "less than or equal"),
+    ("unknown field", {"status": "PAY_SUCCESS"}, "status", "Extra inputs"),
+    (
+        "deadline without a zone",
+        {"expires_at": _in(timedelta(hours=1)).removesuffix("+00:00")},
+        "expires_at",
+        "time zone",
+    ),
+    ("deadline in the past", {"expires_at": _in(-timedelta(minutes=1))}, "expires_at", "future"),
+    ("deadline over 7 days", {"expires_at": _in(timedelta(days=8))}, "expires_at", "7 days"),
+    (
+        "deadline and window both",
+        {"expires_at": _in(timedelta(hours=1)), "expires_in_s": 900},
+        "expires_at or expires_in_s",
+        "not both",
+    ),
+    ("deadline not a time", {"expires_at": "tomorrow"}, "expires_at", "ISO 8601"),
+    ("deadline a bare date", {"expires_at": "2026-12-01"}, "expires_at", "ISO 8601"),
+    ("deadline as Unix seconds", {"expires_at": 1_900_000_000}, "expires_at", "ISO 8601"),
+    ("deadline at year 1", {"expires_at": "0001-01-01T00:00:00+01:00"}, "expires_at", "future"),
+    ("deadline at year 9999", {"expires_at": "9999-12-31T23:59:59-14:00"}, "expires_at", "7 days"),
+]
+
+
 def _api_attacks(token: str) -> list[tuple[str, str, str, dict[str, Any], int]]:
     auth = {"Authorization": f"Bearer {token}"}
 
@@ -247,20 +294,10 @@ def _api_attacks(token: str) -> list[tuple[str, str, str, dict[str, Any], int]]:
             401,
         ),
         ("read without token", "GET", "/v1/pay-orders/po_x", {}, 401),
-        ("negative amount", "POST", "/v1/pay-orders", body(amount=-1), 422),
-        ("zero amount", "POST", "/v1/pay-orders", body(amount=0), 422),
-        ("fractional amount", "POST", "/v1/pay-orders", body(amount=1.5), 422),
-        ("huge amount", "POST", "/v1/pay-orders", body(amount=10**18), 422),
-        ("boolean amount", "POST", "/v1/pay-orders", body(amount=True), 422),
-        ("unknown currency", "POST", "/v1/pay-orders", body(currency="ABC"), 422),
-        ("lower-case currency", "POST", "/v1/pay-orders", body(currency="usd"), 422),
-        ("SQL in order_no", "POST", "/v1/pay-orders", body(order_no="o'; DROP TABLE x;--"), 422),
-        ("control chars in order_no", "POST", "/v1/pay-orders", body(order_no="a\x00b"), 422),
-        ("empty order_no", "POST", "/v1/pay-orders", body(order_no=""), 422),
-        ("long order_no", "POST", "/v1/pay-orders", body(order_no="x" * 65), 422),
-        ("expiry zero", "POST", "/v1/pay-orders", body(expires_in_s=0), 422),
-        ("expiry over 7 days", "POST", "/v1/pay-orders", body(expires_in_s=8 * 86400), 422),
-        ("unknown field", "POST", "/v1/pay-orders", body(status="PAY_SUCCESS"), 422),
+        *[
+            (name, "POST", "/v1/pay-orders", body(**kw), 422)
+            for name, kw, _, _ in CHECKOUT_REFUSALS
+        ],
         (
             "malformed JSON",
             "POST",
@@ -323,9 +360,97 @@ async def test_a_replayed_webhook_is_answered_once_and_changes_nothing(
         first = await http.post("/v1/webhooks/gateway", content=body, headers=headers)
         before = await web.counts()
         replay = await http.post("/v1/webhooks/gateway", content=body, headers=headers)
-    assert first.status_code == 200 and first.json()["duplicate"] is False
-    assert replay.status_code == 200 and replay.json()["duplicate"] is True
+    # The event is new, the transaction is not: the order settled with it already.
+    assert first.status_code == 200
+    assert {k: first.json()[k] for k in ("event_duplicate", "txn_already_recorded")} == {
+        "event_duplicate": False,
+        "txn_already_recorded": True,
+    }
+    assert replay.status_code == 200
+    assert {k: replay.json()[k] for k in ("event_duplicate", "txn_already_recorded")} == {
+        "event_duplicate": True,
+        "txn_already_recorded": True,
+    }
+    # The old name of event_duplicate, kept for existing clients.
+    assert (first.json()["duplicate"], replay.json()["duplicate"]) == (False, True)
     assert await web.counts() == before
+
+
+def _valid_order_no(value: str) -> bool:
+    try:
+        domain.check_identifier(value, "order_no")
+    except domain.InvalidInput:
+        return False
+    return True
+
+
+async def test_every_checkout_refusal_names_the_field_and_the_rule_and_starts_nothing(
+    web: HttpStack, dev_env: WorkflowEnvironment
+) -> None:
+    before = await web.counts()
+    async with httpx.AsyncClient(base_url=web.settings.api_url, timeout=10) as http:
+        for name, overrides, field, rule in CHECKOUT_REFUSALS:
+            body = {"order_no": new_order(), "amount": 100, "currency": "USD", **overrides}
+            resp = await http.post(
+                "/v1/pay-orders", json=body, headers={"Authorization": "Bearer test-token"}
+            )
+            assert resp.status_code == 422, (name, resp.text)
+            message = resp.json()["error"]["message"]
+            assert field in message and rule in message, (name, message)
+            if not _valid_order_no(body["order_no"]):
+                continue  # no workflow id to look for
+            with pytest.raises(RPCError, match="not found"):
+                await dev_env.client.get_workflow_handle(
+                    f"pay-order-po_{body['order_no']}"
+                ).describe()
+        malformed = await http.post(
+            "/v1/pay-orders",
+            content=b'{"order_no": ',
+            headers={"Authorization": "Bearer test-token", "Content-Type": "application/json"},
+        )
+    assert malformed.status_code == 422
+    assert malformed.json()["error"]["message"].startswith("body: not valid JSON")
+    assert await web.counts() == before
+
+
+async def test_checkout_takes_an_absolute_deadline_and_the_order_expires_then(
+    web: HttpStack,
+) -> None:
+    no = new_order()
+    deadline = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
+    tokyo = deadline.astimezone(timezone(timedelta(hours=9))).isoformat()  # any zone will do
+    async with httpx.AsyncClient(base_url=web.settings.api_url, timeout=10) as http:
+        sent = {"order_no": no, "amount": 250, "currency": "USD", "expires_at": tokyo}
+        auth = {"Authorization": "Bearer test-token"}
+        first = await http.post("/v1/pay-orders", json=sent, headers=auth)
+        again = await http.post("/v1/pay-orders", json=sent, headers=auth)
+    assert (first.status_code, again.status_code) == (201, 200), (first.text, again.text)
+    assert first.json()["created"] is True and again.json()["created"] is False
+    assert datetime.fromisoformat(first.json()["expires_at"]) == deadline
+    order = await web.wait_order(first.json()["pay_order_no"], lambda o: o["status"] != "PAYING")
+    assert order["status"] == "PAY_EXPIRED"
+    assert datetime.fromisoformat(order["expires_at"]) == deadline
+
+
+async def test_the_cli_client_passes_on_the_reason_of_a_422(web: HttpStack) -> None:
+    with pytest.raises(ServiceError) as refused:
+        await web.service.create(order_no=new_order(), amount=100, currency="USD", expires_in_s=0)
+    assert refused.value.status == 422
+    assert refused.value.message == "expires_in_s: Input should be greater than 0"
+
+
+async def test_a_notification_the_gateway_contradicts_names_the_field(
+    web: HttpStack, paid: dict[str, Any]
+) -> None:
+    async with httpx.AsyncClient(base_url=web.settings.api_url, timeout=10) as http:
+        wrong = _event(paid["pay_order_no"], paid["txn_id"], amount=99)
+        resp = await http.post("/v1/webhooks/gateway", content=wrong, headers=_signed(wrong))
+        assert resp.status_code == 422
+        assert resp.json()["error"]["message"].startswith("data.amount: ")
+        unknown = _event(paid["pay_order_no"], "txn_never")
+        resp = await http.post("/v1/webhooks/gateway", content=unknown, headers=_signed(unknown))
+        assert resp.status_code == 422
+        assert resp.json()["error"]["message"].startswith("data.txn_id txn_never: ")
 
 
 async def test_health_and_readiness(web: HttpStack) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import assert_never
 
@@ -196,12 +196,58 @@ def validate_new_pay_order(
         check_currency(currency)
     except InvalidInput as e:
         raise InvalidPayOrder(str(e)) from None
-    if expires_at.tzinfo is None:
-        raise InvalidPayOrder("expires_at must carry a time zone")
+    check_expires_at(expires_at, now=now)
+
+
+def check_expires_in(window: timedelta, what: str = "expires_in") -> timedelta:
+    """A payment window: longer than zero and at most ``MAX_EXPIRES_IN``."""
+    if window <= timedelta(0):
+        raise InvalidPayOrder(f"{what} must be longer than zero")
+    if window > MAX_EXPIRES_IN:
+        raise InvalidPayOrder(f"{what} must be at most {MAX_EXPIRES_IN.days} days")
+    return window
+
+
+def check_expires_at(expires_at: datetime, *, now: datetime, what: str = "expires_at") -> datetime:
+    """A deadline: with a time zone, after ``now``, at most ``MAX_EXPIRES_IN`` away.
+
+    Returns it in UTC. The range is checked first: converting a time at either end of the
+    calendar to UTC overflows, comparing it does not.
+    """
+    if expires_at.utcoffset() is None:
+        raise InvalidPayOrder(f"{what} must carry a time zone, e.g. 2026-11-27T11:00:00Z")
     if expires_at <= now:
-        raise InvalidPayOrder("expires_at must be in the future")
+        raise InvalidPayOrder(f"{what} must be in the future")
     if expires_at - now > MAX_EXPIRES_IN:
-        raise InvalidPayOrder("expires_at must be at most 7 days away")
+        raise InvalidPayOrder(f"{what} must be at most {MAX_EXPIRES_IN.days} days away")
+    return expires_at.astimezone(UTC)
+
+
+def pay_order_deadline(
+    *,
+    now: datetime,
+    default: timedelta,
+    expires_at: datetime | None = None,
+    expires_in: timedelta | None = None,
+    at_field: str = "expires_at",
+    window_field: str = "expires_in",
+) -> datetime:
+    """When a new pay order expires: at ``expires_at``, or ``expires_in`` from ``now``, or
+    the ``default`` window from ``now``; giving both is refused.
+
+    ``at_field`` and ``window_field`` are the caller's names of the two, for the messages.
+
+    Raises:
+        InvalidPayOrder: both given, or the one given breaks the rules; the message names
+            the field and the rule.
+    """
+    if expires_at is not None and expires_in is not None:
+        raise InvalidPayOrder(f"give {at_field} or {window_field}, not both")
+    if expires_at is not None:
+        return check_expires_at(expires_at, now=now, what=at_field)
+    if expires_in is not None:
+        return now + check_expires_in(expires_in, window_field)
+    return now + default
 
 
 def payment_problem(*, txn_id: object, amount: object, currency: object) -> str | None:

@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
 from temporalio.service import RPCError
@@ -57,6 +57,20 @@ def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
 # --- request and response models ---------------------------------------------------------
 
 
+def _problem(error: Any) -> str:
+    """One validation error as ``field: rule``; our validators' messages name their field."""
+    loc = [str(part) for part in error.get("loc", ())]
+    field = ".".join(loc[1:] if len(loc) > 1 and loc[0] in _LOC_SOURCES else loc) or "request"
+    if error.get("type") == "json_invalid":
+        return f"body: not valid JSON ({(error.get('ctx') or {}).get('error', 'decode error')})"
+    cause = (error.get("ctx") or {}).get("error")
+    rule = str(cause) if error.get("type") == "value_error" and cause else str(error.get("msg"))
+    return rule if rule.startswith(field) else f"{field}: {rule}"
+
+
+_LOC_SOURCES = ("body", "query", "path", "header", "cookie")
+
+
 def _currency(value: str) -> str:
     return domain.check_currency(value)
 
@@ -66,6 +80,19 @@ Currency = Annotated[
     AfterValidator(_currency),
     Field(json_schema_extra={"enum": sorted(domain.CURRENCIES)}, examples=["USD"]),
 ]
+
+
+def _iso_time(value: object) -> object:
+    # Only ISO 8601 text: pydantic alone would also take 1700000000 (or "1700000000") as
+    # Unix seconds, and a bare date as midnight. The zone and range rules are the domain's.
+    if value is None or isinstance(value, datetime):
+        return value
+    try:
+        if isinstance(value, str) and ("T" in value or " " in value.strip()):
+            return datetime.fromisoformat(value)
+    except ValueError:
+        pass
+    raise ValueError("expires_at must be an ISO 8601 date and time, e.g. 2026-11-27T11:00:00Z")
 
 
 class CreatePayOrderRequest(BaseModel):
@@ -78,7 +105,14 @@ class CreatePayOrderRequest(BaseModel):
         default=None,
         gt=0,
         le=int(domain.MAX_EXPIRES_IN.total_seconds()),
-        description="payment window in seconds (default: the service's, 1 h)",
+        description="payment window in seconds; at most one of this and expires_at"
+        " (neither: the service's default, 1 h)",
+    )
+    expires_at: Annotated[datetime | None, BeforeValidator(_iso_time)] = Field(
+        default=None,
+        description="the deadline, ISO 8601 with a time zone, in the future and at most"
+        " 7 days away; at most one of this and expires_in_s",
+        examples=["2026-11-27T11:00:00Z"],
     )
 
 
@@ -131,7 +165,16 @@ class PayOrderDetailsOut(BaseModel):
 class WebhookAccepted(BaseModel):
     received: bool
     outcome: str
-    duplicate: bool
+    event_duplicate: bool = Field(
+        description="this webhook event (its id) was accepted before: answered with its"
+        " first outcome, nothing sent again"
+    )
+    txn_already_recorded: bool = Field(
+        description="the pay order had already recorded a payment with this txn_id when the"
+        " notification arrived: its workflow counts it as a duplicate notification and"
+        " nothing moves (false while an earlier notification of it is still being handled)"
+    )
+    duplicate: bool = Field(deprecated=True, description="the same as event_duplicate")
 
 
 # --- the body limit --------------------------------------------------------------------------
@@ -261,7 +304,8 @@ def create_app(settings: Settings) -> FastAPI:
         ]
         log.info("%s %s -> 422 invalid_request", request.method, request.url.path)
         api_metrics.note_error(request.scope, "invalid_request")
-        return _error(422, "invalid_request", "the request is not valid", details=errors)
+        message = "; ".join(_problem(e) for e in exc.errors()) or "the request is not valid"
+        return _error(422, "invalid_request", message, details=errors)
 
     auth = [Depends(require_token)]
 
@@ -276,16 +320,28 @@ def create_app(settings: Settings) -> FastAPI:
         },
     )
     async def create_pay_order(body: CreatePayOrderRequest, deps: DepsDep) -> JSONResponse:
-        """Checkout: create the pay order of an order. The same request again returns the
-        same pay order (200); another amount or currency for the order is a 409."""
+        """Checkout: create the pay order of an order, expiring at ``expires_at`` or
+        ``expires_in_s`` from now (at most one; neither: the default window). The same
+        request again returns the same pay order (200); another amount or currency for the
+        order is a 409."""
         expires_in = None if body.expires_in_s is None else timedelta(seconds=body.expires_in_s)
+        now = datetime.now(UTC)
         try:
+            # Judged here, so that the messages use this API's field names.
+            expires_at = domain.pay_order_deadline(
+                now=now,
+                default=deps.settings.default_expires_in,
+                expires_at=body.expires_at,
+                expires_in=expires_in,
+                window_field="expires_in_s",
+            )
             started = await _temporal(
                 lambda: deps.orders.start_pay_order(
                     order_no=body.order_no,
                     amount=body.amount,
                     currency=body.currency,
-                    expires_in=expires_in,
+                    expires_at=expires_at,
+                    now=now,
                 )
             )
         except domain.InvalidInput as e:
@@ -371,8 +427,9 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(e.status, "webhook_rejected", e.reason) from None
         seen = await deps.store.webhook_outcome(event.event_id)
         if seen is not None:
-            return WebhookAccepted(received=True, outcome=seen, duplicate=True)
+            return _accepted(seen, event_duplicate=True, txn_known=await _txn_known(deps, event))
         await _verify_with_gateway(deps.gateway, event)
+        txn_known = await _txn_known(deps, event)
         try:
             outcome = await _temporal(
                 lambda: deps.orders.notify_payment(
@@ -392,7 +449,7 @@ def create_app(settings: Settings) -> FastAPI:
             txn_id=event.txn_id,
             outcome=outcome.value,
         )
-        return WebhookAccepted(received=True, outcome=outcome.value, duplicate=False)
+        return _accepted(outcome.value, event_duplicate=False, txn_known=txn_known)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -423,6 +480,20 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+def _accepted(outcome: str, *, event_duplicate: bool, txn_known: bool) -> WebhookAccepted:
+    return WebhookAccepted(
+        received=True,
+        outcome=outcome,
+        event_duplicate=event_duplicate,
+        txn_already_recorded=txn_known,
+        duplicate=event_duplicate,
+    )
+
+
+async def _txn_known(deps: Deps, event: webhook.PaymentEvent) -> bool:
+    return await deps.orders.has_payment(event.pay_order_no, event.txn_id)
+
+
 async def _verify_with_gateway(gateway: Gateway, event: webhook.PaymentEvent) -> None:
     """Believe a notification only as far as the gateway's own record of the capture.
 
@@ -437,15 +508,27 @@ async def _verify_with_gateway(gateway: Gateway, event: webhook.PaymentEvent) ->
         raise ApiError(503, "gateway_unavailable", "cannot verify with the gateway; retry") from e
     if capture is None:
         log.warning("webhook %s: gateway has no transaction %s", event.event_id, event.txn_id)
-        raise ApiError(422, "unknown_transaction", "the gateway has no such transaction")
-    if (capture.pay_order_no, capture.amount, capture.currency) != (
-        event.pay_order_no,
-        event.amount,
-        event.currency,
-    ):
+        raise ApiError(
+            422,
+            "unknown_transaction",
+            f"data.txn_id {event.txn_id}: the gateway has no such transaction",
+        )
+    differ = [
+        name
+        for name, ours, theirs in (
+            ("data.pay_order_no", event.pay_order_no, capture.pay_order_no),
+            ("data.amount", event.amount, capture.amount),
+            ("data.currency", event.currency, capture.currency),
+        )
+        if ours != theirs
+    ]
+    if differ:
         log.warning("webhook %s does not match the gateway's capture", event.event_id)
         raise ApiError(
-            422, "mismatch", "the notification does not match the gateway's record of it"
+            422,
+            "mismatch",
+            f"{', '.join(differ)}: the notification must match the gateway's record of"
+            f" transaction {event.txn_id}",
         )
 
 

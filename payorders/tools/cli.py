@@ -41,20 +41,80 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(_attach_dash_values(args, self), namespace)
+
+
+def _attach_dash_values(args: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``--expires-in -5m`` as ``--expires-in=-5m``.
+
+    argparse takes a value that starts with '-' for an option (unless it looks like a
+    negative number) and answers "expected one argument". A bad value deserves its own
+    message instead, naming the rule: so a token after an option that takes a value is
+    that value, unless it is itself one of the command's options (or starts with '--',
+    which could be an abbreviated one).
+    """
+    options = parser._option_string_actions
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        action = options.get(token)
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        if (
+            action is not None
+            and action.nargs is None  # exactly one value
+            and nxt is not None
+            and nxt.startswith("-")
+            and not nxt.startswith("--")
+            and nxt not in options
+        ):
+            out.append(f"{token}={nxt}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
 
 # --- argument types --------------------------------------------------------------------
 
 
+# Durations beyond this are out of any range we accept; clamped before timedelta overflows.
+_DURATION_LIMIT_S = 10**9
+
+
 def _duration(text: str) -> timedelta:
-    m = re.fullmatch(r"(\d+)([smhd]?)", text.strip())
+    """``90s``, ``15m``, ``1h``, ``2d`` (or plain seconds); a sign is kept for the rules
+    to refuse by name."""
+    m = re.fullmatch(r"([-+]?)(\d+)([smhd]?)", text.strip())
     if not m:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use 90s, 15m, 1h or 2d)")
-    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-    return timedelta(seconds=int(m.group(1)) * unit)
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(3)]
+    seconds = min(int(m.group(2)) * unit, _DURATION_LIMIT_S)
+    return timedelta(seconds=-seconds if m.group(1) == "-" else seconds)
+
+
+def _window(text: str) -> timedelta:
+    try:
+        return domain.check_expires_in(_duration(text), "the payment window")
+    except domain.InvalidInput as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _deadline(text: str) -> datetime:
+    try:
+        return domain.check_expires_at(_timestamp(text), now=datetime.now(UTC), what="the deadline")
+    except domain.InvalidInput as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _amount(text: str) -> int:
-    if not re.fullmatch(r"[0-9]+", text.strip()):
+    # A sign is accepted here so that the domain can say what is wrong with -3.
+    if not re.fullmatch(r"[-+]?[0-9]+", text.strip()):
         raise argparse.ArgumentTypeError(
             f"not an amount: {text!r} (a whole number of minor units, e.g. 1999 for 19.99)"
         )
@@ -66,7 +126,7 @@ def _amount(text: str) -> int:
 
 def _count(text: str) -> int:
     if not re.fullmatch(r"[0-9]{1,6}", text.strip()):
-        raise argparse.ArgumentTypeError(f"not a count: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (a whole number, 0 to 999999)")
     return int(text)
 
 
@@ -99,7 +159,9 @@ def _timestamp(text: str) -> datetime:
     try:
         ts = datetime.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 time: {text!r} (e.g. 2026-11-27T11:00:00Z)"
+        ) from None
     if ts.tzinfo is None:
         raise argparse.ArgumentTypeError("the time needs a zone, e.g. 2026-11-27T11:00:00Z")
     return ts
@@ -155,6 +217,7 @@ async def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
             amount=args.amount,
             currency=args.currency,
             expires_in_s=None if args.expires_in is None else int(args.expires_in.total_seconds()),
+            expires_at=args.expires_at,
         )
         doc["ui"] = _ui(c, doc["pay_order_no"])
         _emit(args, doc, pairs(list(doc.items())))
@@ -184,8 +247,30 @@ async def cmd_notify(args: argparse.Namespace, settings: Settings) -> int:
             currency=args.currency,
             paid_at=args.paid_at or datetime.now(UTC),
         )
-        _emit(args, doc, pairs(list(doc.items())))
+        shown = notify_output(doc)
+        _emit(args, shown, pairs([(NOTIFY_LABELS.get(k, k), v) for k, v in shown.items()]))
     return 0
+
+
+NOTIFY_LABELS = {
+    "event_duplicate": "webhook event seen before",
+    "txn_already_recorded": "txn already recorded on the order",
+}
+
+
+def notify_output(doc: dict[str, Any]) -> dict[str, Any]:
+    """The webhook's answer without ``duplicate``, the old name of ``event_duplicate``: a
+    bare "duplicate" reads as if it were about the transaction."""
+    return {k: v for k, v in doc.items() if k != "duplicate"}
+
+
+def trade_text(ledger: dict[str, Any]) -> str:
+    """The gateway's trade as a person reads it. The sandbox keeps no trade row until a
+    capture pays it or a close closes it: until then the trade is open for payment."""
+    state = ledger.get("trade_state")
+    if state in (None, "OPEN"):
+        return "open (not paid, not closed)"
+    return str(state).lower()
 
 
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -216,13 +301,14 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                     (
                         "workflow's view",
                         f"{wf.get('status')}, {wf.get('refunds_in_flight')} refund(s) in flight,"
-                        f" {wf.get('duplicate_notifications')} duplicate notification(s)"
+                        f" {wf.get('duplicate_notifications')} repeated notification(s) of a"
+                        " known txn"
                         if wf
                         else "-",
                     ),
                     (
                         "gateway",
-                        f"trade {ledger['trade_state']}, captured {ledger['captured']},"
+                        f"trade {trade_text(ledger)}, captured {ledger['captured']},"
                         f" refunded {ledger['refunded']} in {len(ledger['refunds'])} refund(s)",
                     ),
                     ("Temporal UI", data["ui"]),
@@ -301,8 +387,11 @@ async def cmd_fault(args: argparse.Namespace, settings: Settings) -> int:
     }
     if args.paid_on_close is not None:
         amount, currency = args.paid_on_close
-        changes["paid_on_close_amount"] = _amount(amount)
-        changes["paid_on_close_currency"] = _currency(currency)
+        try:
+            changes["paid_on_close_amount"] = _amount(amount)
+            changes["paid_on_close_currency"] = _currency(currency)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"argument --paid-on-close: {e}") from None
     async with connected(settings) as c:
         if args.clear:
             await c.gateway.clear_faults(args.order)
@@ -499,7 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--order-no", required=True, type=_identifier("order_no"))
     c.add_argument("--amount", required=True, type=_amount, help="minor units, e.g. 1999")
     c.add_argument("--currency", required=True, type=_currency, help="ISO 4217, e.g. USD")
-    c.add_argument("--expires-in", type=_duration, help="payment window, e.g. 15m (default 1h)")
+    expiry = c.add_mutually_exclusive_group()
+    expiry.add_argument(
+        "--expires-in", type=_window, help="payment window, e.g. 15m, at most 7d (default 1h)"
+    )
+    expiry.add_argument(
+        "--expires-at",
+        type=_deadline,
+        help="deadline, ISO 8601 with zone, e.g. 2026-12-01T11:00:00Z (at most 7 days away)",
+    )
 
     c = command("pay", "a customer pays at the sandbox gateway, which notifies us", cmd_pay)
     c.add_argument("pay_order_no", type=_pay_order_no)
@@ -581,18 +678,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+async def execute(args: argparse.Namespace, settings: Settings) -> int:
+    """Run a parsed command; its exit code, with a one-line error on stderr when refused."""
+    try:
+        code: int = await args.fn(args, settings)
+    except CliError as e:
+        print(f"payorders {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except (argparse.ArgumentTypeError, domain.InvalidInput) as e:
+        print(f"payorders {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = Settings()
     try:
-        code = asyncio.run(args.fn(args, settings))
-    except CliError as e:
-        print(f"payorders {args.command}: error: {e}", file=sys.stderr)
-        code = 1
-    except (argparse.ArgumentTypeError, domain.InvalidInput) as e:
-        print(f"payorders {args.command}: error: {e}", file=sys.stderr)
-        code = 2
+        code = asyncio.run(execute(args, settings))
     except KeyboardInterrupt:
         code = 130
     sys.stdout.flush()

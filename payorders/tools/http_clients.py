@@ -87,11 +87,20 @@ class ServiceClient(_Base):
         self._secrets = [s.get_secret_value() for s in settings.webhook_secrets]
 
     async def create(
-        self, *, order_no: str, amount: int, currency: str, expires_in_s: int | None = None
+        self,
+        *,
+        order_no: str,
+        amount: int,
+        currency: str,
+        expires_in_s: int | None = None,
+        expires_at: datetime | None = None,
     ) -> dict[str, Any]:
+        """Checkout. The service refuses both ``expires_in_s`` and ``expires_at`` at once."""
         body: dict[str, Any] = {"order_no": order_no, "amount": amount, "currency": currency}
         if expires_in_s is not None:
             body["expires_in_s"] = expires_in_s
+        if expires_at is not None:
+            body["expires_at"] = expires_at.isoformat()
         doc: dict[str, Any] = await self._request("POST", "/v1/pay-orders", json=body)
         return doc
 
