@@ -207,6 +207,17 @@ async def test_an_operator_refund_is_confirmed_once_and_its_terminal_status_is_f
         await ledger.confirm_refund("refund-po_nobody-txn_nobody", "rf_3")
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["refund"], ["refund", "--txn", "not a txn"], ["refund", "--txn", "t", "--wait-s", "x"]],
+)
+def test_a_bad_refund_command_is_a_usage_error(argv: list[str], capsys: Any) -> None:
+    with pytest.raises(SystemExit) as usage:
+        cli.build_parser().parse_args(argv)
+    assert usage.value.code == 2
+    assert "payorders refund: error:" in capsys.readouterr().err
+
+
 async def test_the_saved_operator_refund_history_replays() -> None:
     """A change to ``OperatorRefundWorkflow`` that would break a running one fails here."""
     history = WorkflowHistory.from_json("replay-operator-refund", HISTORY.read_text())
@@ -267,6 +278,16 @@ async def wait_refund(web: HttpStack, txn: str, status: str, within: float = 60)
             raise AssertionError(f"timed out; last: {doc}")
         await asyncio.sleep(0.1)
     return doc
+
+
+async def until(web: HttpStack, sql: str, *args: Any, within: float = 60) -> None:
+    """Wait until ``sql`` answers true (in real time)."""
+    deadline = asyncio.get_running_loop().time() + within
+    async with web.pool.acquire() as conn:
+        while not await conn.fetchval(sql, *args):
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out waiting for: {sql} {args}")
+            await asyncio.sleep(0.05)
 
 
 async def everything(web: HttpStack) -> dict[str, int]:
@@ -350,14 +371,7 @@ async def test_a_refund_the_gateway_fails_is_retried_under_its_key_until_it_succ
     await web.gateway.set_faults(ghost, fail_next_refunds=100_000)
     doc = await web.service.operator_refund(txn)
     assert doc["status"] == "PENDING"
-    async with web.pool.acquire() as conn:
-        for _ in range(300):
-            if (
-                await conn.fetchval("SELECT attempts FROM operator_refund WHERE txn_id = $1", txn)
-                >= 2
-            ):
-                break
-            await asyncio.sleep(0.05)
+    await until(web, "SELECT attempts >= 2 FROM operator_refund WHERE txn_id = $1", txn)
     # While it retries, the books count it as money in flight, under way.
     report, found = await reconcile(web, dev_env.client)
     [pending] = found[txn]
@@ -460,13 +474,7 @@ async def test_refused_for_money_one_of_our_pay_orders_holds_unknown_or_unauthen
     known = await web.service.create(
         order_no=order_no("known"), amount=100, currency="USD", expires_in_s=600
     )
-    async with web.pool.acquire() as conn:
-        for _ in range(300):
-            if await conn.fetchval(
-                "SELECT 1 FROM pay_order WHERE pay_order_no = $1", known["pay_order_no"]
-            ):
-                break
-            await asyncio.sleep(0.05)
+    await until(web, "SELECT true FROM pay_order WHERE pay_order_no = $1", known["pay_order_no"])
     sandbox = SandboxGateway(web.pool, schema=web.schema, server_timeout_s=1)
     lost = await sandbox.capture(pay_order_no=known["pay_order_no"], amount=100, currency="USD")
     await _refused(web, http, client, lost.txn_id, 409, "order_known")
