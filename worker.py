@@ -29,6 +29,7 @@ from payorders.gateways.factory import GatewayNotConfigured
 from payorders.localstack import postgres as embedded
 from payorders.runtime import Resources, open_resources
 from workflows.late_refund import LateRefundWorkflow
+from workflows.operator_refund import OperatorRefundWorkflow
 from workflows.pay_order import PayOrderWorkflow
 from workflows.reconcile import ReconcileWorkflow
 from workflows.redrive import RedriveWorkflow
@@ -56,7 +57,13 @@ def build_worker(client: Client, res: Resources, *, task_queue: str) -> Worker:
         workflow_task_poller_behavior=PollerBehaviorSimpleMaximum(s.worker_workflow_task_pollers),
         activity_task_poller_behavior=PollerBehaviorSimpleMaximum(s.worker_activity_task_pollers),
         max_cached_workflows=s.worker_max_cached_workflows,
-        workflows=[PayOrderWorkflow, LateRefundWorkflow, ReconcileWorkflow, RedriveWorkflow],
+        workflows=[
+            PayOrderWorkflow,
+            LateRefundWorkflow,
+            ReconcileWorkflow,
+            RedriveWorkflow,
+            OperatorRefundWorkflow,
+        ],
         activities=[
             acts.create_pay_order,
             acts.get_pay_order_row,
@@ -64,6 +71,7 @@ def build_worker(client: Client, res: Resources, *, task_queue: str) -> Worker:
             acts.expire_pay_order,
             acts.close_trade,
             acts.refund_payment,
+            acts.refund_operator_payment,
             recon.start,
             recon.page,
             recon.statement,

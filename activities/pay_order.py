@@ -7,6 +7,7 @@ idempotency key, so Temporal may retry any of them at any moment.
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -37,6 +38,21 @@ from payorders.gateways.port import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class RefundLedger(Protocol):
+    """Where a refund is recorded: a pay order's (``PayOrderStore``) or an operator's
+    (``OperatorRefunds``). The refund itself is the same either way."""
+
+    async def refund_status(self, refund_key: str) -> RefundStatus | None: ...
+
+    async def note_refund_attempt(
+        self, refund_key: str, attempt: int, error: str | None
+    ) -> None: ...
+
+    async def confirm_refund(self, refund_key: str, gateway_refund_id: str) -> bool: ...
+
+    async def reject_refund(self, refund_key: str, error: str) -> bool: ...
 
 
 class PayOrderActivities:
@@ -105,12 +121,29 @@ class PayOrderActivities:
     @activity.defn(name="refund_payment")
     async def refund_payment(self, cmd: RefundPayment) -> RefundOutcome:
         """Refund once under ``cmd.refund_key``; every failure is retried with the same key."""
+        return await self._refund(cmd, self._store)
+
+    @activity.defn(name="refund_operator_payment")
+    async def refund_operator_payment(self, cmd: RefundPayment) -> RefundOutcome:
+        """The same refund, of a payment no pay order holds (an operator asked for it):
+        the row it confirms is an ``operator_refund``, opened before the workflow starts."""
+        ledger = self._store.operator_refunds
+        if await ledger.refund_status(cmd.refund_key) is None:
+            # Never move money that no row of ours will account for.
+            raise ApplicationError(
+                f"no operator refund {cmd.refund_key}",
+                type="OperatorRefundNotFound",
+                non_retryable=True,
+            )
+        return await self._refund(cmd, ledger)
+
+    async def _refund(self, cmd: RefundPayment, ledger: RefundLedger) -> RefundOutcome:
         attempt = activity.info().attempt
         meter = activity.metric_meter()
         metrics.REFUNDS_ATTEMPTED.add(meter)
         if attempt > self._alert_after:
             log.error("refund %s still not confirmed after %d attempts", cmd.refund_key, attempt)
-        if await self._store.refund_status(cmd.refund_key) is RefundStatus.SUCCEEDED:
+        if await ledger.refund_status(cmd.refund_key) is RefundStatus.SUCCEEDED:
             # Confirmed before (an earlier attempt whose answer was lost, or reconciliation):
             # counted by whoever confirmed it, not again here.
             return RefundOutcome(
@@ -126,19 +159,19 @@ class PayOrderActivities:
         try:
             refund = await self._refund_or_resolve(request)
         except GatewayRejected as e:
-            if await self._store.reject_refund(cmd.refund_key, str(e)):
+            if await ledger.reject_refund(cmd.refund_key, str(e)):
                 metrics.REFUNDS_REJECTED.add(meter)
             log.error("refund %s rejected by the gateway: %s", cmd.refund_key, e)
             return RefundOutcome(
                 refund_key=cmd.refund_key, status=RefundStatus.REJECTED, gateway_refund_id=None
             )
         except (GatewayUnavailable, GatewayAmbiguous) as e:
-            await self._store.note_refund_attempt(cmd.refund_key, attempt, str(e))
+            await ledger.note_refund_attempt(cmd.refund_key, attempt, str(e))
             raise
-        await self._store.note_refund_attempt(cmd.refund_key, attempt, None)
+        await ledger.note_refund_attempt(cmd.refund_key, attempt, None)
         if refund.status is RefundStatus.PENDING:
             raise ApplicationError("refund accepted, not yet confirmed", type="RefundPending")
-        if await self._store.confirm_refund(cmd.refund_key, refund.gateway_refund_id):
+        if await ledger.confirm_refund(cmd.refund_key, refund.gateway_refund_id):
             # Only the attempt whose write moved the row PENDING -> SUCCEEDED: once per key.
             metrics.REFUNDS_CONFIRMED.add(meter)
         return RefundOutcome(

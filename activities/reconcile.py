@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from temporalio import activity
@@ -29,11 +29,19 @@ from payorders.core.models import (
     RetryConfig,
     Timeouts,
 )
-from payorders.core.reconcile import EXCEPTION, REPAIRED, Finding, Kind, ReconcileStore, judge
+from payorders.core.reconcile import (
+    EXCEPTION,
+    REPAIRED,
+    RESOLVED,
+    Finding,
+    Kind,
+    ReconcileStore,
+    judge,
+)
 from payorders.core.settings import Settings
 from payorders.core.store import PayOrderStore
-from payorders.gateways.port import Gateway, GatewayRefund
-from payorders.pay_orders import PayOrders
+from payorders.gateways.port import Capture, Gateway, GatewayRefund
+from payorders.pay_orders import PayOrders, operator_refund_workflow_id
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +249,13 @@ class ReconcileActivities:
         captured = {c.txn_id: c for c in stmt.captures}
         ours = await self._recon.payments_by_txn(list(captured))
         unknown = [c for txn, c in captured.items() if txn not in ours]
+        # Refunded by an operator: never fed to a pay order (its trigger would refuse it).
+        by_operator = await self._recon.operator_refunds_by_txn([c.txn_id for c in unknown])
+        unknown = [c for c in unknown if c.txn_id not in by_operator]
         have_order = await self._recon.orders_exist([c.pay_order_no for c in unknown])
         orders = PayOrders(client, self._store, self._here())
+        for txn, refund in by_operator.items():
+            findings.append(await self._operator_refunded(client, captured[txn], refund))
         for c in unknown:
             if c.pay_order_no not in have_order:
                 findings.append(
@@ -250,7 +263,8 @@ class ReconcileActivities:
                         Kind.MONEY_WITHOUT_ORDER,
                         EXCEPTION,
                         f"captured {c.amount} {c.currency} at {c.captured_at.isoformat()} for a"
-                        " pay order we never had: refund it at the gateway by hand",
+                        " pay order we never had: refund it with"
+                        f" `payorders refund --txn {c.txn_id}`",
                         pay_order_no=c.pay_order_no,
                         txn_id=c.txn_id,
                         amount=c.amount,
@@ -314,13 +328,99 @@ class ReconcileActivities:
         _count(findings)
         return len(findings)
 
+    async def _operator_refunded(
+        self, client: Client, c: Capture, refund: dict[str, Any]
+    ) -> Finding:
+        """A capture for a pay order we never had, which an operator refunds or refunded."""
+        key = str(refund["refund_key"])
+
+        def found(kind: Kind, action: str, detail: str) -> Finding:
+            return Finding(
+                kind,
+                action,
+                detail,
+                pay_order_no=c.pay_order_no,
+                txn_id=c.txn_id,
+                refund_key=key,
+                amount=c.amount,
+            )
+
+        what = f"captured {c.amount} {c.currency} for a pay order we never had"
+        status = RefundStatus(refund["status"])
+        if status is RefundStatus.SUCCEEDED:
+            return found(
+                Kind.MONEY_WITHOUT_ORDER,
+                RESOLVED,
+                f"{what}: refunded by an operator (gateway refund {refund['gateway_refund_id']},"
+                f" {refund['succeeded_at'].isoformat()})",
+            )
+        if status is RefundStatus.REJECTED:
+            return found(
+                Kind.MONEY_WITHOUT_ORDER,
+                EXCEPTION,
+                f"{what}: the gateway rejected the operator's refund ({refund['last_error']}):"
+                " look at the gateway",
+            )
+        at_gateway = await self._gateway.query_refund(key)
+        if at_gateway is not None and at_gateway.status is RefundStatus.SUCCEEDED:
+            if await self._store.operator_refunds.confirm_refund(key, at_gateway.gateway_refund_id):
+                return found(
+                    Kind.REFUND_CONFIRMED_AT_GATEWAY,
+                    REPAIRED,
+                    "operator refund: the gateway had refunded it; recorded here",
+                )
+            # Confirmed meanwhile by its own workflow.
+            return found(Kind.MONEY_WITHOUT_ORDER, RESOLVED, f"{what}: refunded by an operator")
+        if await _running(client, operator_refund_workflow_id(c.txn_id)):
+            age = datetime.now(UTC) - refund["created_at"]
+            if age.total_seconds() > self._settings.reconcile_pending_after_s:
+                return found(
+                    Kind.REFUND_PENDING_TOO_LONG,
+                    EXCEPTION,
+                    "operator refund still retrying in its workflow: look at the gateway",
+                )
+            return found(
+                Kind.MONEY_WITHOUT_ORDER,
+                RESOLVED,
+                f"{what}: an operator's refund is under way (in flight)",
+            )
+        # Opened, but its workflow never started (Temporal was down) or was terminated.
+        orders = PayOrders(client, self._store, self._here())
+        await orders.refund_orphan_payment(c.txn_id, gateway=self._gateway)
+        return found(
+            Kind.REFUND_PENDING_TOO_LONG,
+            REPAIRED,
+            "operator refund pending with no workflow running it: restarted",
+        )
+
     async def _refunds(self, refunds: list[GatewayRefund], cmd: ReconcileWindow) -> list[Finding]:
         findings: list[Finding] = []
         gateway_keys = {r.idempotency_key: r for r in refunds}
         ours = await self._recon.refunds_by_key(list(gateway_keys))
+        by_operator = await self._recon.operator_refunds_by_key(
+            [k for k in gateway_keys if k not in ours]
+        )
         for key, r in gateway_keys.items():
             mine = ours.get(key)
             if r.status is not RefundStatus.SUCCEEDED:
+                continue
+            if mine is None and key in by_operator:
+                operator = by_operator[key]
+                if operator["status"] == RefundStatus.PENDING.value and (
+                    await self._store.operator_refunds.confirm_refund(key, r.gateway_refund_id)
+                ):
+                    findings.append(
+                        Finding(
+                            Kind.REFUND_CONFIRMED_AT_GATEWAY,
+                            REPAIRED,
+                            "operator refund: refunded at the gateway while our record said"
+                            " pending: recorded",
+                            pay_order_no=operator["pay_order_no"],
+                            txn_id=r.txn_id,
+                            refund_key=key,
+                            amount=r.amount,
+                        )
+                    )
                 continue
             if mine is None:
                 payment = (await self._recon.payments_by_txn([r.txn_id])).get(r.txn_id)

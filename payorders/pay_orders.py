@@ -40,17 +40,21 @@ from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 
 from payorders.core import domain
 from payorders.core import search_attributes as sa
-from payorders.core.domain import PayOrderStatus
+from payorders.core.domain import PayOrderStatus, RefundStatus
 from payorders.core.models import (
     PAY_ORDER_VERSION,
     LateRefundInput,
+    OperatorRefund,
+    OperatorRefundInput,
     PaymentNotification,
     PayOrderInput,
     PayOrderRow,
     PayOrderView,
+    RefundPayment,
 )
 from payorders.core.settings import Settings
 from payorders.core.store import PayOrderStore
+from payorders.gateways.port import Gateway
 
 
 class UnknownPayOrder(LookupError):
@@ -59,6 +63,10 @@ class UnknownPayOrder(LookupError):
 
 class PayOrderConflict(ValueError):
     """The order already has a pay order with another amount or currency."""
+
+
+class UnknownTransaction(LookupError):
+    """The gateway has no capture with that transaction id: nothing was changed."""
 
 
 # A request handler answers within its caller's patience: give up on an unreachable
@@ -143,6 +151,20 @@ class NotifyOutcome(StrEnum):
     SIGNALLED = "SIGNALLED"
     LATE_REFUND_STARTED = "LATE_REFUND_STARTED"
     LATE_REFUND_EXISTS = "LATE_REFUND_EXISTS"
+
+
+@dataclass(frozen=True)
+class OperatorRefundStarted:
+    refund: OperatorRefund
+    """The refund's row as it is now (PENDING until the gateway confirms)."""
+    created: bool
+    """False when the same transaction was asked for before: no second refund."""
+    workflow_id: str
+
+
+def operator_refund_workflow_id(txn_id: str) -> str:
+    """One operator refund per transaction: a repeated request finds this workflow."""
+    return f"operator-refund-{txn_id}"
 
 
 @dataclass(frozen=True)
@@ -350,3 +372,60 @@ class PayOrders:
             workflow_status=wf_status,
             view=view,
         )
+
+    async def refund_orphan_payment(
+        self, txn_id: str, *, gateway: Gateway
+    ) -> OperatorRefundStarted:
+        """An operator's refund of money the gateway captured for a pay order we never had.
+
+        Believes only the gateway: amount, currency and pay order number are those of its
+        capture. Opens the ``operator_refund`` row, then runs ``OperatorRefundWorkflow``
+        (``operator-refund-{txn_id}``), which refunds under ``refund-{pay_order_no}-{txn_id}``
+        until the gateway confirms. Idempotent by ``txn_id``: asked again, it answers with the
+        same refund and moves nothing (and restarts the workflow only if it was terminated
+        before the gateway answered).
+
+        Raises:
+            InvalidInput: not a transaction id; nothing was asked or written.
+            UnknownTransaction: the gateway has no such capture; nothing was written.
+            NotRefundable: one of our pay orders holds the transaction (settled it, refunds
+                it) or will (its pay order is ours); nothing was written.
+            GatewayError: the gateway cannot be reached; nothing was written.
+            RPCError: Temporal cannot be reached after the row was opened; asking again
+                starts the refund.
+        """
+        domain.check_identifier(txn_id, "txn_id")
+        capture = await gateway.query_capture(txn_id)
+        if capture is None:
+            raise UnknownTransaction(f"the gateway has no transaction {txn_id}")
+        refund, created = await self._store.operator_refunds.open(capture)
+        workflow_id = operator_refund_workflow_id(txn_id)
+        if refund.status is not RefundStatus.PENDING:
+            return OperatorRefundStarted(refund=refund, created=created, workflow_id=workflow_id)
+        try:
+            await self._client.start_workflow(
+                "OperatorRefundWorkflow",
+                OperatorRefundInput(
+                    refund=RefundPayment(
+                        refund_key=refund.refund_key,
+                        pay_order_no=refund.pay_order_no,
+                        txn_id=refund.txn_id,
+                        amount=refund.amount,
+                        currency=refund.currency.strip(),
+                    ),
+                    refund_retry=self._settings.refund_retry(),
+                    timeouts=self._settings.timeouts(),
+                ),
+                id=workflow_id,
+                task_queue=self._settings.task_queue,
+                # A request repeated while it runs joins it; after it completed, the row
+                # answers; a run terminated mid-way may be started again (same key).
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+                static_summary=f"operator refund of {txn_id}: {refund.amount} {refund.currency}"
+                f" captured for {refund.pay_order_no}, a pay order we never had",
+            )
+        except WorkflowAlreadyStartedError:
+            # It completed between our read and the start: the row now says how.
+            refund = await self._store.operator_refunds.get(txn_id) or refund
+        return OperatorRefundStarted(refund=refund, created=created, workflow_id=workflow_id)

@@ -264,3 +264,40 @@ class RedriveInput(_Model):
     pay_order_no: str
     timeouts: Timeouts = Timeouts()
     refund_retry: RetryConfig = RetryConfig()
+
+
+# --- operator refunds --------------------------------------------------------------------
+
+
+class OperatorRefund(_Model):
+    """A refund an operator asked for, of money the gateway captured for a pay order we
+    never had (row ``operator_refund``); ``pay_order_no`` is the gateway's."""
+
+    refund_key: str
+    txn_id: str
+    pay_order_no: str
+    amount: int
+    currency: str
+    captured_at: datetime
+    status: RefundStatus
+    attempts: int
+    gateway_refund_id: str | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    succeeded_at: datetime | None
+
+
+class OperatorRefundInput(_Model):
+    """``OperatorRefundWorkflow``: refund this payment under its key, until the gateway
+    confirms (or rejects) it."""
+
+    refund: RefundPayment
+    refund_retry: RetryConfig = RetryConfig()
+    timeouts: Timeouts = Timeouts()
+
+
+class OperatorRefundResult(_Model):
+    txn_id: str
+    refund_key: str
+    status: RefundStatus

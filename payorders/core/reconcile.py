@@ -3,7 +3,9 @@
 Checks are set-based SQL over keyset pages (``pay_order_no > $cursor``), each page read in
 one repeatable-read snapshot, returning only the orders that need a look. Repairs are
 idempotent writes (``ON CONFLICT DO NOTHING``, guarded updates) and every one, like every
-exception for a person, leaves a ``reconciliation_finding`` row.
+exception for a person, leaves a ``reconciliation_finding`` row; so does a discrepancy a
+person has resolved (``RESOLVED``: money captured for a pay order we never had, refunded
+by an operator).
 
 This module holds the reconciliation SQL apart from ``store.py`` to keep each module
 about one thing; it follows the same habits (named statements, asyncpg, transactions).
@@ -40,6 +42,10 @@ class Kind(StrEnum):
 
 REPAIRED = "REPAIRED"
 EXCEPTION = "EXCEPTION"
+# A discrepancy a person has already dealt with (money captured for a pay order we never
+# had, refunded by an operator): reported for the books, counted neither as repaired by
+# the run nor as an exception.
+RESOLVED = "RESOLVED"
 
 SQL_START_RUN = """
 INSERT INTO reconciliation_run (run_id, period_start, period_end) VALUES ($1, $2, $3)
@@ -48,14 +54,25 @@ SQL_ADD_COUNTS = """
 UPDATE reconciliation_run SET checked = checked + $2, consistent = consistent + $3,
        in_flight_count = in_flight_count + $4, money_in_flight = money_in_flight + $5
  WHERE run_id = $1"""
+# Operator refunds still pending are money in flight too; no page holds them (they have no
+# pay order), so they are added here, once: a retried finish finds finished_at set.
 SQL_FINISH_RUN = """
+WITH operator AS (
+    SELECT count(*) AS n, coalesce(sum(amount), 0) AS money
+      FROM operator_refund WHERE status = 'PENDING'
+)
 UPDATE reconciliation_run r SET finished_at = now(),
        repaired = (SELECT count(*) FROM reconciliation_finding f
                     WHERE f.run_id = r.run_id AND f.action = 'REPAIRED'),
        exceptions = (SELECT count(*) FROM reconciliation_finding f
-                      WHERE f.run_id = r.run_id AND f.action = 'EXCEPTION')
- WHERE run_id = $1
-RETURNING *"""
+                      WHERE f.run_id = r.run_id AND f.action = 'EXCEPTION'),
+       in_flight_count = r.in_flight_count
+                         + CASE WHEN r.finished_at IS NULL THEN operator.n ELSE 0 END,
+       money_in_flight = r.money_in_flight
+                         + CASE WHEN r.finished_at IS NULL THEN operator.money ELSE 0 END
+  FROM operator
+ WHERE r.run_id = $1
+RETURNING r.*"""
 SQL_FINDING = """
 INSERT INTO reconciliation_finding
     (run_id, kind, action, pay_order_no, txn_id, refund_key, amount, detail)
@@ -122,7 +139,12 @@ SELECT txn_id, pay_order_no, amount, currency FROM payment
 SQL_REFUNDS_BY_KEY = "SELECT * FROM refund WHERE refund_key = ANY($1)"
 SQL_SUCCEEDED_REFUNDS_IN_PERIOD = """
 SELECT refund_key, pay_order_no, txn_id, amount FROM refund
+ WHERE status = 'SUCCEEDED' AND succeeded_at >= $1 AND succeeded_at < $2
+UNION ALL
+SELECT refund_key, pay_order_no, txn_id, amount FROM operator_refund
  WHERE status = 'SUCCEEDED' AND succeeded_at >= $1 AND succeeded_at < $2"""
+SQL_OPERATOR_REFUNDS_BY_TXN = "SELECT * FROM operator_refund WHERE txn_id = ANY($1)"
+SQL_OPERATOR_REFUNDS_BY_KEY = "SELECT * FROM operator_refund WHERE refund_key = ANY($1)"
 
 SQL_UNCOVERED = """
 SELECT po.refunded_amount - coalesce(
@@ -253,9 +275,20 @@ class ReconcileStore:
     async def succeeded_refunds_in_period(
         self, start: datetime, end: datetime
     ) -> list[dict[str, Any]]:
+        """Refunds, of pay orders and of operators, that succeeded in ``[start, end)``."""
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(SQL_SUCCEEDED_REFUNDS_IN_PERIOD, start, end)
         return [dict(r) for r in rows]
+
+    async def operator_refunds_by_txn(self, txn_ids: list[str]) -> dict[str, dict[str, Any]]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(SQL_OPERATOR_REFUNDS_BY_TXN, txn_ids)
+        return {r["txn_id"]: dict(r) for r in rows}
+
+    async def operator_refunds_by_key(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(SQL_OPERATOR_REFUNDS_BY_KEY, keys)
+        return {r["refund_key"]: dict(r) for r in rows}
 
     async def uncovered(self, pay_order_no: str) -> int:
         """How much of ``refunded_amount`` no succeeded refund row explains."""

@@ -7,8 +7,9 @@ multi-statement write runs in one transaction.
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from importlib import resources
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -17,11 +18,15 @@ from payorders.core import domain
 from payorders.core.domain import PayOrderStatus, RefundReason, RefundStatus
 from payorders.core.models import (
     CreatePayOrder,
+    OperatorRefund,
     PayOrderRow,
     RecordedPayment,
     RecordPayment,
     TransitionResult,
 )
+
+if TYPE_CHECKING:  # a type only: the core never calls a gateway
+    from payorders.gateways.port import Capture
 
 # A connection taken from the pool (the stubs make the proxy generic; the runtime does not).
 Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
@@ -130,6 +135,32 @@ INSERT INTO outbox (event_type, pay_order_no, dedupe_key, payload)
 VALUES ($1, $2, $3, $4::jsonb)
 ON CONFLICT (dedupe_key) DO NOTHING"""
 
+# Operator refunds (migration 0004): a payment no pay order holds, refunded on request.
+SQL_GET_OPERATOR_REFUND = "SELECT * FROM operator_refund WHERE txn_id = $1"
+# Held to the end of the opening transaction (milliseconds): a payment recorded at the same
+# time is either visible to the check after it or refused by its trigger once we commit.
+SQL_LOCK_PAYMENTS = "LOCK TABLE payment IN SHARE MODE"
+SQL_PAYMENT_AND_REFUND = """
+SELECT p.pay_order_no, p.settled, r.refund_key, r.status AS refund_status
+  FROM payment p LEFT JOIN refund r USING (txn_id) WHERE p.txn_id = $1"""
+SQL_INSERT_OPERATOR_REFUND = """
+INSERT INTO operator_refund (refund_key, txn_id, pay_order_no, amount, currency, captured_at)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT DO NOTHING
+RETURNING *"""
+SQL_OPERATOR_REFUND_STATUS = "SELECT status FROM operator_refund WHERE refund_key = $1"
+SQL_NOTE_OPERATOR_REFUND_ATTEMPT = """
+UPDATE operator_refund SET attempts = GREATEST(attempts, $2), last_error = $3
+ WHERE refund_key = $1 AND status = 'PENDING'"""
+SQL_CONFIRM_OPERATOR_REFUND = """
+UPDATE operator_refund
+   SET status = 'SUCCEEDED', gateway_refund_id = $2, succeeded_at = now(), last_error = NULL
+ WHERE refund_key = $1 AND status = 'PENDING'
+RETURNING refund_key"""
+SQL_REJECT_OPERATOR_REFUND = """
+UPDATE operator_refund SET status = 'REJECTED', last_error = $2
+ WHERE refund_key = $1 AND status = 'PENDING'"""
+
 
 class PayOrderNotFound(LookupError):
     pass
@@ -137,6 +168,25 @@ class PayOrderNotFound(LookupError):
 
 class TxnConflict(ValueError):
     """A transaction id already recorded with other facts: never overwrite a payment."""
+
+
+class Refusal(StrEnum):
+    """Why an operator may not refund a transaction."""
+
+    SETTLED = "settled"
+    """It settled one of our pay orders."""
+    REFUNDING = "already_refunding"
+    """One of our pay orders recorded it and refunds it (or already did)."""
+    ORDER_KNOWN = "order_known"
+    """Its pay order is ours: reconciliation feeds it there (a lost notification)."""
+
+
+class NotRefundable(ValueError):
+    """An operator refund refused; nothing was written."""
+
+    def __init__(self, refusal: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.refusal = refusal
 
 
 class PooledConnection(asyncpg.Connection):
@@ -209,6 +259,7 @@ class PayOrderStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self.operator_refunds = OperatorRefunds(pool)
 
     async def create_pay_order(self, cmd: CreatePayOrder) -> PayOrderRow:
         """Insert the row, or return the one already there (checkout retried)."""
@@ -463,3 +514,101 @@ def _reason_from_row(order: asyncpg.Record, amount: int, currency: str) -> Refun
     )
     # A payment nobody may settle with (its order's workflow has closed) is late.
     return decision if isinstance(decision, RefundReason) else RefundReason.LATE
+
+
+class OperatorRefunds:
+    """Refunds an operator asked for, of payments no pay order holds (``operator_refund``).
+
+    The refund activity sees the same four calls as on ``PayOrderStore`` (status, attempt,
+    confirm, reject); none of them touches a pay order or the outbox, since there is no
+    pay order (and so no order service) to tell.
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def get(self, txn_id: str) -> OperatorRefund | None:
+        async with self._pool.acquire() as conn:
+            rec = await conn.fetchrow(SQL_GET_OPERATOR_REFUND, txn_id)
+        return None if rec is None else OperatorRefund.model_validate(dict(rec))
+
+    async def open(self, capture: Capture) -> tuple[OperatorRefund, bool]:
+        """The operator refund of the gateway's ``capture``, and whether this call opened it.
+
+        Idempotent by ``txn_id``: the same transaction again returns its refund as it is now.
+
+        Raises:
+            NotRefundable: one of our pay orders holds the transaction, or its pay order is
+                ours; nothing was written.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            rec = await conn.fetchrow(SQL_GET_OPERATOR_REFUND, capture.txn_id)
+            if rec is None:
+                await conn.execute(SQL_LOCK_PAYMENTS)
+                await _refuse_ours(conn, capture)
+                rec = await conn.fetchrow(
+                    SQL_INSERT_OPERATOR_REFUND,
+                    domain.refund_key(capture.pay_order_no, capture.txn_id),
+                    capture.txn_id,
+                    capture.pay_order_no,
+                    capture.amount,
+                    capture.currency,
+                    capture.captured_at,
+                )
+                if rec is not None:
+                    return OperatorRefund.model_validate(dict(rec)), True
+                # Opened by a concurrent request for the same transaction: answer with it.
+                rec = await conn.fetchrow(SQL_GET_OPERATOR_REFUND, capture.txn_id)
+            assert rec is not None
+            return OperatorRefund.model_validate(dict(rec)), False
+
+    async def refund_status(self, refund_key: str) -> RefundStatus | None:
+        async with self._pool.acquire() as conn:
+            status = await conn.fetchval(SQL_OPERATOR_REFUND_STATUS, refund_key)
+        return None if status is None else RefundStatus(status)
+
+    async def note_refund_attempt(self, refund_key: str, attempt: int, error: str | None) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.execute(SQL_NOTE_OPERATOR_REFUND_ATTEMPT, refund_key, attempt, error)
+
+    async def confirm_refund(self, refund_key: str, gateway_refund_id: str) -> bool:
+        """PENDING -> SUCCEEDED, once; False when it was not pending (any more)."""
+        async with self._pool.acquire() as conn:
+            done = await conn.fetchval(SQL_CONFIRM_OPERATOR_REFUND, refund_key, gateway_refund_id)
+            if done is None and await conn.fetchval(SQL_OPERATOR_REFUND_STATUS, refund_key) is None:
+                raise LookupError(f"no operator refund {refund_key}")
+        return done is not None
+
+    async def reject_refund(self, refund_key: str, error: str) -> bool:
+        """PENDING -> REJECTED; False when it was not pending (any more)."""
+        async with self._pool.acquire() as conn:
+            done = await conn.execute(SQL_REJECT_OPERATOR_REFUND, refund_key, error)
+        return done == "UPDATE 1"
+
+
+async def _refuse_ours(conn: Conn, capture: Capture) -> None:
+    """Raise ``NotRefundable`` when a pay order of ours holds the capture, or will."""
+    payment = await conn.fetchrow(SQL_PAYMENT_AND_REFUND, capture.txn_id)
+    if payment is not None and payment["settled"]:
+        raise NotRefundable(
+            Refusal.SETTLED,
+            f"transaction {capture.txn_id} settled pay order {payment['pay_order_no']}:"
+            " it is not refunded here",
+        )
+    if payment is not None:
+        state = (
+            f"refund {payment['refund_key']} is {payment['refund_status']}"
+            if payment["refund_key"]
+            else "reconciliation restores its refund"
+        )
+        raise NotRefundable(
+            Refusal.REFUNDING,
+            f"transaction {capture.txn_id} is refunded by pay order {payment['pay_order_no']}"
+            f" ({state})",
+        )
+    if await conn.fetchrow(SQL_GET_PAY_ORDER, capture.pay_order_no) is not None:
+        raise NotRefundable(
+            Refusal.ORDER_KNOWN,
+            f"pay order {capture.pay_order_no} is ours: reconciliation hands transaction"
+            f" {capture.txn_id} to it, and its workflow settles or refunds it",
+        )

@@ -1,6 +1,8 @@
 """The service API (FastAPI): checkout, reads, and the gateway webhook adapter.
 
-- ``POST /v1/pay-orders`` and ``GET /v1/pay-orders/{no}`` need the bearer token.
+- ``POST /v1/pay-orders`` and ``GET /v1/pay-orders/{no}`` need the bearer token, as do
+  ``POST /v1/operator-refunds`` and ``GET /v1/operator-refunds/{txn_id}`` (an operator
+  refunds money captured for a pay order we never had).
 - ``POST /v1/webhooks/gateway`` is authenticated by its signature instead. It answers 2xx
   only once Temporal has accepted the payment, 4xx for what must never be retried, and
   503 while Temporal (or the gateway, to verify against) cannot be reached.
@@ -24,7 +26,7 @@ from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
@@ -32,10 +34,12 @@ from temporalio.service import RPCError
 
 from payorders import pay_orders as payorders_api
 from payorders.core import domain
+from payorders.core.domain import RefundStatus
+from payorders.core.models import OperatorRefund
 from payorders.core.settings import Settings
-from payorders.core.store import PayOrderStore
+from payorders.core.store import NotRefundable, PayOrderStore
 from payorders.gateways.port import Gateway, GatewayError
-from payorders.pay_orders import PayOrderConflict, PayOrders, UnknownPayOrder
+from payorders.pay_orders import PayOrderConflict, PayOrders, UnknownPayOrder, UnknownTransaction
 from payorders.runtime import database_url, open_resources
 from payorders.service import metrics as api_metrics
 from payorders.service import webhook
@@ -451,6 +455,8 @@ def create_app(settings: Settings) -> FastAPI:
         )
         return _accepted(outcome.value, event_duplicate=False, txn_known=txn_known)
 
+    _operator_refund_routes(app, auth)
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -530,6 +536,117 @@ async def _verify_with_gateway(gateway: Gateway, event: webhook.PaymentEvent) ->
             f"{', '.join(differ)}: the notification must match the gateway's record of"
             f" transaction {event.txn_id}",
         )
+
+
+# --- operator refunds ------------------------------------------------------------------------
+
+TXN_ID = r"^[A-Za-z0-9_-]{1,64}$"
+
+OPERATOR_REFUNDS = Counter(
+    "payorders_api_operator_refunds_total",
+    "operator refund requests by outcome: opened, existing (asked before: nothing moved),"
+    " or why it was refused",
+    ["outcome"],
+)
+
+
+class OperatorRefundRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    txn_id: str = Field(pattern=TXN_ID, description="the gateway's transaction id")
+
+
+class OperatorRefundOut(BaseModel):
+    txn_id: str
+    pay_order_no: str = Field(description="the capture's pay order number at the gateway")
+    refund_key: str
+    amount: int
+    currency: str
+    captured_at: datetime
+    status: str = Field(description="PENDING until the gateway confirms; SUCCEEDED or REJECTED")
+    attempts: int
+    gateway_refund_id: str | None
+    last_error: str | None
+    created_at: datetime
+    succeeded_at: datetime | None
+    created: bool | None = Field(
+        default=None, description="on POST: false when this transaction was asked for before"
+    )
+    workflow_id: str
+
+
+def _operator_refund_out(refund: OperatorRefund, created: bool | None = None) -> OperatorRefundOut:
+    return OperatorRefundOut(
+        **refund.model_dump(include=set(OperatorRefundOut.model_fields) - {"status", "currency"}),
+        status=refund.status.value,
+        currency=refund.currency.strip(),
+        created=created,
+        workflow_id=payorders_api.operator_refund_workflow_id(refund.txn_id),
+    )
+
+
+def _operator_refund_routes(app: FastAPI, auth: list[Any]) -> None:
+    """``POST /v1/operator-refunds`` and ``GET /v1/operator-refunds/{txn_id}`` (bearer token)."""
+
+    @app.post(
+        "/v1/operator-refunds",
+        response_model=OperatorRefundOut,
+        status_code=202,
+        dependencies=[Depends(require_json), *auth],
+        responses={
+            200: {"model": OperatorRefundOut, "description": "already confirmed or rejected"},
+            404: {"description": "the gateway has no such transaction"},
+            409: {"description": "a pay order here settles or refunds it: refused"},
+            503: {"description": "the gateway or Temporal cannot be reached; retry"},
+        },
+    )
+    async def create_operator_refund(body: OperatorRefundRequest, deps: DepsDep) -> JSONResponse:
+        """An operator refunds money the gateway captured for a pay order we never had
+        (reconciliation's ``money_without_order``). Amount, currency and pay order come from
+        the gateway's capture. 202 while the refund runs, 200 once it is confirmed or
+        rejected; the same request again answers with the same refund and refunds nothing
+        twice. Refused, with nothing moved, for a transaction a pay order here settled or
+        refunds (409), or that the gateway does not know (404)."""
+        try:
+            started = await _temporal(
+                lambda: deps.orders.refund_orphan_payment(body.txn_id, gateway=deps.gateway)
+            )
+        except UnknownTransaction as e:
+            OPERATOR_REFUNDS.labels("unknown_transaction").inc()
+            raise ApiError(404, "unknown_transaction", str(e)) from None
+        except NotRefundable as e:
+            OPERATOR_REFUNDS.labels(e.refusal.value).inc()
+            raise ApiError(409, e.refusal.value, str(e)) from None
+        except GatewayError as e:
+            log.warning("operator refund of %s: gateway unavailable: %s", body.txn_id, e)
+            raise ApiError(
+                503, "gateway_unavailable", "cannot ask the gateway for its capture; retry"
+            ) from e
+        OPERATOR_REFUNDS.labels("opened" if started.created else "existing").inc()
+        log.info(
+            "operator refund %s: %s (%s)",
+            started.refund.refund_key,
+            started.refund.status.value,
+            "opened" if started.created else "asked before",
+        )
+        out = _operator_refund_out(started.refund, started.created)
+        pending = started.refund.status is RefundStatus.PENDING
+        return JSONResponse(out.model_dump(mode="json"), status_code=202 if pending else 200)
+
+    @app.get(
+        "/v1/operator-refunds/{txn_id}",
+        response_model=OperatorRefundOut,
+        dependencies=auth,
+        responses={404: {"description": "no operator refund of that transaction"}},
+    )
+    async def get_operator_refund(
+        txn_id: Annotated[str, Path(pattern=TXN_ID)], deps: DepsDep
+    ) -> OperatorRefundOut:
+        """An operator refund as it is now: its status, attempts and the gateway's refund id."""
+        refund = await deps.store.operator_refunds.get(txn_id)
+        if refund is None:
+            raise ApiError(404, "not_found", f"no operator refund of {txn_id}")
+        return _operator_refund_out(refund)
 
 
 def app() -> FastAPI:

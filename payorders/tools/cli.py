@@ -499,6 +499,43 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         await pool.close()
 
 
+async def cmd_refund(args: argparse.Namespace, settings: Settings) -> int:
+    """An operator's refund of money captured for a pay order we never had."""
+    async with connected(settings) as c:
+        doc = await c.service.operator_refund(args.txn)
+        if args.wait:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + args.wait_s
+            while doc["status"] == domain.RefundStatus.PENDING.value and loop.time() < deadline:
+                await asyncio.sleep(0.5)
+                doc = await c.service.get_operator_refund(args.txn)
+        _emit(args, doc, _refund_text(doc))
+    if doc["status"] == domain.RefundStatus.REJECTED.value:
+        raise CliError(f"the gateway rejected the refund {doc['refund_key']}: {doc['last_error']}")
+    if args.wait and doc["status"] != domain.RefundStatus.SUCCEEDED.value:
+        raise CliError(
+            f"not confirmed within {args.wait_s} s; the refund goes on retrying"
+            f" (see it again with: payorders refund --txn {args.txn})"
+        )
+    return 0
+
+
+def _refund_text(doc: dict[str, Any]) -> str:
+    asked = " (asked before: nothing more moved)" if doc.get("created") is False else ""
+    return pairs(
+        [
+            ("refund key", doc["refund_key"]),
+            ("status", f"{doc['status']}{asked}"),
+            ("amount", f"{doc['amount']} {doc['currency']}"),
+            ("txn", doc["txn_id"]),
+            ("captured for", f"{doc['pay_order_no']} (a pay order we never had)"),
+            ("attempts", doc["attempts"]),
+            ("gateway refund", doc["gateway_refund_id"] or "-"),
+            ("workflow", doc["workflow_id"]),
+        ]
+    )
+
+
 async def cmd_torture(args: argparse.Namespace, settings: Settings) -> int:
     from payorders.tools.torture import ChaosPlan, run_chaos_torture, run_torture
 
@@ -675,6 +712,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("reconcile", "run one reconciliation now and print its report", cmd_reconcile)
     c.add_argument("--history", action="store_true", help="list past runs instead")
     c.add_argument("--limit", type=_count, default=20, help="how many past runs")
+
+    c = command(
+        "refund",
+        "refund money the gateway captured for a pay order we never had (idempotent)",
+        cmd_refund,
+    )
+    c.add_argument("--txn", required=True, type=_identifier("txn_id"), help="the gateway's txn")
+    c.add_argument("--wait", action="store_true", help="wait until the gateway confirms it")
+    c.add_argument("--wait-s", type=_count, default=120, help="how long --wait waits (default 120)")
     return p
 
 

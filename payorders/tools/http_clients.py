@@ -46,7 +46,8 @@ def _raise_for(resp: httpx.Response) -> None:
 # A dropped connection is sent again, with the same body. That is safe only because every
 # call below is idempotent: a pay order by its order_no, a webhook by its event_id and
 # txn_id, a capture by its txn_id (``SandboxClient.pay`` always sends one), faults by PUT
-# and DELETE. A timeout is not retried: the caller chose how long to wait.
+# and DELETE, an operator refund by its txn_id. A timeout is not retried: the caller chose
+# how long to wait.
 RESEND_ATTEMPTS = 3
 RESEND_ON = (httpx.NetworkError, httpx.RemoteProtocolError)
 
@@ -136,6 +137,18 @@ class ServiceClient(_Base):
             content=body,
             headers={webhook.HEADER: header, "Content-Type": "application/json"},
         )
+        return doc
+
+    async def operator_refund(self, txn_id: str) -> dict[str, Any]:
+        """Refund a payment the gateway captured for a pay order we never had. Idempotent
+        by ``txn_id`` (asked again: the same refund, nothing moved), so safe to resend."""
+        doc: dict[str, Any] = await self._request(
+            "POST", "/v1/operator-refunds", json={"txn_id": txn_id}
+        )
+        return doc
+
+    async def get_operator_refund(self, txn_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = await self._request("GET", f"/v1/operator-refunds/{txn_id}")
         return doc
 
 
