@@ -17,7 +17,7 @@ from pydantic import AliasChoices
 from payorders.core import search_attributes as sa
 from payorders.core.settings import TASK_QUEUE, Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ONE_SHOT = "temporal-create-search-attributes"
 CONDITIONS = {"service_healthy", "service_completed_successfully"}
 

@@ -23,7 +23,7 @@ from payorders.core.settings import Settings
 from payorders.localstack.binaries import find_binary
 from payorders.tools import cli
 
-from .http_stack import HttpStack, http_stack
+from ..http_stack import HttpStack, http_stack
 
 CREATE = ["create", "--order-no", "o-1", "--amount", "100", "--currency", "USD"]
 

@@ -23,15 +23,15 @@ from payorders.sandbox.app import create_sandbox_app
 from payorders.sandbox.ledger import InProcessResources
 from workflows.late_refund import LateRefundWorkflow
 
-from .conftest import Stack, assert_settled, order_no, pay, running_stack
-from .http_stack import free_port, serve
+from ..conftest import Stack, assert_settled, order_no, pay, running_stack
+from ..http_stack import free_port, serve
 
 pytestmark = pytest.mark.slow
 
 SUCCESS = PayOrderStatus.PAY_SUCCESS
 EXPIRED = PayOrderStatus.PAY_EXPIRED
-ROOT = Path(__file__).resolve().parent.parent
-HISTORIES = Path(__file__).resolve().parent / "histories"
+ROOT = Path(__file__).resolve().parents[2]
+HISTORIES = Path(__file__).resolve().parents[1] / "histories"
 
 
 async def sleep_until(when: datetime) -> None:
@@ -215,7 +215,7 @@ def _worker_process(stack: Stack, db_url: str, gateway_url: str) -> subprocess.P
 async def test_a_worker_killed_in_the_middle_of_a_refund_refunds_once_after_restart(
     dev_env: WorkflowEnvironment, svc: InProcessResources, db_url: str
 ) -> None:
-    from .conftest import make_settings
+    from ..conftest import make_settings
 
     settings = make_settings(settlement_window_s=1)
     from payorders.pay_orders import PayOrders

@@ -17,7 +17,7 @@ from payorders.core.models import CreatePayOrder, PaymentNotification, RecordPay
 from payorders.gateways.port import GatewayRejected, RefundRequest
 from payorders.sandbox.ledger import InProcessResources
 
-from .conftest import order_no
+from ..conftest import order_no
 
 ALL_MIGRATIONS = sorted(
     f.name.removesuffix(".sql")

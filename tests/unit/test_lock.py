@@ -9,7 +9,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Packages a running worker, API or gateway never needs: test tools and the local stack's
 # servers (the image talks to a real Temporal cluster and a real PostgreSQL).
 NOT_IN_THE_IMAGE = {

@@ -25,9 +25,9 @@ from payorders.service import metrics as api_metrics
 from payorders.service import webhook
 from payorders.service.app import Deps, create_app
 
-from .conftest import make_settings
-from .http_stack import HttpStack, http_stack
-from .http_stack import payment_event as event
+from ..conftest import make_settings
+from ..http_stack import HttpStack, http_stack
+from ..http_stack import payment_event as event
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -38,10 +38,10 @@ from payorders.localstack import postgres as embedded
 from payorders.sandbox.ledger import InProcessResources, in_process
 from worker import MetricsUnavailable, build_worker, metrics_runtime
 
-from .conftest import Stack, assert_settled, make_settings, order_no, pay
-from .http_stack import free_port
+from ..conftest import Stack, assert_settled, make_settings, order_no, pay
+from ..http_stack import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 COUNTERS = [
     "payorders_orders_created",

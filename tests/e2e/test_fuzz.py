@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from temporalio.testing import WorkflowEnvironment
 
-from .http_stack import HttpStack, http_stack
+from ..http_stack import HttpStack, http_stack
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 A change that would break running pay orders (reordered commands, a timer added or
 removed without ``workflow.patched``) fails here. Refresh the files with
-``PAYORDERS_RECORD_HISTORIES=1 pytest tests/test_integration.py -k histories``
+``PAYORDERS_RECORD_HISTORIES=1 pytest tests/integration/test_integration.py -k histories``
 only when a change is meant to be incompatible and no old run can still be open.
 """
 
@@ -21,11 +21,11 @@ from payorders.core.models import PayOrderInput, PayOrderResult
 from workflows.late_refund import LateRefundWorkflow
 from workflows.pay_order import PayOrderWorkflow
 
-HISTORIES = sorted((Path(__file__).parent / "histories").rglob("*.json"))
+HISTORIES = sorted((Path(__file__).resolve().parents[1] / "histories").rglob("*.json"))
 
 
 def test_histories_cover_every_saved_path() -> None:
-    from .test_integration import HISTORY_PATHS
+    from ..integration.test_integration import HISTORY_PATHS
 
     assert {p.stem for p in HISTORIES} >= set(HISTORY_PATHS)
 

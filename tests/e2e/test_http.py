@@ -21,7 +21,7 @@ from payorders.core import domain
 from payorders.service import webhook
 from payorders.tools.http_clients import ServiceError
 
-from .http_stack import HttpStack, http_stack, payment_event
+from ..http_stack import HttpStack, http_stack, payment_event
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from payorders.core.settings import Settings
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 ALIASES = {"temporal_address": "TEMPORAL_ADDRESS", "temporal_namespace": "TEMPORAL_NAMESPACE"}
 
 
@@ -19,7 +19,7 @@ def test_the_configuration_table_lists_every_setting() -> None:
 
 
 def test_the_quickstart_is_two_commands_that_exist() -> None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     for script in ("scripts/dev", "scripts/test"):
         assert f"{script} " in README
         assert (root / script).stat().st_mode & 0o111
@@ -27,7 +27,7 @@ def test_the_quickstart_is_two_commands_that_exist() -> None:
 
 
 def test_the_tests_table_lists_every_test_file() -> None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     section = README.split("\n## Tests\n", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"^\| `(tests/[^`]+\.py)` \|", section, re.MULTILINE))
     present = {p.relative_to(root).as_posix() for p in (root / "tests").rglob("test_*.py")}
@@ -36,7 +36,7 @@ def test_the_tests_table_lists_every_test_file() -> None:
 
 
 def test_the_layout_table_matches_the_tracked_files() -> None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     tracked = subprocess.run(
         ["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True
     ).stdout.split()

@@ -19,7 +19,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from payorders.core import search_attributes as sa
 from payorders.localstack.binaries import find_binary
 
-from .http_stack import free_port, http_stack
+from ..http_stack import free_port, http_stack
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from temporalio.testing import WorkflowEnvironment
 from payorders.core.domain import PayOrderStatus, RefundReason
 from payorders.sandbox.ledger import InProcessResources
 
-from .conftest import Stack, assert_settled, order_no, pay, running_stack
+from ..conftest import Stack, assert_settled, order_no, pay, running_stack
 
 PAYING = PayOrderStatus.PAYING
 SUCCESS = PayOrderStatus.PAY_SUCCESS

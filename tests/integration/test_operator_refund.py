@@ -44,12 +44,11 @@ from payorders.tools.http_clients import ServiceError
 from workflows.operator_refund import OperatorRefundWorkflow
 from workflows.reconcile import ReconcileWorkflow
 
-from .conftest import order_no
-from .http_stack import HttpStack, http_stack
+from ..conftest import order_no
+from ..http_stack import HttpStack, http_stack
 
-HISTORY = (
-    Path(__file__).resolve().parent / "operator_refund_histories" / "refunded_after_failures.json"
-)
+HISTORIES = Path(__file__).resolve().parents[1] / "operator_refund_histories"
+HISTORY = HISTORIES / "refunded_after_failures.json"
 
 
 # --- the rows, on a real PostgreSQL ----------------------------------------------------------

@@ -26,7 +26,7 @@ from payorders.localstack import postgres as embedded
 from payorders.sandbox.ledger import InProcessResources, in_process
 from workflows.reconcile import ReconcileWorkflow
 
-from .conftest import Stack, make_settings, order_no, pay, running_stack
+from ..conftest import Stack, make_settings, order_no, pay, running_stack
 
 pytestmark = pytest.mark.slow
 

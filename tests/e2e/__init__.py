@@ -1,0 +1,1 @@
+"""Through the interfaces users use: HTTP, the CLI, `payorders dev`, the torture."""

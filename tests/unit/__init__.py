@@ -1,0 +1,1 @@
+"""No server: pure rules, static checks of files, parsers; seconds."""
