@@ -414,7 +414,6 @@ async def cmd_torture(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.chaos:
         return await run_chaos_torture(
-            settings,
             ChaosPlan(worker_kills=args.worker_kills),
             orders=args.orders,
             expires_in_s=args.expires_in_s,
