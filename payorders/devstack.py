@@ -447,6 +447,14 @@ class DevStack:
 
     # --- stop ----------------------------------------------------------------------------
 
+    def started_anything(self) -> bool:
+        """Whether a process of this stack has been started (what ``stop`` would stop)."""
+        return (
+            self._pg is not None
+            or self._temporal is not None
+            or any(c.proc is not None for c in self.children.values())
+        )
+
     def stop(self) -> None:
         if self._stopping:
             return
@@ -582,6 +590,11 @@ async def run_dev(
         print(f"payorders dev: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
-        say("stopping")
+        # A refused start (data directory held, port in use) ran nothing: saying "stopping"
+        # would read as if the stack that holds them had stopped.
+        started = stack.started_anything()
+        if started:
+            say("stopping")
         await asyncio.to_thread(stack.stop)
-        say("stopped")
+        if started:
+            say("stopped")
