@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -110,12 +111,16 @@ class DevProcess:
 def dev() -> Iterator[DevProcess]:
     tmp = Path(tempfile.mkdtemp(prefix="payorders-dev-"))
     stack = DevProcess(data_dir=tmp / "data", temporal_port=free_port(), ui_port=free_port())
-    stack.start()
     try:
+        stack.start()
         yield stack
     finally:
-        if stack.proc is not None and stack.proc.poll() is None:
-            stack.stop()
+        try:
+            if stack.proc is not None and stack.proc.poll() is None:
+                stack.stop()
+        finally:
+            # PostgreSQL, Temporal's SQLite file and the logs: about 50 MB a run.
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ui_query(dev: DevProcess, query: str) -> list[str]:
