@@ -20,7 +20,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.pay_order import PayOrderActivities
 from activities.reconcile import ReconcileActivities
-from payorders import api, embedded
+from payorders import api, embedded, logs
 from payorders.metrics import RefundGauges
 from payorders.reconcile import ReconcileStore
 from payorders.runtime import Resources, open_resources
@@ -145,7 +145,7 @@ async def _wait_for_database(url: str, stop: asyncio.Event, within_s: float = 12
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(logging.INFO)
     asyncio.run(run(Settings()))
 
 

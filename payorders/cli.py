@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import sys
@@ -21,7 +22,7 @@ from typing import Any, NoReturn
 
 from temporalio.service import RPCError
 
-from payorders import domain, stackinfo
+from payorders import domain, logs, stackinfo
 from payorders.api import connect
 from payorders.http_clients import SandboxClient, ServiceClient, ServiceError, Unreachable
 from payorders.models import ReconcileReport
@@ -583,6 +584,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = Settings()
+    logs.configure(logging.WARNING)  # e.g. asyncpg's pool while PostgreSQL restarts
     try:
         code = asyncio.run(args.fn(args, settings))
     except CliError as e:

@@ -31,7 +31,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from payorders import api as payorders_api
-from payorders import api_metrics, domain, webhook
+from payorders import api_metrics, domain, logs, webhook
 from payorders.api import PayOrderConflict, PayOrders, UnknownPayOrder
 from payorders.gateway import Gateway, GatewayError
 from payorders.http_errors import ApiError
@@ -449,4 +449,5 @@ async def _verify_with_gateway(gateway: Gateway, event: webhook.PaymentEvent) ->
 
 def app() -> FastAPI:
     """Factory for ``uvicorn --factory payorders.http_api:app``."""
+    logs.configure(logging.WARNING)  # expected faults in one line, tracebacks for bugs
     return create_app(Settings())

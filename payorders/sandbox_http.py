@@ -29,7 +29,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from payorders import domain, runtime, store
+from payorders import domain, logs, runtime, store
 from payorders.domain import RefundStatus
 from payorders.gateway import (
     PROCESSING_HEADER,
@@ -114,6 +114,7 @@ def create_sandbox_app(settings: Settings) -> FastAPI:
 
 def app() -> FastAPI:
     """For ``uvicorn --factory payorders.sandbox_http:app``: settings from the environment."""
+    logs.configure(logging.WARNING)  # expected faults in one line, tracebacks for bugs
     return create_sandbox_app(Settings())
 
 
