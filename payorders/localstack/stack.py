@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -55,7 +55,8 @@ DEV_SERVER_TUNING = [
 
 # Local defaults for the worker, so failure paths show up in seconds, not minutes, and the
 # worker keeps up with the server and stays small (see README "Performance": no sandbox,
-# 20 workflow-task pollers, 500 cached workflows). Anything set in the environment wins.
+# 20 workflow-task pollers, 500 cached workflows). In ``payorders dev`` anything set in the
+# environment wins; a private stack takes nothing from the environment.
 DEV_WORKER_DEFAULTS = {
     "PAYORDERS_GATEWAY_SERVER_TIMEOUT_MS": "2000",
     "PAYORDERS_GATEWAY_CLIENT_TIMEOUT_MS": "3000",
@@ -67,8 +68,19 @@ DEV_WORKER_DEFAULTS = {
 }
 
 
+# The variables our settings read. A private stack's children inherit none of them from
+# the environment: they may name another stack (the lines ``payorders dev`` prints).
+SETTINGS_PREFIXES = ("PAYORDERS_", "TEMPORAL_")
+
+
 class StackError(RuntimeError):
     """A clear reason the stack cannot start."""
+
+
+def _free_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,33 @@ class DevOptions:
     gateway_port: int = 8001
     worker_metrics_port: int = 9464
     ip: str = "127.0.0.1"
+
+    @classmethod
+    def free_ports(cls, ip: str = "127.0.0.1") -> DevOptions:
+        """Ports free right now, for a stack that must not meet ``payorders dev``'s."""
+        return cls(
+            temporal_port=_free_port(ip),
+            ui_port=_free_port(ip),
+            api_port=_free_port(ip),
+            gateway_port=_free_port(ip),
+            worker_metrics_port=_free_port(ip),
+            ip=ip,
+        )
+
+
+def _env_field(name: str) -> str:
+    """The settings field a variable sets: ``PAYORDERS_API_URL`` -> ``api_url``."""
+    return name.removeprefix("PAYORDERS_").lower()
+
+
+def _settings_without_environment(values: Mapping[str, Any]) -> Settings:
+    """Settings from ``values`` and the fields' defaults alone: every field is passed, so
+    no variable of the environment can fill one."""
+    defaults = {
+        name: field.get_default(call_default_factory=True)
+        for name, field in Settings.model_fields.items()
+    }
+    return Settings(**{**defaults, **values})
 
 
 @dataclass
@@ -126,9 +165,29 @@ def _lock_data_dir(data_dir: Path) -> IO[str]:
 
 
 class DevStack:
-    def __init__(self, settings: Settings, options: DevOptions) -> None:
+    """The local stack: ``payorders dev``'s, or a private one (see ``DevStack.private``).
+
+    Args:
+        settings: the stack's own configuration (data directory, namespace, and an external
+            database if ``database_url`` is set).
+        options: its ports.
+        isolated: take no ``PAYORDERS_*``/``TEMPORAL_*`` variable from the environment,
+            for the children nor for ``client_settings``.
+        tuning: ``PAYORDERS_*`` values for the children, over ``DEV_WORKER_DEFAULTS``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: DevOptions,
+        *,
+        isolated: bool = False,
+        tuning: Mapping[str, str] | None = None,
+    ) -> None:
         self.settings = settings
         self.options = options
+        self.isolated = isolated
+        self.tuning = {**DEV_WORKER_DEFAULTS, **(tuning or {})}
         self.data_dir = settings.data_dir.resolve()
         self.logs = self.data_dir / "logs"
         self._lock: IO[str] | None = None
@@ -165,6 +224,28 @@ class DevStack:
             "worker": Child("worker", [sys.executable, str(ROOT / "worker.py")]),
         }
 
+    @classmethod
+    def private(cls, data_dir: Path, *, tuning: Mapping[str, str] | None = None) -> DevStack:
+        """A stack of its own for a tool or a test (torture, benchmarks): free ports, an
+        embedded PostgreSQL in ``data_dir``, and nothing from the environment, which may
+        hold the addresses of another stack. Its clients take ``client_settings()``."""
+        return cls(
+            _settings_without_environment({"data_dir": data_dir}),
+            DevOptions.free_ports(),
+            isolated=True,
+            tuning=tuning,
+        )
+
+    def client_settings(self) -> Settings:
+        """The settings of a client of this stack (once started): its addresses and its
+        tuning, as its own worker and API read them; the starter's settings travel in each
+        workflow's input, so they must agree with the worker's."""
+        env = self.child_env()
+        values: dict[str, Any] = {_env_field(k): env[k] for k in (*self.tuning, *self._addresses())}
+        if self.isolated:
+            return _settings_without_environment(values)
+        return Settings(**values)
+
     # --- start ---------------------------------------------------------------------------
 
     async def start(self, say: Callable[[str], None]) -> None:
@@ -199,7 +280,7 @@ class DevStack:
                 database_url=self.database_url,
                 api_url=self.api_url,
                 gateway_url=self.gateway_url,
-                tuning=DEV_WORKER_DEFAULTS,
+                tuning=self._effective_tuning(),
                 worker_metrics_url=self.worker_metrics_url,
             ),
         )
@@ -246,25 +327,41 @@ class DevStack:
         ]
         log = (self.logs / "temporal.log").open("ab")
         return subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            args,
+            env=self.child_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
 
+    def _addresses(self) -> dict[str, str]:
+        """Where every part of this stack is, as the variables our settings read."""
+        return {
+            "TEMPORAL_ADDRESS": self.temporal_address,
+            "TEMPORAL_NAMESPACE": self.settings.temporal_namespace,
+            "PAYORDERS_DATABASE_URL": self.database_url,
+            "PAYORDERS_TEMPORAL_UI_URL": self.ui_url,
+            "PAYORDERS_DATA_DIR": str(self.data_dir),
+            "PAYORDERS_API_URL": self.api_url,
+            "PAYORDERS_GATEWAY_URL": self.gateway_url,
+            "PAYORDERS_WEBHOOK_URL": f"{self.api_url}/v1/webhooks/gateway",
+            "PAYORDERS_WORKER_METRICS_ADDRESS": self.worker_metrics_address,
+        }
+
+    def _effective_tuning(self) -> dict[str, str]:
+        env = self.child_env()
+        return {k: env[k] for k in self.tuning}
+
     def child_env(self) -> dict[str, str]:
-        """The environment of every child: the stack's addresses, then local tuning."""
-        env = {**DEV_WORKER_DEFAULTS, **os.environ}
-        env.update(
-            {
-                "TEMPORAL_ADDRESS": self.temporal_address,
-                "TEMPORAL_NAMESPACE": self.settings.temporal_namespace,
-                "PAYORDERS_DATABASE_URL": self.database_url,
-                "PAYORDERS_TEMPORAL_UI_URL": self.ui_url,
-                "PAYORDERS_DATA_DIR": str(self.data_dir),
-                "PAYORDERS_API_URL": self.api_url,
-                "PAYORDERS_GATEWAY_URL": self.gateway_url,
-                "PAYORDERS_WEBHOOK_URL": f"{self.api_url}/v1/webhooks/gateway",
-                "PAYORDERS_WORKER_METRICS_ADDRESS": self.worker_metrics_address,
-            }
-        )
+        """The environment of every child: the stack's addresses over its tuning, over the
+        environment (``payorders dev``: a tuning variable set there wins) or over what is
+        left of it without our variables (a private stack)."""
+        if self.isolated:
+            inherited = {k: v for k, v in os.environ.items() if not k.startswith(SETTINGS_PREFIXES)}
+            env = {**inherited, **self.tuning}
+        else:
+            env = {**self.tuning, **os.environ}
+        env.update(self._addresses())
         return env
 
     def _spawn(self, child: Child) -> None:
@@ -350,6 +447,14 @@ class DevStack:
         self._pg._postmaster_info = PostmasterInfo.read_from_pgdata(self._pg.pgdata)
 
     # --- stop ----------------------------------------------------------------------------
+
+    def started_anything(self) -> bool:
+        """Whether a process of this stack has been started (what ``stop`` would stop)."""
+        return (
+            self._pg is not None
+            or self._temporal is not None
+            or any(c.proc is not None for c in self.children.values())
+        )
 
     def stop(self) -> None:
         if self._stopping:
@@ -486,6 +591,11 @@ async def run_dev(
         print(f"payorders dev: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
-        say("stopping")
+        # A refused start (data directory held, port in use) ran nothing: saying "stopping"
+        # would read as if the stack that holds them had stopped.
+        started = stack.started_anything()
+        if started:
+            say("stopping")
         await asyncio.to_thread(stack.stop)
-        say("stopped")
+        if started:
+            say("stopped")

@@ -29,7 +29,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from payorders import runtime
+from payorders import logs, runtime
 from payorders.core import domain, store
 from payorders.core.domain import RefundStatus
 from payorders.core.settings import Settings
@@ -115,6 +115,7 @@ def create_sandbox_app(settings: Settings) -> FastAPI:
 
 def app() -> FastAPI:
     """For ``uvicorn --factory payorders.sandbox.app:app``: settings from the environment."""
+    logs.configure(logging.WARNING)  # expected faults in one line, tracebacks for bugs
     return create_sandbox_app(Settings())
 
 

@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from payorders import logs
 from payorders import pay_orders as payorders_api
 from payorders.core import domain
 from payorders.core.domain import RefundStatus
@@ -651,4 +652,5 @@ def _operator_refund_routes(app: FastAPI, auth: list[Any]) -> None:
 
 def app() -> FastAPI:
     """Factory for ``uvicorn --factory payorders.service.app:app``."""
+    logs.configure(logging.WARNING)  # expected faults in one line, tracebacks for bugs
     return create_app(Settings())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import sys
@@ -21,6 +22,7 @@ from typing import Any, NoReturn
 
 from temporalio.service import RPCError
 
+from payorders import logs
 from payorders.core import domain
 from payorders.core.models import ReconcileReport
 from payorders.core.settings import Settings
@@ -541,7 +543,6 @@ async def cmd_torture(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.chaos:
         return await run_chaos_torture(
-            settings,
             ChaosPlan(worker_kills=args.worker_kills),
             orders=args.orders,
             expires_in_s=args.expires_in_s,
@@ -741,6 +742,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = Settings()
+    logs.configure(logging.WARNING)  # e.g. asyncpg's pool while PostgreSQL restarts
     try:
         code = asyncio.run(execute(args, settings))
     except KeyboardInterrupt:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -23,6 +26,7 @@ import asyncpg
 from payorders.core import store
 from payorders.core.models import ReconcileReport
 from payorders.core.settings import Settings
+from payorders.localstack.stack import DevStack
 from payorders.runtime import database_url
 from payorders.tools.http_clients import SandboxClient, ServiceClient, ServiceError, Unreachable
 from payorders.tools.table import render
@@ -403,7 +407,9 @@ async def _ready(api_url: str, within: float = 120) -> None:
     raise RuntimeError("the stack did not recover")
 
 
-async def _chaos(stack: Any, plan: ChaosPlan, figures: Figures, span_s: float, seed: int) -> None:
+async def _chaos(
+    stack: DevStack, plan: ChaosPlan, figures: Figures, span_s: float, seed: int
+) -> None:
     """Inject the plan's faults at random moments over ``span_s`` and time each recovery."""
     rng = random.Random(seed)
     faults = (
@@ -431,7 +437,6 @@ async def _chaos(stack: Any, plan: ChaosPlan, figures: Figures, span_s: float, s
 
 
 async def run_chaos_torture(
-    settings: Settings,
     plan: ChaosPlan,
     *,
     orders: int,
@@ -440,8 +445,12 @@ async def run_chaos_torture(
     settle_within_s: float,
     out: Callable[[str], None] = print,
 ) -> int:
-    """The torture on a private local stack of its own, so faults can hit every part."""
-    async with private_stack(settings, out) as (stack, local):
+    """The torture on a private local stack of its own, so faults can hit every part.
+
+    It takes no settings: the private stack's are its own, whatever the environment holds
+    (it may hold the addresses of the running ``payorders dev``).
+    """
+    async with private_stack(out) as (stack, local):
         return await run_torture(
             local,
             orders=orders,
@@ -454,40 +463,17 @@ async def run_chaos_torture(
 
 
 @asynccontextmanager
-async def private_stack(
-    settings: Settings, out: Callable[[str], None]
-) -> AsyncIterator[tuple[Any, Settings]]:
-    import shutil
-    import socket
-    import tempfile
-    from pathlib import Path
-
-    from payorders.localstack.stack import DevOptions, DevStack
-    from payorders.runtime import with_stack_defaults
-
-    def free() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
+async def private_stack(out: Callable[[str], None]) -> AsyncIterator[tuple[DevStack, Settings]]:
+    """A started private stack in a temporary folder (removed at the end), and the settings
+    of its clients."""
     tmp = Path(tempfile.mkdtemp(prefix="payorders-torture-"))
-    local = settings.model_copy(update={"data_dir": tmp / "data", "database_url": None})
-    stack = DevStack(
-        local,
-        DevOptions(
-            temporal_port=free(),
-            ui_port=free(),
-            api_port=free(),
-            gateway_port=free(),
-            worker_metrics_port=free(),
-        ),
-    )
+    stack = DevStack.private(tmp / "data")
     stop = asyncio.Event()
     try:
         await stack.start(lambda m: out(f"  stack: {m}"))
         supervisor = asyncio.create_task(stack.supervise(stop, lambda m: out(f"  stack: {m}")))
         try:
-            yield stack, with_stack_defaults(local)
+            yield stack, stack.client_settings()
         finally:
             stop.set()
             await supervisor

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -110,12 +111,16 @@ class DevProcess:
 def dev() -> Iterator[DevProcess]:
     tmp = Path(tempfile.mkdtemp(prefix="payorders-dev-"))
     stack = DevProcess(data_dir=tmp / "data", temporal_port=free_port(), ui_port=free_port())
-    stack.start()
     try:
+        stack.start()
         yield stack
     finally:
-        if stack.proc is not None and stack.proc.poll() is None:
-            stack.stop()
+        try:
+            if stack.proc is not None and stack.proc.poll() is None:
+                stack.stop()
+        finally:
+            # PostgreSQL, Temporal's SQLite file and the logs: about 50 MB a run.
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ui_query(dev: DevProcess, query: str) -> list[str]:
@@ -311,6 +316,7 @@ def test_a_second_stack_on_the_same_data_or_ports_is_a_clear_error(dev: DevProce
         timeout=60,
     )
     assert same_data.returncode == 2 and "is held by another payorders dev" in same_data.stderr
+    assert_only_one_error_line(same_data)
     other = DevProcess(
         data_dir=dev.data_dir.parent / "other", temporal_port=dev.temporal_port, ui_port=free_port()
     )
@@ -322,6 +328,16 @@ def test_a_second_stack_on_the_same_data_or_ports_is_a_clear_error(dev: DevProce
         timeout=60,
     )
     assert same_port.returncode == 2 and "already in use" in same_port.stderr
+    assert_only_one_error_line(same_port)
+    assert stackinfo.read(dev.data_dir) is not None  # the running stack runs on
+
+
+def assert_only_one_error_line(refused: subprocess.CompletedProcess[str]) -> None:
+    """A refused start says why in one line, and nothing that reads as if the running
+    stack had stopped."""
+    out = refused.stdout + refused.stderr
+    assert "stopping" not in out and "stopped" not in out, out
+    assert refused.stdout == "" and len(refused.stderr.strip().splitlines()) == 1, out
 
 
 def test_reconcile_runs_now_and_lists_its_history(dev: DevProcess) -> None:
