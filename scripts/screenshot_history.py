@@ -1,4 +1,4 @@
-"""Render one pay order's history in the Temporal UI to a PNG for the README.
+"""Render one pay order's timeline in the Temporal UI to a PNG for the README.
 
 Needs a running local stack (scripts/dev) and Debian's chromium (apt-get install chromium);
 drives it with Playwright's Python package (no browser download: the system one is used).
@@ -53,12 +53,24 @@ async def main(argv: list[str]) -> None:
     url = settings.ui_link(workflow_id)
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
-        page = await browser.new_page(viewport={"width": 1500, "height": 1100})
+        # Tall enough for the whole timeline: the UI scrolls inside its own pane, so a
+        # full-page shot stops at the viewport.
+        page = await browser.new_page(viewport={"width": 1500, "height": 1400})
         await page.goto(url)
-        await page.get_by_text("Timeline").first.wait_for(timeout=20_000)
+        heading = page.get_by_role("heading", name="Timeline", exact=True)
+        await heading.wait_for(timeout=20_000)
+        await page.get_by_text("create_pay_order").first.wait_for(timeout=20_000)
         await page.wait_for_timeout(2_000)  # let the timeline draw
+        # Only the timeline: its heading's nearest ancestor that holds the drawing.
+        timeline = await heading.evaluate_handle(
+            "h => { let e = h; while (e && !e.querySelector('[class*=canvas]'))"
+            " e = e.parentElement; return e; }"
+        )
+        element = timeline.as_element()
+        if element is None:
+            raise SystemExit("the UI's timeline was not found: has the UI changed?")
         out.parent.mkdir(exist_ok=True)
-        await page.screenshot(path=str(out), full_page=True)
+        await element.screenshot(path=str(out))
         await browser.close()
     print(f"{workflow_id} -> {out}")
 

@@ -32,6 +32,7 @@ with workflow.unsafe.imports_passed_through():
         TransitionResult,
     )
     from workflows import _common
+    from workflows._story import Story
 
 
 @workflow.defn(name="PayOrderWorkflow")
@@ -51,6 +52,7 @@ class PayOrderWorkflow:
         self._duplicates = 0
         self._settlement_ends_at: datetime | None = None
         self._local = False
+        self._story = Story()
 
     @workflow.signal(name="payment_succeeded")
     def payment_succeeded(self, payment: PaymentNotification) -> None:
@@ -106,8 +108,11 @@ class PayOrderWorkflow:
         )
         self._lock_version = row.lock_version
         metrics.ORDERS_CREATED.add(workflow.metric_meter())
-        if row.status is not PayOrderStatus.PAYING:
+        if row.status is PayOrderStatus.PAYING:
+            self._tell(f"pay order created: {input.amount} {input.currency}")
+        else:
             self._became(row.status)
+            self._tell(f"pay order found {row.status.value}")
 
         while self._status is PayOrderStatus.PAYING:
             await self._drain()
@@ -142,9 +147,12 @@ class PayOrderWorkflow:
         )
 
     async def _wait_for_payment(self, wait: timedelta, what: str) -> None:
+        now = workflow.now()
+        summary = self._story.wait(now, what, now + wait)
+        self._publish()
         with contextlib.suppress(asyncio.TimeoutError):
             await workflow.wait_condition(
-                lambda: bool(self._inbox), timeout=wait, timeout_summary=what
+                lambda: bool(self._inbox), timeout=wait, timeout_summary=summary
             )
 
     async def _drain(self) -> None:
@@ -176,6 +184,7 @@ class PayOrderWorkflow:
             # Only non-retryable conflicts get here (a txn id reused with other facts):
             # nothing was written; reconciliation reports it for a person.
             workflow.logger.error("payment %s not recorded: %s", payment.txn_id, e.cause)
+            self._tell(f"{_money(payment)} not recorded: it contradicts our records")
             return
         self._paid += payment.amount
         self._lock_version = recorded.lock_version
@@ -190,8 +199,11 @@ class PayOrderWorkflow:
         )
         if recorded.order_status is not self._status:
             self._became(recorded.order_status)
-        if not recorded.settled:
+        if recorded.settled:
+            self._tell(f"{_money(payment)} settled: {recorded.order_status.value}")
+        else:
             self._refunds_in_flight += 1
+            self._tell(f"{_money(payment)}: refund ({recorded.refund_reason or 'order closed'})")
             asyncio.create_task(self._refund(recorded, payment))  # noqa: RUF006
 
     async def _refund(self, recorded: RecordedPayment, payment: PaymentNotification) -> None:
@@ -209,6 +221,7 @@ class PayOrderWorkflow:
                 workflow.logger.error("refund %s rejected by the gateway", recorded.refund_key)
         finally:
             self._refunds_in_flight -= 1
+        self._tell(f"refund {_money(payment)}: {outcome.status.value}")
 
     async def _expire(self) -> None:
         i = self._in
@@ -216,6 +229,7 @@ class PayOrderWorkflow:
             CloseTrade(pay_order_no=i.pay_order_no), i, local=self._local
         )
         if closed.already_paid and closed.payment is not None:
+            self._tell(f"trade close refused: already paid by {closed.payment.txn_id}")
             if closed.payment.txn_id not in self._seen:
                 # The gateway was paid before it could close: that payment settles the order.
                 self._seen.add(closed.payment.txn_id)
@@ -223,6 +237,8 @@ class PayOrderWorkflow:
                 return
             if self._inbox:
                 return
+        elif not closed.already_paid:
+            self._tell("trade closed at the gateway")
         result = await _common.db_write(
             "expire_pay_order",
             ExpirePayOrder(pay_order_no=i.pay_order_no, expected_lock_version=self._lock_version),
@@ -233,6 +249,22 @@ class PayOrderWorkflow:
         )
         self._lock_version = result.row.lock_version
         self._became(result.row.status)
+        self._tell(f"pay order {result.row.status.value}")
+
+    def _tell(self, step: str) -> None:
+        self._story.tell(workflow.now(), step)
+        self._publish()
+
+    def _publish(self) -> None:
+        """The story so far as the workflow's current details (the UI's User Metadata)."""
+        i = self._in
+        headline = (
+            f"{self._status.value} · {i.amount} {i.currency}"
+            f" · paid {self._paid} · refunded {self._refunded}"
+        )
+        if self._refunds_in_flight:
+            headline += f" · refunds in flight: {self._refunds_in_flight}"
+        workflow.set_current_details(self._story.markdown(headline))
 
     def _became(self, status: PayOrderStatus) -> None:
         self._status = status
@@ -243,3 +275,7 @@ class PayOrderWorkflow:
             # Once per pay order: this branch runs only on its first terminal status.
             metrics.became_terminal(workflow.metric_meter(), status)
         workflow.upsert_search_attributes([sa.PAY_ORDER_STATUS.value_set(status.value)])
+
+
+def _money(p: PaymentNotification) -> str:
+    return f"{p.txn_id} {p.amount} {p.currency}"
