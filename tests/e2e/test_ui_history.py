@@ -20,16 +20,13 @@ from typing import Any
 
 import httpx
 import pytest
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from payorders.core import search_attributes as sa
 from payorders.core.domain import PayOrderStatus, workflow_id_for
-from payorders.localstack.binaries import find_binary
 from payorders.runtime import Resources
 from workflows._story import Story, when
 
-from ..conftest import DEV_SERVER_TUNING, order_no, pay, running_stack
+from ..conftest import order_no, pay, running_stack, start_dev_server
 from ..http_stack import free_port
 
 LOCAL_ACTIVITY_MARKERS = {"core_local_activity", "LocalActivity"}
@@ -38,15 +35,7 @@ LOCAL_ACTIVITY_MARKERS = {"core_local_activity", "LocalActivity"}
 @pytest.fixture(scope="module")
 async def ui_env() -> AsyncIterator[tuple[WorkflowEnvironment, str]]:
     ui_port = free_port()
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=find_binary("temporal"),
-        data_converter=pydantic_data_converter,
-        search_attributes=list(sa.ALL),
-        dev_server_extra_args=DEV_SERVER_TUNING,
-        dev_server_startup_timeout=timedelta(seconds=60),
-        ui=True,
-        ui_port=ui_port,
-    )
+    env = await start_dev_server(ui=True, ui_port=ui_port)
     async with env:
         yield env, f"http://127.0.0.1:{ui_port}"
 
