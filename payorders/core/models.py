@@ -37,10 +37,12 @@ class Timeouts(_Model):
 #      is absent from their input and reads as 1, so their histories replay unchanged).
 #   2: the short database writes (create, record payment, expire) and the gateway's
 #      trade close as local activities: one workflow task per payment and per expiry.
+#   3: the workflow opens the trade at the gateway after creating the row (``open_trade``)
+#      and answers checkout's ``checkout`` update with what the front end needs.
 # An older worker refuses an input carrying a version field (``extra="forbid"``): its
 # workflow task fails and is retried until an upgraded worker takes it, so deploy workers
 # before starters and nothing runs on code that does not know the version.
-PAY_ORDER_VERSION = 2
+PAY_ORDER_VERSION = 3
 
 
 class PayOrderInput(_Model):
@@ -174,8 +176,27 @@ class TransitionResult(_Model):
     row: PayOrderRow
 
 
+class OpenTradeCmd(_Model):
+    pay_order_no: str
+    amount: int
+    currency: str
+    expires_at: datetime
+
+
+class Checkout(_Model):
+    """What checkout's front end needs to let the customer pay, from the gateway that
+    opened the trade. ``details``: for Stripe ``payment_intent`` and ``client_secret``; for
+    the sandbox ``trade_no`` and ``pay_url``."""
+
+    gateway: str
+    trade_ref: str
+    """The gateway's id of the trade (Stripe: the PaymentIntent ``pi_...``)."""
+    details: dict[str, str] = {}
+
+
 class CloseTrade(_Model):
     pay_order_no: str
+    trade_ref: str | None = None
 
 
 class CloseTradeResult(_Model):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from datetime import timedelta
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, PositiveInt, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from payorders.core.models import ReconcileInput, RetryConfig, Timeouts
 
@@ -57,9 +59,19 @@ class Settings(BaseSettings):
     """Where the service API listens (checkout, reads, the gateway webhook)."""
     api_token: SecretStr = SecretStr("dev-api-token")
     """Bearer token for checkout and reads; the default is for the local stack only."""
+    gateway: Literal["sandbox", "stripe"] = "sandbox"
+    """Which gateway adapter the worker and the API use."""
     gateway_url: str | None = None
-    """The payment gateway's HTTP base (required by the worker and the API; the local stack
+    """The sandbox gateway's HTTP base (required with ``gateway=sandbox``; the local stack
     sets its sandbox gateway's)."""
+    stripe_api_key: SecretStr | None = None
+    """Stripe secret key (``sk_...``; ``rk_...`` restricted keys work too): required with
+    ``gateway=stripe``."""
+    stripe_webhook_secret: Annotated[list[SecretStr], NoDecode] = []
+    """Signing secrets of the Stripe webhook endpoint (``whsec_...``), JSON list or one
+    value; the first is current, the others are accepted while a secret rotates."""
+    stripe_api_base: str = "https://api.stripe.com"
+    """Where the Stripe SDK sends its calls (the local stack points it at localstripe)."""
     webhook_url: str = "http://127.0.0.1:8000/v1/webhooks/gateway"
     """Where the (sandbox) gateway delivers its webhooks."""
     webhook_secrets: list[SecretStr] = [SecretStr("whsec_dev_only")]
@@ -85,6 +97,16 @@ class Settings(BaseSettings):
     """Workflows kept in worker memory (sticky); evicted ones replay on their next task."""
     worker_metrics_address: str | None = "127.0.0.1:9464"
     """IP:port of the worker's Prometheus endpoint (``/metrics``); empty: no endpoint."""
+
+    @field_validator("stripe_webhook_secret", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip()
+            if not v:
+                return []
+            return json.loads(v) if v.startswith("[") else [v]
+        return v
 
     @field_validator("worker_metrics_address", mode="before")
     @classmethod

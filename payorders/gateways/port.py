@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Protocol
 
 from payorders.core.domain import RefundStatus
+from payorders.core.models import Checkout
 
 PROCESSING_HEADER = "Gateway-Processing-Ms"
 """Response header in which a gateway reports the milliseconds it spent on a request."""
@@ -38,6 +39,18 @@ class GatewayAmbiguous(GatewayError):
 
 class GatewayRejected(GatewayError):
     """A permanent business refusal (for example, refund exceeds the captured amount)."""
+
+
+@dataclass(frozen=True)
+class OpenTrade:
+    """Open the trade of a pay order at the gateway, so that the customer can pay it."""
+
+    pay_order_no: str
+    amount: int
+    currency: str
+    expires_at: datetime
+    idempotency_key: str
+    """``open-{pay_order_no}``: the same pay order opens one trade, ever."""
 
 
 @dataclass(frozen=True)
@@ -84,16 +97,31 @@ class Statement:
 
 
 class Gateway(Protocol):
-    async def close_trade(self, pay_order_no: str) -> CloseResult:
-        """Close the trade so it can no longer be paid; or learn it already was."""
+    name: str
+    """The gateway's name in checkout answers and logs (``sandbox``, ``stripe``)."""
+
+    async def open_trade(self, trade: OpenTrade, *, first_attempt: bool = True) -> Checkout:
+        """Open the trade (idempotent by pay order) and say what checkout's front end needs.
+
+        ``first_attempt`` False: an earlier attempt may have opened it and lost the answer;
+        a gateway that ignores idempotency keys must look for that trade before creating one.
+        """
+        ...
+
+    async def close_trade(self, pay_order_no: str, trade_ref: str | None = None) -> CloseResult:
+        """Close the trade so it can no longer be paid; or learn it already was.
+
+        ``trade_ref``: the gateway's id of the trade, from ``open_trade`` (None for pay
+        orders opened before trades were: the gateway then finds it by pay order, if at all).
+        """
         ...
 
     async def refund(self, request: RefundRequest) -> GatewayRefund:
         """Refund by the original route. The same key refunds at most once, ever."""
         ...
 
-    async def query_refund(self, idempotency_key: str) -> GatewayRefund | None:
-        """The refund made under this key, or None if the gateway has none."""
+    async def query_refund(self, idempotency_key: str, txn_id: str) -> GatewayRefund | None:
+        """The refund of transaction ``txn_id`` made under this key, or None if none."""
         ...
 
     async def query_capture(self, txn_id: str) -> Capture | None:
