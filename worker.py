@@ -70,6 +70,7 @@ def build_worker(client: Client, res: Resources, *, task_queue: str) -> Worker:
             acts.get_pay_order_row,
             acts.record_payment,
             acts.expire_pay_order,
+            acts.open_trade,
             acts.close_trade,
             acts.refund_payment,
             acts.refund_operator_payment,

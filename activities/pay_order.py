@@ -15,10 +15,12 @@ from temporalio.exceptions import ApplicationError
 from payorders.core import metrics
 from payorders.core.domain import RefundReason, RefundStatus
 from payorders.core.models import (
+    Checkout,
     CloseTrade,
     CloseTradeResult,
     CreatePayOrder,
     ExpirePayOrder,
+    OpenTradeCmd,
     PaymentNotification,
     PayOrderRow,
     RecordedPayment,
@@ -34,6 +36,7 @@ from payorders.gateways.port import (
     GatewayRefund,
     GatewayRejected,
     GatewayUnavailable,
+    OpenTrade,
     RefundRequest,
 )
 
@@ -104,10 +107,50 @@ class PayOrderActivities:
     async def expire_pay_order(self, cmd: ExpirePayOrder) -> TransitionResult:
         return await self._store.expire(cmd.pay_order_no, cmd.expected_lock_version)
 
+    @activity.defn(name="open_trade")
+    async def open_trade(self, cmd: OpenTradeCmd) -> Checkout:
+        """Open the pay order's trade at the gateway, once: an attempt after the first may
+        follow one that opened it and lost the answer, so the adapter looks for it first."""
+        checkout = await self._gateway.open_trade(
+            OpenTrade(
+                pay_order_no=cmd.pay_order_no,
+                amount=cmd.amount,
+                currency=cmd.currency,
+                expires_at=cmd.expires_at,
+                idempotency_key=f"open-{cmd.pay_order_no}",
+            ),
+            first_attempt=activity.info().attempt == 1,
+        )
+        try:
+            kept = await self._store.record_trade(
+                cmd.pay_order_no, checkout.gateway, checkout.trade_ref
+            )
+        except PayOrderNotFound as e:
+            raise ApplicationError(
+                f"unknown pay order {e}", type="PayOrderNotFound", non_retryable=True
+            ) from e
+        if kept != checkout.trade_ref:
+            # A second trade for one pay order (a gateway that ignored our key and an earlier
+            # attempt's lost answer): the first one recorded is the one checkout hands out and
+            # expiry closes. Close this one so nobody can pay it; the next attempt finds the
+            # first (the adapter skips closed trades when it looks).
+            log.error(
+                "pay order %s: gateway opened %s, but %s was recorded first: closing %s",
+                cmd.pay_order_no,
+                checkout.trade_ref,
+                kept,
+                checkout.trade_ref,
+            )
+            await self._gateway.close_trade(cmd.pay_order_no, checkout.trade_ref)
+            raise ApplicationError(
+                f"pay order {cmd.pay_order_no} already has trade {kept}", type="TradeConflict"
+            )
+        return checkout
+
     @activity.defn(name="close_trade")
     async def close_trade(self, cmd: CloseTrade) -> CloseTradeResult:
         # An ambiguous close is simply retried: closing is idempotent at every gateway.
-        result = await self._gateway.close_trade(cmd.pay_order_no)
+        result = await self._gateway.close_trade(cmd.pay_order_no, cmd.trade_ref)
         if result.capture is None:
             return CloseTradeResult(already_paid=False)
         c = result.capture
@@ -191,7 +234,7 @@ class PayOrderActivities:
                 e.observed_ms or 0,
                 e,
             )
-            found = await self._gateway.query_refund(request.idempotency_key)
+            found = await self._gateway.query_refund(request.idempotency_key, request.txn_id)
             if found is None:
                 raise
             return found

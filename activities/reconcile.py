@@ -119,7 +119,7 @@ class ReconcileActivities:
         payments = await self._recon.payments_by_txn(list(order["owed"]))
         for txn, payment in payments.items():
             key = domain.refund_key(no, txn)
-            at_gateway = await self._gateway.query_refund(key)
+            at_gateway = await self._gateway.query_refund(key, txn)
             done = at_gateway is not None and at_gateway.status is RefundStatus.SUCCEEDED
             covered = done and uncovered >= payment["amount"]
             await self._recon.restore_refund(
@@ -168,8 +168,8 @@ class ReconcileActivities:
     ) -> list[Finding]:
         no = str(order["pay_order_no"])
         findings: list[Finding] = []
-        for key in order["old_pending"]:
-            at_gateway = await self._gateway.query_refund(key)
+        for key, txn in zip(order["old_pending"], order["old_pending_txns"], strict=True):
+            at_gateway = await self._gateway.query_refund(key, txn)
             if at_gateway is not None and at_gateway.status is RefundStatus.SUCCEEDED:
                 await self._store.confirm_refund(key, at_gateway.gateway_refund_id)
                 findings.append(
@@ -361,7 +361,7 @@ class ReconcileActivities:
                 f"{what}: the gateway rejected the operator's refund ({refund['last_error']}):"
                 " look at the gateway",
             )
-        at_gateway = await self._gateway.query_refund(key)
+        at_gateway = await self._gateway.query_refund(key, c.txn_id)
         if at_gateway is not None and at_gateway.status is RefundStatus.SUCCEEDED:
             if await self._store.operator_refunds.confirm_refund(key, at_gateway.gateway_refund_id):
                 return found(
@@ -471,7 +471,7 @@ class ReconcileActivities:
         for mine in await self._recon.succeeded_refunds_in_period(cmd.start, cmd.end):
             if mine["refund_key"] in gateway_keys:
                 continue
-            if await self._gateway.query_refund(mine["refund_key"]) is None:
+            if await self._gateway.query_refund(mine["refund_key"], mine["txn_id"]) is None:
                 findings.append(
                     Finding(
                         Kind.REFUND_ABSENT_AT_GATEWAY,

@@ -5,6 +5,7 @@ The Temporal client is built here and only here, with the pydantic data converte
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,8 +24,10 @@ from temporalio.client import (
     SchedulePolicy,
     ScheduleSpec,
     ScheduleUpdate,
+    WithStartWorkflowOperation,
     WorkflowExecutionStatus,
     WorkflowHandle,
+    WorkflowUpdateFailedError,
 )
 from temporalio.common import (
     SearchAttributeIndexedValueType,
@@ -34,7 +37,7 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.runtime import Runtime
 from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 
@@ -43,6 +46,7 @@ from payorders.core import search_attributes as sa
 from payorders.core.domain import PayOrderStatus, RefundStatus
 from payorders.core.models import (
     PAY_ORDER_VERSION,
+    Checkout,
     LateRefundInput,
     OperatorRefund,
     OperatorRefundInput,
@@ -145,6 +149,14 @@ class StartedPayOrder:
     workflow_id: str
     created: bool
     """False when checkout was retried and the existing pay order was returned."""
+    checkout: Checkout | None = None
+    """What the front end needs to pay (the same for every retry); None when the pay order
+    can no longer be paid (``not_payable`` says why) or was started without waiting."""
+    not_payable: str | None = None
+
+
+class CheckoutPending(RuntimeError):
+    """The gateway has not opened the trade yet: the same checkout, retried, finds it."""
 
 
 class NotifyOutcome(StrEnum):
@@ -196,15 +208,20 @@ class PayOrders:
         expires_in: timedelta | None = None,
         expires_at: datetime | None = None,
         now: datetime | None = None,
+        wait_checkout: bool = True,
     ) -> StartedPayOrder:
         """Start the pay order of ``order_no``; a retried checkout returns the same one.
 
         It expires at ``expires_at`` (with a time zone) or ``expires_in`` from now, at most
-        one of them; with neither, after the configured default window.
+        one of them; with neither, after the configured default window. With
+        ``wait_checkout`` it waits (the workflow's ``checkout`` update) until the workflow
+        has opened the trade at the gateway, and returns what the front end needs to pay.
 
         Raises:
             InvalidPayOrder: bad input; nothing was started.
             PayOrderConflict: the order already has a pay order for another amount.
+            CheckoutPending: started, but the gateway has not opened the trade in time;
+                the same call again returns the same pay order and its trade.
         """
         now = now or datetime.now(UTC)
         expires_at = domain.pay_order_deadline(
@@ -226,36 +243,51 @@ class PayOrders:
             "expires_at": expires_at.isoformat(),
             "start_id": uuid.uuid4().hex,
         }
+        pay_input = PayOrderInput(
+            pay_order_no=pay_order_no,
+            order_no=order_no,
+            amount=amount,
+            currency=currency,
+            expires_at=expires_at,
+            settlement_window_s=self._settings.settlement_window_s,
+            refund_retry=self._settings.refund_retry(),
+            timeouts=self._settings.timeouts(),
+            version=PAY_ORDER_VERSION,
+        )
+        start: dict[str, Any] = {
+            "id": workflow_id,
+            "task_queue": self._settings.task_queue,
+            "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
+            "id_reuse_policy": WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            "search_attributes": TypedSearchAttributes(
+                [
+                    SearchAttributePair(sa.PAY_ORDER_STATUS, PayOrderStatus.PAYING.value),
+                    SearchAttributePair(sa.ORDER_NO, order_no),
+                    SearchAttributePair(sa.EXPIRES_AT, expires_at),
+                ]
+            ),
+            "memo": memo,
+            "static_summary": f"pay order for {order_no}: {amount} {currency}",
+        }
+        checkout: Checkout | None = None
+        not_payable: str | None = None
+        handle: WorkflowHandle[Any, Any]
         try:
-            handle: WorkflowHandle[Any, Any] = await self._client.start_workflow(
-                "PayOrderWorkflow",
-                PayOrderInput(
-                    pay_order_no=pay_order_no,
-                    order_no=order_no,
-                    amount=amount,
-                    currency=currency,
-                    expires_at=expires_at,
-                    settlement_window_s=self._settings.settlement_window_s,
-                    refund_retry=self._settings.refund_retry(),
-                    timeouts=self._settings.timeouts(),
-                    version=PAY_ORDER_VERSION,
-                ),
-                id=workflow_id,
-                task_queue=self._settings.task_queue,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                search_attributes=TypedSearchAttributes(
-                    [
-                        SearchAttributePair(sa.PAY_ORDER_STATUS, PayOrderStatus.PAYING.value),
-                        SearchAttributePair(sa.ORDER_NO, order_no),
-                        SearchAttributePair(sa.EXPIRES_AT, expires_at),
-                    ]
-                ),
-                memo=memo,
-                static_summary=f"pay order for {order_no}: {amount} {currency}",
-            )
+            if wait_checkout:
+                # Start and ask in one call: the update rides in the workflow's first task,
+                # so checkout waits one trip to the gateway and no extra workflow task.
+                checkout, not_payable = await self._checkout_with_start(
+                    WithStartWorkflowOperation("PayOrderWorkflow", pay_input, **start),
+                    pay_order_no,
+                )
+                handle = self._client.get_workflow_handle(workflow_id)
+            else:
+                handle = await self._client.start_workflow("PayOrderWorkflow", pay_input, **start)
         except WorkflowAlreadyStartedError:
+            # Closed (its settlement window is over) and never started again: nothing to pay.
             handle = self._client.get_workflow_handle(workflow_id)
+            if wait_checkout:
+                not_payable = await self._closed_reason(pay_order_no)
         existing = await (await handle.describe()).memo()
         if existing.get("amount") != amount or existing.get("currency") != currency:
             raise PayOrderConflict(
@@ -270,7 +302,33 @@ class PayOrders:
             expires_at=datetime.fromisoformat(existing["expires_at"]),
             workflow_id=workflow_id,
             created=existing.get("start_id") == memo["start_id"],
+            checkout=checkout,
+            not_payable=not_payable,
         )
+
+    async def _checkout_with_start(
+        self, start: WithStartWorkflowOperation[Any, Any], pay_order_no: str
+    ) -> tuple[Checkout | None, str | None]:
+        """The workflow's answer to ``checkout``: its trade, or why there is none to pay."""
+        try:
+            async with asyncio.timeout(self._settings.checkout_wait_ms / 1000):
+                checkout: Checkout = await self._client.execute_update_with_start_workflow(
+                    "checkout", start_workflow_operation=start, result_type=Checkout
+                )
+        except TimeoutError:
+            raise CheckoutPending(
+                f"the gateway has not opened the trade of {pay_order_no} yet; retry"
+            ) from None
+        except WorkflowUpdateFailedError as e:
+            cause = e.cause
+            if isinstance(cause, ApplicationError) and cause.type == "NotPayable":
+                return None, cause.message
+            raise
+        return checkout, None
+
+    async def _closed_reason(self, pay_order_no: str) -> str:
+        row = await self._store.get_pay_order(pay_order_no)
+        return f"pay order {pay_order_no} is {row.status.value if row else 'closed'}"
 
     async def notify_payment(
         self, *, pay_order_no: str, txn_id: str, amount: int, currency: str, paid_at: datetime

@@ -11,8 +11,10 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from payorders.core.models import (
+        Checkout,
         CloseTrade,
         CloseTradeResult,
+        OpenTradeCmd,
         PayOrderInput,
         RecordedPayment,
         RecordPayment,
@@ -49,6 +51,7 @@ async def _execute(
     start_to_close: timedelta,
     retry: RetryPolicy,
     summary: str,
+    schedule_to_close: timedelta | None = None,
 ) -> T:
     """One activity, local (inside the workflow task) or regular, with the same options."""
     run = workflow.execute_local_activity if local else workflow.execute_activity
@@ -57,6 +60,7 @@ async def _execute(
         arg,
         result_type=result_type,
         start_to_close_timeout=start_to_close,
+        schedule_to_close_timeout=schedule_to_close,
         retry_policy=retry,
         summary=summary,
     )
@@ -105,6 +109,22 @@ async def close_trade(cmd: CloseTrade, input: PayOrderInput, *, local: bool) -> 
         start_to_close=timedelta(milliseconds=input.timeouts.activity_start_to_close_ms),
         retry=until_success(input.refund_retry),
         summary="payment window over: close the trade at the gateway",
+    )
+
+
+async def open_trade(cmd: OpenTradeCmd, input: PayOrderInput, *, local: bool) -> Checkout:
+    """Open the trade at the gateway, retried until it succeeds or the payment window ends
+    (then nothing can be paid anyway, and expiry closes whatever a lost answer opened)."""
+    window = max(input.expires_at - workflow.now(), timedelta(seconds=1))
+    return await _execute(
+        "open_trade",
+        cmd,
+        Checkout,
+        local=local,
+        start_to_close=timedelta(milliseconds=input.timeouts.activity_start_to_close_ms),
+        schedule_to_close=window,
+        retry=until_success(input.refund_retry),
+        summary=f"open the trade at the gateway: {cmd.amount} {cmd.currency}",
     )
 
 

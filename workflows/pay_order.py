@@ -11,16 +11,18 @@ import contextlib
 from datetime import datetime, timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from payorders.core import domain, metrics
     from payorders.core import search_attributes as sa
     from payorders.core.domain import PayOrderStatus, RefundReason, RefundStatus, Settle
     from payorders.core.models import (
+        Checkout,
         CloseTrade,
         CreatePayOrder,
         ExpirePayOrder,
+        OpenTradeCmd,
         PaymentNotification,
         PaymentView,
         PayOrderInput,
@@ -53,6 +55,9 @@ class PayOrderWorkflow:
         self._settlement_ends_at: datetime | None = None
         self._local = False
         self._story = Story()
+        self._checkout: Checkout | None = None
+        self._no_checkout: str | None = None
+        """Why checkout gets no trade to pay, once that is known."""
 
     @workflow.signal(name="payment_succeeded")
     def payment_succeeded(self, payment: PaymentNotification) -> None:
@@ -69,6 +74,17 @@ class PayOrderWorkflow:
             return
         self._seen.add(payment.txn_id)
         self._inbox.append(payment)
+
+    @workflow.update(name="checkout")
+    async def checkout(self) -> Checkout:
+        """What checkout's front end needs to let the customer pay: waits until the trade
+        is open at the gateway. The same answer to every retried checkout."""
+        await workflow.wait_condition(
+            lambda: self._checkout is not None or self._no_checkout is not None
+        )
+        if self._checkout is None:
+            raise ApplicationError(self._no_checkout or "", type="NotPayable", non_retryable=True)
+        return self._checkout
 
     @workflow.query(name="status")
     def status(self) -> PayOrderView:
@@ -110,9 +126,11 @@ class PayOrderWorkflow:
         metrics.ORDERS_CREATED.add(workflow.metric_meter())
         if row.status is PayOrderStatus.PAYING:
             self._tell(f"pay order created: {input.amount} {input.currency}")
+            await self._open_trade()
         else:
             self._became(row.status)
             self._tell(f"pay order found {row.status.value}")
+            self._no_checkout = f"pay order {input.pay_order_no} is {row.status.value}"
 
         while self._status is PayOrderStatus.PAYING:
             await self._drain()
@@ -145,6 +163,32 @@ class PayOrderWorkflow:
             paid_amount=self._paid,
             refunded_amount=self._refunded,
         )
+
+    async def _open_trade(self) -> None:
+        i = self._in
+        if i.version < 3:
+            # Started before trades were opened here: checkout had nothing to wait for.
+            self._no_checkout = f"pay order {i.pay_order_no} opened no trade (version {i.version})"
+            return
+        try:
+            self._checkout = await _common.open_trade(
+                OpenTradeCmd(
+                    pay_order_no=i.pay_order_no,
+                    amount=i.amount,
+                    currency=i.currency,
+                    expires_at=i.expires_at,
+                ),
+                i,
+                local=self._local,
+            )
+        except ActivityError as e:
+            # The gateway did not open it within the payment window: nothing can be paid,
+            # and expiry closes whatever an unanswered attempt may have opened.
+            workflow.logger.error("pay order %s: trade not opened: %s", i.pay_order_no, e.cause)
+            self._no_checkout = "the gateway did not open the trade within the payment window"
+            self._tell("trade not opened at the gateway within the payment window")
+            return
+        self._tell(f"trade opened at the {self._checkout.gateway} gateway")
 
     async def _wait_for_payment(self, wait: timedelta, what: str) -> None:
         now = workflow.now()
@@ -225,8 +269,9 @@ class PayOrderWorkflow:
 
     async def _expire(self) -> None:
         i = self._in
+        trade_ref = None if self._checkout is None else self._checkout.trade_ref
         closed = await _common.close_trade(
-            CloseTrade(pay_order_no=i.pay_order_no), i, local=self._local
+            CloseTrade(pay_order_no=i.pay_order_no, trade_ref=trade_ref), i, local=self._local
         )
         if closed.already_paid and closed.payment is not None:
             self._tell(f"trade close refused: already paid by {closed.payment.txn_id}")
@@ -268,6 +313,8 @@ class PayOrderWorkflow:
 
     def _became(self, status: PayOrderStatus) -> None:
         self._status = status
+        if domain.is_terminal(status) and self._no_checkout is None and self._checkout is None:
+            self._no_checkout = f"pay order {self._in.pay_order_no} is {status.value}"
         if domain.is_terminal(status) and self._settlement_ends_at is None:
             self._settlement_ends_at = workflow.now() + timedelta(
                 seconds=self._in.settlement_window_s

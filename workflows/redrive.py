@@ -39,7 +39,7 @@ class RedriveWorkflow:
             return row.status
         closed: CloseTradeResult = await workflow.execute_activity(
             "close_trade",
-            CloseTrade(pay_order_no=row.pay_order_no),
+            CloseTrade(pay_order_no=row.pay_order_no, trade_ref=row.trade_ref),
             result_type=CloseTradeResult,
             start_to_close_timeout=timedelta(
                 milliseconds=input.timeouts.activity_start_to_close_ms

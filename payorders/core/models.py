@@ -137,6 +137,9 @@ class PayOrderRow(_Model):
     expires_at: datetime
     created_at: datetime
     updated_at: datetime
+    gateway: str | None = None
+    trade_ref: str | None = None
+    """The gateway's id of the pay order's trade, once the workflow opened it (version 3)."""
 
 
 class RecordPayment(_Model):

@@ -111,9 +111,12 @@ WITH page AS (
 ), refs AS (
     SELECT r.pay_order_no,
            coalesce(sum(r.amount) FILTER (WHERE r.status = 'SUCCEEDED'), 0) AS refunded,
-           array_agg(r.refund_key) FILTER (
+           array_agg(r.refund_key ORDER BY r.refund_key) FILTER (
                WHERE r.status = 'PENDING' AND r.created_at < now() - make_interval(secs => $3)
-           ) AS old_pending
+           ) AS old_pending,
+           array_agg(r.txn_id ORDER BY r.refund_key) FILTER (
+               WHERE r.status = 'PENDING' AND r.created_at < now() - make_interval(secs => $3)
+           ) AS old_pending_txns
       FROM refund r
      WHERE r.pay_order_no > $1 AND r.pay_order_no <= (SELECT last FROM bound)
      GROUP BY r.pay_order_no
@@ -121,7 +124,8 @@ WITH page AS (
 SELECT page.pay_order_no, page.status, page.amount, page.currency, page.paid_amount,
        page.refunded_amount, page.expires_at, page.lock_version,
        coalesce(pays.paid, 0) AS payments_sum, coalesce(refs.refunded, 0) AS refunds_sum,
-       coalesce(pays.owed, '{}') AS owed, coalesce(refs.old_pending, '{}') AS old_pending
+       coalesce(pays.owed, '{}') AS owed, coalesce(refs.old_pending, '{}') AS old_pending,
+       coalesce(refs.old_pending_txns, '{}') AS old_pending_txns
   FROM page LEFT JOIN pays USING (pay_order_no) LEFT JOIN refs USING (pay_order_no)
  WHERE page.paid_amount <> coalesce(pays.paid, 0)
     OR page.refunded_amount <> coalesce(refs.refunded, 0)

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     """How long the gateway itself works on a request before it gives up (sandbox: enforced)."""
     gateway_client_timeout_ms: PositiveInt = 10_000
     """Our client's timeout: longer than the gateway's own, so a timeout is rare and ambiguous."""
+    checkout_wait_ms: PositiveInt = 15_000
+    """How long checkout waits for the workflow to open the trade at the gateway before it
+    answers 503 (retry: the same pay order and trade)."""
     refund_retry_initial_ms: PositiveInt = 1_000
     refund_retry_max_ms: PositiveInt = 300_000
     refund_alert_after_attempts: PositiveInt = 10

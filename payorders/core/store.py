@@ -33,6 +33,16 @@ Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
 MIGRATION_LOCK_ID = 0x7061796F72646572  # "payorder": one advisory lock for all migrators
 
+SQL_RECORD_TRADE = """
+WITH upd AS (
+    UPDATE pay_order SET gateway = $2, trade_ref = $3, updated_at = now()
+     WHERE pay_order_no = $1 AND trade_ref IS NULL
+    RETURNING trade_ref
+)
+SELECT trade_ref FROM upd
+UNION ALL
+SELECT trade_ref FROM pay_order WHERE pay_order_no = $1 AND trade_ref IS NOT NULL
+LIMIT 1"""
 SQL_MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version    text PRIMARY KEY,
@@ -391,6 +401,20 @@ class PayOrderStore:
             order_status=PayOrderStatus(order["status"]),
             lock_version=order["lock_version"],
         )
+
+    async def record_trade(self, pay_order_no: str, gateway: str, trade_ref: str) -> str:
+        """Remember the trade the gateway opened for the pay order; returns the one kept.
+
+        Not a state change (no ``lock_version``): the first trade recorded stays, and a
+        repeat with the same trade changes nothing.
+        """
+        async with self._pool.acquire() as conn:
+            kept: str | None = await conn.fetchval(
+                SQL_RECORD_TRADE, pay_order_no, gateway, trade_ref
+            )
+        if kept is None:
+            raise PayOrderNotFound(pay_order_no)
+        return kept
 
     async def expire(self, pay_order_no: str, expected_lock_version: int) -> TransitionResult:
         """PAYING -> PAY_EXPIRED under the guard, with its outbox event in the same transaction."""

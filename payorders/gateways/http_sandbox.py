@@ -20,6 +20,7 @@ import httpx
 from prometheus_client import Counter, Histogram
 
 from payorders.core.domain import RefundStatus
+from payorders.core.models import Checkout
 from payorders.gateways.port import (
     PROCESSING_HEADER,
     Capture,
@@ -28,6 +29,7 @@ from payorders.gateways.port import (
     GatewayRefund,
     GatewayRejected,
     GatewayUnavailable,
+    OpenTrade,
     RefundRequest,
     Statement,
 )
@@ -148,7 +150,25 @@ class HttpGateway:
             "did not answer" if gateway_ms is None else f"{gateway_ms:.1f} ms",
         )
 
-    async def close_trade(self, pay_order_no: str) -> CloseResult:
+    name = "sandbox"
+
+    async def open_trade(self, trade: OpenTrade, *, first_attempt: bool = True) -> Checkout:
+        # The sandbox's trade number is the pay order number: a repeat finds the same trade.
+        resp = await self._call(
+            "open_trade",
+            "POST",
+            "/v1/trades",
+            json={
+                "pay_order_no": trade.pay_order_no,
+                "amount": trade.amount,
+                "currency": trade.currency,
+                "expires_at": trade.expires_at.isoformat(),
+            },
+        )
+        assert resp is not None
+        return Checkout.model_validate(resp.json())
+
+    async def close_trade(self, pay_order_no: str, trade_ref: str | None = None) -> CloseResult:
         resp = await self._call("close_trade", "POST", f"/v1/trades/{pay_order_no}/close")
         assert resp is not None
         doc = resp.json()
@@ -172,13 +192,16 @@ class HttpGateway:
         assert resp is not None
         return _refund(resp.json())
 
-    async def query_refund(self, idempotency_key: str) -> GatewayRefund | None:
+    async def query_refund(self, idempotency_key: str, txn_id: str) -> GatewayRefund | None:
         resp = await self._call(
             "query_refund", "GET", f"/v1/refunds/{idempotency_key}", ok_404=True
         )
         if resp is None:
             return None
         doc = resp.json()
+        if doc.get("txn_id") != txn_id:
+            # A key is ours for one transaction only: another's refund is not this one.
+            return None
         if doc.get("processing_ms") is not None:
             # The data behind an ambiguous outcome: how long the gateway really took.
             log.warning(

@@ -40,6 +40,7 @@ from payorders.gateways.port import (
     GatewayRefund,
     GatewayRejected,
     GatewayUnavailable,
+    OpenTrade,
     RefundRequest,
 )
 from payorders.sandbox.ledger import SandboxGateway, SandboxRefund
@@ -260,6 +261,32 @@ async def get_refund(gateway: Sandbox, idempotency_key: str) -> dict[str, Any]:
     if refund is None:
         raise ApiError(404, "not_found", f"no refund under key {idempotency_key}")
     return _refund_json(refund)
+
+
+@router.post("/v1/trades", status_code=201)
+async def open_trade(gateway: Sandbox, body: JsonObject) -> dict[str, Any]:
+    """Open a pay order's trade (idempotent by pay order): what a front end needs to pay."""
+    _only_fields(
+        body,
+        required=frozenset({"pay_order_no", "amount", "currency", "expires_at"}),
+    )
+    expires_at = body["expires_at"]
+    try:
+        at = datetime.fromisoformat(expires_at) if isinstance(expires_at, str) else None
+    except ValueError:
+        at = None
+    if at is None or at.tzinfo is None:
+        raise domain.InvalidInput("expires_at must be an ISO 8601 time with a time zone")
+    checkout = await gateway.open_trade(
+        OpenTrade(
+            pay_order_no=_pay_order_no(body["pay_order_no"], "pay_order_no"),
+            amount=domain.check_amount(body["amount"]),
+            currency=domain.check_currency(body["currency"]),
+            expires_at=at,
+            idempotency_key=f"open-{body['pay_order_no']}",
+        )
+    )
+    return checkout.model_dump(mode="json")
 
 
 @router.post("/v1/trades/{pay_order_no}/close")

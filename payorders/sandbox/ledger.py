@@ -25,6 +25,7 @@ import asyncpg
 
 from payorders.core import store
 from payorders.core.domain import RefundStatus
+from payorders.core.models import Checkout
 from payorders.core.settings import Settings
 from payorders.core.store import Conn
 from payorders.gateways.port import (
@@ -34,6 +35,7 @@ from payorders.gateways.port import (
     GatewayRefund,
     GatewayRejected,
     GatewayUnavailable,
+    OpenTrade,
     RefundRequest,
     Statement,
 )
@@ -369,7 +371,24 @@ class SandboxGateway:
 
     # --- the Gateway protocol -------------------------------------------------------------
 
-    async def close_trade(self, pay_order_no: str, *, notify: bool = False) -> CloseResult:
+    name = "sandbox"
+
+    async def open_trade(self, trade: OpenTrade, *, first_attempt: bool = True) -> Checkout:
+        """Open the trade (once per pay order: the pay order number is the sandbox's trade
+        number, so a repeated call finds the same trade). A trade already paid or closed
+        stays as it is."""
+        await self._apply_delay(trade.pay_order_no)
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                f"INSERT INTO {self._s}.trade (pay_order_no, state) VALUES ($1, 'OPEN')"
+                " ON CONFLICT (pay_order_no) DO NOTHING",
+                trade.pay_order_no,
+            )
+        return sandbox_checkout(trade.pay_order_no)
+
+    async def close_trade(
+        self, pay_order_no: str, trade_ref: str | None = None, *, notify: bool = False
+    ) -> CloseResult:
         """Close the trade, or learn it was paid. With ``notify``, a payment made at the very
         instant of closing (the ``paid_on_close`` fault) also queues its webhook, as a real
         gateway would send one for it."""
@@ -469,9 +488,9 @@ class SandboxGateway:
                 await asyncio.sleep(self._withhold_answer_s)
         return rec
 
-    async def query_refund(self, idempotency_key: str) -> GatewayRefund | None:
+    async def query_refund(self, idempotency_key: str, txn_id: str) -> GatewayRefund | None:
         rec = await self._refund_by_key(idempotency_key)
-        return None if rec is None else _refund(rec)
+        return None if rec is None or rec["txn_id"] != txn_id else _refund(rec)
 
     async def query_refund_detailed(self, idempotency_key: str) -> SandboxRefund | None:
         rec = await self._refund_by_key(idempotency_key)
@@ -681,20 +700,36 @@ class TimeoutClient:
                 observed_ms=observed,
             ) from None
 
-    async def close_trade(self, pay_order_no: str) -> CloseResult:
+    name = "sandbox"
+
+    async def open_trade(self, trade: OpenTrade, *, first_attempt: bool = True) -> Checkout:
+        return await self._call("open_trade", lambda: self._inner.open_trade(trade))
+
+    async def close_trade(self, pay_order_no: str, trade_ref: str | None = None) -> CloseResult:
         return await self._call("close_trade", lambda: self._inner.close_trade(pay_order_no))
 
     async def refund(self, request: RefundRequest) -> GatewayRefund:
         return await self._call("refund", lambda: self._inner.refund(request))
 
-    async def query_refund(self, idempotency_key: str) -> GatewayRefund | None:
-        return await self._call("query_refund", lambda: self._inner.query_refund(idempotency_key))
+    async def query_refund(self, idempotency_key: str, txn_id: str) -> GatewayRefund | None:
+        return await self._call(
+            "query_refund", lambda: self._inner.query_refund(idempotency_key, txn_id)
+        )
 
     async def query_capture(self, txn_id: str) -> Capture | None:
         return await self._call("query_capture", lambda: self._inner.query_capture(txn_id))
 
     async def statement(self, start: datetime, end: datetime) -> Statement:
         return await self._call("statement", lambda: self._inner.statement(start, end))
+
+
+def sandbox_checkout(pay_order_no: str) -> Checkout:
+    """What a front end needs to pay a sandbox trade: its number, and where to pay it."""
+    return Checkout(
+        gateway="sandbox",
+        trade_ref=pay_order_no,
+        details={"trade_no": pay_order_no, "pay_url": "/v1/payments"},
+    )
 
 
 def _capture(rec: asyncpg.Record) -> Capture:

@@ -39,17 +39,24 @@ from payorders.core.domain import RefundStatus
 from payorders.core.models import OperatorRefund
 from payorders.core.settings import Settings
 from payorders.core.store import NotRefundable, PayOrderStore
-from payorders.gateways.port import Gateway, GatewayError
-from payorders.pay_orders import PayOrderConflict, PayOrders, UnknownPayOrder, UnknownTransaction
+from payorders.gateways.port import Capture, Gateway, GatewayError
+from payorders.pay_orders import (
+    CheckoutPending,
+    PayOrderConflict,
+    PayOrders,
+    UnknownPayOrder,
+    UnknownTransaction,
+)
 from payorders.runtime import database_url, open_resources
 from payorders.service import metrics as api_metrics
-from payorders.service import webhook
+from payorders.service import stripe_webhook, webhook
 from payorders.service.errors import ApiError
 
 log = logging.getLogger("payorders.pay_orders")
 
 PAY_ORDER_NO = r"^po_[A-Za-z0-9_-]{1,64}$"
 WEBHOOK_ROUTE = "/v1/webhooks/gateway"
+STRIPE_WEBHOOK_ROUTE = "/v1/webhooks/stripe"
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
@@ -128,6 +135,16 @@ class PayOrderOut(BaseModel):
     currency: str
     expires_at: datetime
     created: bool
+    checkout: dict[str, str] | None = Field(
+        description="what the front end needs to let the customer pay, the same for every"
+        " retry: `gateway`, and for Stripe `payment_intent` and `client_secret` (confirm the"
+        " PaymentIntent with Stripe.js); for the sandbox `trade_no` and `pay_url`. Null when"
+        " the pay order can no longer be paid (`not_payable` says why)",
+        examples=[
+            {"gateway": "stripe", "payment_intent": "pi_123", "client_secret": "pi_123_secret_456"}
+        ],
+    )
+    not_payable: str | None = None
 
 
 class PaymentOut(BaseModel):
@@ -159,6 +176,10 @@ class PayOrderDetailsOut(BaseModel):
     paid_amount: int
     refunded_amount: int
     lock_version: int
+    gateway: str | None = Field(description="the gateway that opened the pay order's trade")
+    trade_ref: str | None = Field(
+        description="the gateway's id of the trade (Stripe: the PaymentIntent)"
+    )
     payments: list[PaymentOut]
     fund_identity: FundOut
     workflow_status: str | None
@@ -322,6 +343,10 @@ def create_app(settings: Settings) -> FastAPI:
         responses={
             200: {"model": PayOrderOut, "description": "the existing pay order"},
             409: {"description": "the order has a pay order for another amount"},
+            503: {
+                "description": "Temporal cannot be reached, or the gateway has not opened the"
+                " trade yet: retry the same request"
+            },
         },
     )
     async def create_pay_order(body: CreatePayOrderRequest, deps: DepsDep) -> JSONResponse:
@@ -353,8 +378,18 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(422, "invalid_request", str(e)) from None
         except PayOrderConflict as e:
             raise ApiError(409, "conflict", str(e)) from None
+        except CheckoutPending as e:
+            raise ApiError(503, "checkout_pending", str(e)) from None
+        c = started.checkout
         out = PayOrderOut(
-            **{k: v for k, v in asdict(started).items() if k in PayOrderOut.model_fields}
+            pay_order_no=started.pay_order_no,
+            order_no=started.order_no,
+            amount=started.amount,
+            currency=started.currency,
+            expires_at=started.expires_at,
+            created=started.created,
+            checkout=None if c is None else {"gateway": c.gateway, **c.details},
+            not_payable=started.not_payable,
         )
         return JSONResponse(
             out.model_dump(mode="json"), status_code=201 if started.created else 200
@@ -430,31 +465,48 @@ def create_app(settings: Settings) -> FastAPI:
             log.warning("webhook rejected: %s", e.reason)
             api_metrics.note_webhook_reason(request.scope, api_metrics.webhook_check_reason(e))
             raise ApiError(e.status, "webhook_rejected", e.reason) from None
-        seen = await deps.store.webhook_outcome(event.event_id)
-        if seen is not None:
-            return _accepted(seen, event_duplicate=True, txn_known=await _txn_known(deps, event))
-        await _verify_with_gateway(deps.gateway, event)
-        txn_known = await _txn_known(deps, event)
+        return await _accept_payment(deps, event)
+
+    @app.post(
+        STRIPE_WEBHOOK_ROUTE,
+        response_model=WebhookAccepted,
+        openapi_extra={
+            "parameters": [
+                {
+                    "in": "header",
+                    "name": stripe_webhook.HEADER,
+                    "required": True,
+                    "schema": {"type": "string"},
+                },
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+        },
+        responses={401: {"description": "bad signature"}, 503: {"description": "retry later"}},
+    )
+    async def stripe_webhook_route(request: Request, deps: DepsDep) -> WebhookAccepted:
+        """Stripe's webhook endpoint: verified with the Stripe SDK; ``payment_intent.succeeded``
+        is handed to its pay order like any gateway's payment; other types change nothing."""
+        if deps.settings.gateway != "stripe":
+            raise ApiError(404, "not_found", "this service does not use the Stripe gateway")
+        body = await request.body()
         try:
-            outcome = await _temporal(
-                lambda: deps.orders.notify_payment(
-                    pay_order_no=event.pay_order_no,
-                    txn_id=event.txn_id,
-                    amount=event.amount,
-                    currency=event.currency,
-                    paid_at=event.paid_at,
-                )
+            event = stripe_webhook.read_event(
+                body,
+                request.headers.get(stripe_webhook.HEADER),
+                secrets=[s.get_secret_value() for s in deps.settings.stripe_webhook_secret],
+                tolerance_s=deps.settings.webhook_tolerance_s,
             )
-        except UnknownPayOrder:
-            log.warning("webhook %s for unknown pay order %s", event.event_id, event.pay_order_no)
-            raise ApiError(404, "unknown_pay_order", f"no pay order {event.pay_order_no}") from None
-        await deps.store.record_webhook(
-            event.event_id,
-            pay_order_no=event.pay_order_no,
-            txn_id=event.txn_id,
-            outcome=outcome.value,
-        )
-        return _accepted(outcome.value, event_duplicate=False, txn_known=txn_known)
+        except webhook.WebhookRejected as e:
+            log.warning("stripe webhook rejected: %s", e.reason)
+            api_metrics.note_webhook_reason(request.scope, api_metrics.webhook_check_reason(e))
+            raise ApiError(e.status, "webhook_rejected", e.reason) from None
+        if isinstance(event, stripe_webhook.IgnoredEvent):
+            log.info("stripe webhook %s: %s ignored", event.event_id, event.type)
+            return _accepted("IGNORED", event_duplicate=False, txn_known=False)
+        return await _accept_payment(deps, event)
 
     _operator_refund_routes(app, auth)
 
@@ -487,6 +539,36 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+async def _accept_payment(deps: Deps, event: webhook.PaymentEvent) -> WebhookAccepted:
+    """Deduplicate by event id, check against the gateway, then signal the pay order (or
+    start its late refund): the same path for every gateway's notification."""
+    seen = await deps.store.webhook_outcome(event.event_id)
+    if seen is not None:
+        return _accepted(seen, event_duplicate=True, txn_known=await _txn_known(deps, event))
+    capture = await _verify_with_gateway(deps.gateway, event)
+    txn_known = await _txn_known(deps, event)
+    try:
+        outcome = await _temporal(
+            lambda: deps.orders.notify_payment(
+                pay_order_no=event.pay_order_no,
+                txn_id=event.txn_id,
+                amount=event.amount,
+                currency=event.currency,
+                paid_at=capture.captured_at,
+            )
+        )
+    except UnknownPayOrder:
+        log.warning("webhook %s for unknown pay order %s", event.event_id, event.pay_order_no)
+        raise ApiError(404, "unknown_pay_order", f"no pay order {event.pay_order_no}") from None
+    await deps.store.record_webhook(
+        event.event_id,
+        pay_order_no=event.pay_order_no,
+        txn_id=event.txn_id,
+        outcome=outcome.value,
+    )
+    return _accepted(outcome.value, event_duplicate=False, txn_known=txn_known)
+
+
 def _accepted(outcome: str, *, event_duplicate: bool, txn_known: bool) -> WebhookAccepted:
     return WebhookAccepted(
         received=True,
@@ -501,7 +583,7 @@ async def _txn_known(deps: Deps, event: webhook.PaymentEvent) -> bool:
     return await deps.orders.has_payment(event.pay_order_no, event.txn_id)
 
 
-async def _verify_with_gateway(gateway: Gateway, event: webhook.PaymentEvent) -> None:
+async def _verify_with_gateway(gateway: Gateway, event: webhook.PaymentEvent) -> Capture:
     """Believe a notification only as far as the gateway's own record of the capture.
 
     A signed notification that disagrees with the gateway is refused (nothing changes);
@@ -537,6 +619,7 @@ async def _verify_with_gateway(gateway: Gateway, event: webhook.PaymentEvent) ->
             f"{', '.join(differ)}: the notification must match the gateway's record of"
             f" transaction {event.txn_id}",
         )
+    return capture
 
 
 # --- operator refunds ------------------------------------------------------------------------

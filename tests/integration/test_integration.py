@@ -281,11 +281,13 @@ HISTORY_PATHS = [
     "late_payment_refund_ambiguous",
 ]
 
+# Version 3 adds three events to a pay order: the trade opened (a local activity's marker)
+# and checkout's update (accepted, completed), delivered with the start in its first task.
 MAX_EVENTS = {
-    "paid": 20,
-    "expired": 19,
+    "paid": 23,
+    "expired": 22,
     "late_refund": 17,
-    "already_paid_on_close": 19,
+    "already_paid_on_close": 22,
     "double_payment": 40,
     "wrong_amount_then_paid": 40,
     "late_payment_refund_retried": 45,

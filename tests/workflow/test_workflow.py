@@ -40,6 +40,17 @@ async def test_paid_before_expiry_succeeds_and_closes_after_the_25h_window(
             order_no=order_no(), amount=1999, currency="USD", now=await stack.now()
         )
         assert started.expires_at - await stack.now() <= timedelta(hours=1)
+        # The workflow opened the trade before checkout answered; a retry gets the same one.
+        assert started.checkout is not None
+        assert started.checkout.gateway == "sandbox"
+        assert started.checkout.trade_ref == started.pay_order_no
+        assert (await stack.svc.store.get_pay_order(started.pay_order_no)).trade_ref == (
+            started.pay_order_no
+        )
+        again = await stack.api.start_pay_order(
+            order_no=started.order_no, amount=1999, currency="USD", now=await stack.now()
+        )
+        assert (again.created, again.checkout) == (False, started.checkout)
         await pay(stack, started.pay_order_no, 1999)
         result = await stack.result(started.pay_order_no)
         assert result.status is SUCCESS
