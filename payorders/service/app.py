@@ -506,7 +506,7 @@ def create_app(settings: Settings) -> FastAPI:
         if isinstance(event, stripe_webhook.IgnoredEvent):
             log.info("stripe webhook %s: %s ignored", event.event_id, event.type)
             return _accepted("IGNORED", event_duplicate=False, txn_known=False)
-        return await _accept_payment(deps, event)
+        return await _accept_payment(deps, event, STRIPE_FIELDS)
 
     _operator_refund_routes(app, auth)
 
@@ -539,13 +539,23 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-async def _accept_payment(deps: Deps, event: webhook.PaymentEvent) -> WebhookAccepted:
+SANDBOX_FIELDS = ("data.pay_order_no", "data.amount", "data.currency")
+STRIPE_FIELDS = (
+    "data.object.metadata.pay_order_no",
+    "data.object.amount_received",
+    "data.object.currency",
+)
+
+
+async def _accept_payment(
+    deps: Deps, event: webhook.PaymentEvent, fields: tuple[str, str, str] = SANDBOX_FIELDS
+) -> WebhookAccepted:
     """Deduplicate by event id, check against the gateway, then signal the pay order (or
     start its late refund): the same path for every gateway's notification."""
     seen = await deps.store.webhook_outcome(event.event_id)
     if seen is not None:
         return _accepted(seen, event_duplicate=True, txn_known=await _txn_known(deps, event))
-    capture = await _verify_with_gateway(deps.gateway, event)
+    capture = await _verify_with_gateway(deps.gateway, event, fields)
     txn_known = await _txn_known(deps, event)
     try:
         outcome = await _temporal(
@@ -583,7 +593,9 @@ async def _txn_known(deps: Deps, event: webhook.PaymentEvent) -> bool:
     return await deps.orders.has_payment(event.pay_order_no, event.txn_id)
 
 
-async def _verify_with_gateway(gateway: Gateway, event: webhook.PaymentEvent) -> Capture:
+async def _verify_with_gateway(
+    gateway: Gateway, event: webhook.PaymentEvent, fields: tuple[str, str, str]
+) -> Capture:
     """Believe a notification only as far as the gateway's own record of the capture.
 
     A signed notification that disagrees with the gateway is refused (nothing changes);
@@ -604,10 +616,11 @@ async def _verify_with_gateway(gateway: Gateway, event: webhook.PaymentEvent) ->
         )
     differ = [
         name
-        for name, ours, theirs in (
-            ("data.pay_order_no", event.pay_order_no, capture.pay_order_no),
-            ("data.amount", event.amount, capture.amount),
-            ("data.currency", event.currency, capture.currency),
+        for name, ours, theirs in zip(
+            fields,
+            (event.pay_order_no, event.amount, event.currency),
+            (capture.pay_order_no, capture.amount, capture.currency),
+            strict=True,
         )
         if ours != theirs
     ]
