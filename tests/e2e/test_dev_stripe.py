@@ -6,6 +6,7 @@ children's environment and the settings of a private stack's clients."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -110,6 +111,27 @@ def test_the_sandbox_stack_says_it_is_the_sandbox(
     assert "payorders.sandbox.app:app" in stack.children["gateway"].args
     private = DevStack.private(tmp_path)
     assert (private.client_settings().gateway, private.stripe_url) == ("sandbox", None)
+
+
+def test_a_stack_file_written_before_the_gateway_choice_reads_as_the_sandbox(
+    tmp_path: Path,
+) -> None:
+    old = {
+        "pid": os.getpid(),
+        "temporal_address": "127.0.0.1:7233",
+        "temporal_ui_url": "http://127.0.0.1:8233",
+        "database_url": "postgresql://postgres@/payorders",
+        "api_url": "http://127.0.0.1:8000",
+        "gateway_url": "http://127.0.0.1:8001",
+        "tuning": {},
+    }
+    (tmp_path / stackinfo.FILENAME).write_text(json.dumps(old))
+    info = stackinfo.read(tmp_path)
+    assert info is not None
+    assert (info.gateway, info.stripe_api_base, info.localstripe_url) == ("sandbox", None, None)
+    # A key a newer stack adds does not make the file unreadable.
+    (tmp_path / stackinfo.FILENAME).write_text(json.dumps({**old, "from_the_future": 1}))
+    assert stackinfo.read(tmp_path) == info
 
 
 # --- the stack as a process ----------------------------------------------------------------

@@ -446,6 +446,23 @@ async def test_a_duplicated_webhook_arrives_twice_identical(wire: Wire) -> None:
     assert first.event().id == second.event().id
 
 
+async def test_a_delayed_webhook_waits_at_the_wire_then_arrives(wire: Wire) -> None:
+    no = pay_order()
+    await wire.arm(no, webhook_delay_ms=5000)
+    pi = await paid_intent(wire.via_wire, no)
+    deadline = time.monotonic() + 20
+    while not [
+        d
+        for d in (await wire.control.get(DELIVERIES_PATH)).json()
+        if d["pay_order_no"] == no and d["outcome"] == "pending"
+    ]:
+        assert time.monotonic() < deadline, "the webhook never reached the wire"
+        await asyncio.sleep(0.05)
+    assert wire.receiver.of(pi.id) == []  # held at the wire
+    await wire.receiver.wait(pi.id, 1)
+    assert (await wire.delivery("payment_intent.succeeded", no))["outcome"] == "delivered"
+
+
 async def test_a_reordered_webhook_is_overtaken_by_a_later_one(wire: Wire) -> None:
     held, later = pay_order(), pay_order()
     await wire.arm(held, webhook_reorder_next=1)
