@@ -14,6 +14,7 @@ from payorders.core.settings import Settings
 from payorders.gateways.factory import open_gateway
 from payorders.gateways.port import Gateway
 from payorders.localstack import stackinfo
+from payorders.localstack.stack import DEV_STRIPE_API_KEY, DEV_STRIPE_WEBHOOK_SECRET
 
 
 class StackNotRunning(RuntimeError):
@@ -59,6 +60,16 @@ def with_stack_defaults(settings: Settings) -> Settings:
     for field in ("database_url", "api_url", "gateway_url"):
         if field not in settings.model_fields_set:
             updates[field] = getattr(info, field)
+    if "gateway" not in settings.model_fields_set:
+        updates["gateway"] = info.gateway
+        if info.gateway == "stripe":
+            # The stack's own dev-only key and its wire proxy, unless this shell sets them.
+            if "stripe_api_base" not in settings.model_fields_set and info.stripe_api_base:
+                updates["stripe_api_base"] = info.stripe_api_base
+            if "stripe_api_key" not in settings.model_fields_set:
+                updates["stripe_api_key"] = DEV_STRIPE_API_KEY
+            if "stripe_webhook_secret" not in settings.model_fields_set:
+                updates["stripe_webhook_secret"] = [DEV_STRIPE_WEBHOOK_SECRET]
     # Validate again, so tuning strings become the fields' types.
     return Settings(**{**settings.model_dump(), **updates})
 
