@@ -186,7 +186,9 @@ async def test_the_ui_tells_an_expired_order_that_refunds_a_late_payment(
         assert_in_order(
             [
                 "create_pay_order",
-                f"pay order created: 1999 USD; payment window until {when(started.expires_at)}",
+                "open_trade",
+                "pay order created: 1999 USD; trade opened at the sandbox gateway;"
+                f" payment window until {when(started.expires_at)}",
                 "close_trade",
                 "expire_pay_order",
                 f"trade closed at the gateway; pay order PAY_EXPIRED; {settlement}",
@@ -200,6 +202,7 @@ async def test_the_ui_tells_an_expired_order_that_refunds_a_late_payment(
         assert_in_order(
             [
                 "create pay order 1999 USD",
+                "open the trade at the gateway: 1999 USD",
                 "payment window over: close the trade at the gateway",
                 "trade closed: expire the pay order",
                 f"record payment {txn} 1999 USD -> refund (LATE)",
@@ -214,6 +217,7 @@ async def test_the_ui_tells_an_expired_order_that_refunds_a_late_payment(
         assert_in_order(
             [
                 "pay order created: 1999 USD",
+                "trade opened at the sandbox gateway",
                 f"payment window until {when(started.expires_at)}",
                 "trade closed at the gateway",
                 "pay order PAY_EXPIRED",
@@ -246,7 +250,9 @@ async def test_the_ui_tells_a_paid_order(
         assert_in_order(
             [
                 "create_pay_order",
-                f"pay order created: 42 EUR; payment window until {when(started.expires_at)}",
+                "open_trade",
+                "pay order created: 42 EUR; trade opened at the sandbox gateway;"
+                f" payment window until {when(started.expires_at)}",
                 "payment_succeeded",
                 "record_payment",
                 f"{txn} 42 EUR settled: PAY_SUCCESS; settlement window until ",
