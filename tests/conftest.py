@@ -263,3 +263,17 @@ async def pay(
         paid_at=capture.captured_at,
     )
     return capture.txn_id
+
+
+@pytest.fixture(scope="session")
+async def localstripe() -> AsyncIterator[Any]:
+    """One localstripe process for the session (``LocalStripe``: 127.0.0.1, a free port, its
+    state in a temporary folder removed at the end). Flush it where a test needs it empty."""
+    from payorders.localstack.localstripe import LocalStripe
+
+    tmp = Path(tempfile.mkdtemp(prefix="payorders-localstripe-"))
+    try:
+        async with LocalStripe(tmp) as server:
+            yield server
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,6 @@ from datetime import datetime
 from typing import Any
 
 import httpx
-from prometheus_client import Counter, Histogram
 
 from payorders.core.domain import RefundStatus
 from payorders.core.models import Checkout
@@ -33,6 +32,7 @@ from payorders.gateways.port import (
     RefundRequest,
     Statement,
 )
+from payorders.gateways.telemetry import CALLS, OBSERVED, PROCESSING
 
 # A server closes a keep-alive connection once it has been idle for a while (uvicorn: 5 s).
 # A client that sends on such a connection at that instant sees it drop with no answer.
@@ -42,15 +42,6 @@ POOL_LIMITS = httpx.Limits(keepalive_expiry=2.0)
 
 
 log = logging.getLogger(__name__)
-
-
-CALLS = Counter(
-    "payorders_gateway_calls_total", "Gateway calls by operation and outcome", ["op", "outcome"]
-)
-OBSERVED = Histogram("payorders_gateway_observed_seconds", "Call time seen by our client", ["op"])
-PROCESSING = Histogram(
-    "payorders_gateway_processing_seconds", "Time the gateway says it spent", ["op"]
-)
 
 
 def _refund_status(vendor: str) -> RefundStatus:
