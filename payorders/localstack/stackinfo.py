@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 FILENAME = "stack.json"
@@ -23,6 +23,15 @@ class StackInfo:
     """Local settings of the stack (PAYORDERS_* names), applied by every client of it."""
     worker_metrics_url: str | None = None
     """The worker's Prometheus endpoint (None in files written before it existed)."""
+    gateway: str = "sandbox"
+    """The gateway the stack runs, ``sandbox`` or ``stripe`` (files written before the
+    choice existed: ``sandbox``). With ``stripe``, ``gateway_url`` is the Stripe wire's, whose
+    faults API is the sandbox's."""
+    stripe_api_base: str | None = None
+    """With ``stripe``: where the Stripe SDK's calls go, the fault proxy in front of
+    localstripe (``PAYORDERS_STRIPE_API_BASE``)."""
+    localstripe_url: str | None = None
+    """With ``stripe``: localstripe itself, behind the proxy."""
 
 
 def write(data_dir: Path, info: StackInfo) -> None:
@@ -34,8 +43,11 @@ def write(data_dir: Path, info: StackInfo) -> None:
 def read(data_dir: Path) -> StackInfo | None:
     """The running stack's info, or None (no file, or its process is gone)."""
     try:
-        info = StackInfo(**json.loads((data_dir / FILENAME).read_text()))
-    except (OSError, ValueError, TypeError):
+        doc = json.loads((data_dir / FILENAME).read_text())
+        # Keys a newer stack added are left out: this reader knows only its own fields.
+        known = {f.name for f in fields(StackInfo)}
+        info = StackInfo(**{k: v for k, v in doc.items() if k in known})
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
     try:
         os.kill(info.pid, 0)

@@ -15,7 +15,8 @@ a pay order number or ``*``), so ``payorders fault`` drives either gateway:
 - ``delay_ms``: every call of the pay order waits that long before it is forwarded;
 - ``paid_on_close_amount``/``_currency``: a cancel of an unpaid PaymentIntent is preceded by
   its payment, so the payment wins the race at the instant of expiry and the cancel is
-  refused. A PaymentIntent can only be paid for its own amount: the fault's amount arms it;
+  refused (the customer's payment is ``localstripe.pay_payment_intent``'s). A PaymentIntent
+  can only be paid for its own amount: the fault's amount arms it;
 - ``webhook_delay_ms``, ``webhook_drop_next``, ``webhook_duplicate_next``,
   ``webhook_reorder_next``: the relay waits, loses, sends twice, or holds back a webhook.
   localstripe never resends a webhook, so a lost one stays lost (reconciliation's job).
@@ -45,6 +46,7 @@ from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 import httpx
+import stripe
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic import model_validator as _model_validator
 from starlette.applications import Starlette
@@ -53,6 +55,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from payorders.core import domain
+from payorders.localstack.localstripe import pay_payment_intent
 
 log = logging.getLogger(__name__)
 
@@ -466,19 +469,25 @@ class StripeWire:
 
     async def _pay_before_cancel(self, request: Request, pi_id: str) -> None:
         """The customer pays at the very instant we cancel: the payment lands first."""
-        auth = {"Authorization": request.headers.get("authorization", "")}
-        base = f"{self.upstream}/v1/payment_intents/{pi_id}"
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            log.warning("paid_on_close: no bearer key on the cancel of %s; not paid", pi_id)
+            return
+        http = stripe.HTTPXClient(timeout=UPSTREAM_TIMEOUT_S)
+        customer = stripe.StripeClient(
+            key, base_addresses={"api": self.upstream}, max_network_retries=0, http_client=http
+        )
         try:
-            pi = _json((await self.http.get(base, headers=auth)).content)
-            if not isinstance(pi, dict) or pi.get("status") not in _PAYABLE:
+            pi = await customer.v1.payment_intents.retrieve_async(pi_id)
+            if pi.status not in _PAYABLE:
                 return
-            if not pi.get("payment_method"):
-                await self.http.post(base, data={"payment_method": "pm_card_visa"}, headers=auth)
-            paid = await self.http.post(f"{base}/confirm", headers=auth)
-        except httpx.HTTPError as e:
+            paid = await pay_payment_intent(customer, pi_id)
+        except stripe.StripeError as e:
             log.warning("paid_on_close: paying %s failed (%s)", pi_id, type(e).__name__)
             return
-        log.warning("paid_on_close: %s paid before its cancel (%d)", pi_id, paid.status_code)
+        finally:
+            await http.close_async()  # type: ignore[no-untyped-call]
+        log.warning("paid_on_close: %s paid (%s) before its cancel", pi_id, paid.status)
 
     # --- webhooks -------------------------------------------------------------------------
 

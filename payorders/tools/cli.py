@@ -628,6 +628,8 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
         api_port=args.api_port,
         gateway_port=args.gateway_port,
         worker_metrics_port=args.worker_metrics_port,
+        stripe_port=args.stripe_port,
+        gateway=args.gateway,
     )
 
     async def demo(stack: DevStack) -> int:
@@ -664,7 +666,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temporal-port", type=_count, default=7233, help="Temporal gRPC port")
     c.add_argument("--ui-port", type=_count, default=8233, help="Temporal Web UI port")
     c.add_argument("--api-port", type=_count, default=8000, help="service API port")
+    c.add_argument(
+        "--gateway",
+        choices=["sandbox", "stripe"],
+        default="sandbox",
+        help="the gateway: the sandbox's, or localstripe behind the Stripe wire (default sandbox)",
+    )
     c.add_argument("--gateway-port", type=_count, default=8001, help="sandbox gateway port")
+    c.add_argument(
+        "--stripe-port",
+        type=_count,
+        default=8420,
+        help="with --gateway stripe: the Stripe wire, the Stripe API the adapter is given"
+        " (localstripe takes the next port, or a free one)",
+    )
     c.add_argument(
         "--worker-metrics-port", type=_count, default=9464, help="the worker's Prometheus port"
     )
