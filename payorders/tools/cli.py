@@ -29,7 +29,13 @@ from payorders.core.settings import Settings
 from payorders.localstack import stackinfo
 from payorders.pay_orders import connect
 from payorders.runtime import with_stack_defaults
-from payorders.tools.http_clients import SandboxClient, ServiceClient, ServiceError, Unreachable
+from payorders.tools.http_clients import (
+    GatewayClient,
+    ServiceClient,
+    ServiceError,
+    Unreachable,
+    gateway_client,
+)
 from payorders.tools.table import pairs, render
 
 START_HINT = "start the local stack first: scripts/dev (or payorders dev)"
@@ -172,25 +178,64 @@ def _timestamp(text: str) -> datetime:
 # --- connections -------------------------------------------------------------------------
 
 
+GATEWAYS = ("sandbox", "stripe")
+
+
 @dataclass
 class Ctx:
     settings: Settings
     service: ServiceClient
-    gateway: SandboxClient
+    gateway: GatewayClient
+
+
+def stack_settings(settings: Settings, *, gateway: str | None = None) -> Settings:
+    """The settings of a client of the running stack: its addresses, and the gateway it
+    runs (with Stripe: its Stripe API base and dev key), where the environment set none.
+
+    Args:
+        gateway: the gateway asked for (``--gateway``), over the environment's.
+
+    Raises:
+        CliError: the gateway asked for is not the one the running stack runs.
+    """
+    chosen = gateway or (settings.gateway if "gateway" in settings.model_fields_set else None)
+    explicit = settings.model_fields_set
+    info = stackinfo.read(settings.data_dir)
+    settings = with_stack_defaults(settings)
+    updates: dict[str, Any] = {}
+    if info is not None and settings.api_url == info.api_url:  # that stack's API
+        if chosen is not None and chosen != info.gateway:
+            raise CliError(
+                f"the stack running in {settings.data_dir} runs the {info.gateway} gateway,"
+                f" not {chosen}: start it with `payorders dev --gateway {chosen}`"
+            )
+        updates["gateway"] = info.gateway
+        if info.stripe_api_base and "stripe_api_base" not in explicit:
+            updates["stripe_api_base"] = info.stripe_api_base
+        if info.stripe_api_base and "stripe_api_key" not in explicit:
+            from payorders.localstack.stack import DEV_STRIPE_API_KEY
+
+            updates["stripe_api_key"] = DEV_STRIPE_API_KEY
+    elif chosen is not None:
+        updates["gateway"] = chosen
+    return Settings(**{**settings.model_dump(), **updates}) if updates else settings
 
 
 @asynccontextmanager
-async def connected(settings: Settings) -> AsyncIterator[Ctx]:
-    """HTTP clients of the service API and the sandbox gateway of the running stack."""
-    settings = with_stack_defaults(settings)
+async def connected(settings: Settings, *, gateway: str | None = None) -> AsyncIterator[Ctx]:
+    """Clients of the service API and the gateway of the running stack (``gateway``: the
+    one asked for, which must be the stack's)."""
     if stackinfo.read(settings.data_dir) is None and "api_url" not in settings.model_fields_set:
         raise CliError(f"no local stack is running in {settings.data_dir}; {START_HINT}")
+    settings = stack_settings(settings, gateway=gateway)
+    service = ServiceClient(settings)
     try:
-        service, gateway = ServiceClient(settings), SandboxClient(settings)
+        gateway_ = gateway_client(settings, service)
     except Unreachable as e:
+        await service.aclose()
         raise CliError(f"{e}; {START_HINT}") from None
     try:
-        yield Ctx(settings=settings, service=service, gateway=gateway)
+        yield Ctx(settings=settings, service=service, gateway=gateway_)
     except Unreachable as e:
         raise CliError(f"{e}; {START_HINT}") from None
     except ServiceError as e:
@@ -199,7 +244,7 @@ async def connected(settings: Settings) -> AsyncIterator[Ctx]:
         raise CliError(e.message) from None
     finally:
         await service.aclose()
-        await gateway.aclose()
+        await gateway_.aclose()
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -542,14 +587,16 @@ async def cmd_torture(args: argparse.Namespace, settings: Settings) -> int:
     from payorders.tools.torture import ChaosPlan, run_chaos_torture, run_torture
 
     if args.chaos:
+        # A private stack of its own: the gateway asked for, else the environment's.
         return await run_chaos_torture(
             ChaosPlan(worker_kills=args.worker_kills),
+            gateway=args.gateway or settings.gateway,
             orders=args.orders,
             expires_in_s=args.expires_in_s,
             seed=args.seed,
             settle_within_s=args.settle_within_s,
         )
-    async with connected(settings) as c:
+    async with connected(settings, gateway=args.gateway) as c:
         return await run_torture(
             c.settings,
             orders=args.orders,
@@ -566,7 +613,7 @@ def _ui(c: Ctx, pay_order_no: str) -> str:
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from payorders.tools.demo import run_demo
 
-    async with connected(settings) as c:
+    async with connected(settings, gateway=args.gateway) as c:
         return await run_demo(c.settings)
 
 
@@ -588,8 +635,8 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     async def demo(stack: DevStack) -> int:
         from payorders.tools.demo import run_demo
 
-        # The stack has written its addresses and tuning to the data directory.
-        return await run_demo(with_stack_defaults(settings))
+        # The stack's own client settings: its addresses, tuning and gateway.
+        return await run_demo(stack.client_settings())
 
     return await run_dev(settings, options, after_start=demo if args.demo else None)
 
@@ -651,11 +698,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="deadline, ISO 8601 with zone, e.g. 2026-12-01T11:00:00Z (at most 7 days away)",
     )
 
-    c = command("pay", "a customer pays at the sandbox gateway, which notifies us", cmd_pay)
+    c = command(
+        "pay",
+        "a customer pays at the gateway, which notifies us (Stripe: the checkout PaymentIntent"
+        " with a test card while it is payable for the amount, else another PaymentIntent)",
+        cmd_pay,
+    )
     c.add_argument("pay_order_no", type=_pay_order_no)
     c.add_argument("--amount", type=_amount, help="default: the order's amount")
     c.add_argument("--currency", type=_currency, help="default: the order's currency")
-    c.add_argument("--txn-id", type=_identifier("txn_id"), help="default: a new transaction")
+    c.add_argument(
+        "--txn-id",
+        type=_identifier("txn_id"),
+        help="the payment's key: the same again pays once (default: a new payment)",
+    )
 
     c = command("notify", "the gateway adapter: report a payment notification by hand", cmd_notify)
     c.add_argument("pay_order_no", type=_pay_order_no)
@@ -671,7 +727,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--status", choices=[s.value for s in domain.PayOrderStatus])
     c.add_argument("--limit", type=_count, default=50)
 
-    c = command("fault", "set or show the sandbox gateway's faults", cmd_fault)
+    c = command(
+        "fault",
+        "set or show the gateway's faults (the sandbox's, or the Stripe wire's: on the wire"
+        " between the adapter and Stripe)",
+        cmd_fault,
+    )
     c.add_argument("--order", type=_pay_order_no, help="only this pay order (default: every order)")
     c.add_argument("--fail-next-refunds", type=_count, metavar="N")
     c.add_argument(
@@ -701,11 +762,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--paid-on-close",
         nargs=2,
         metavar=("AMOUNT", "CURRENCY"),
-        help="a capture lands at the instant the trade is closed",
+        help="a capture lands at the instant the trade is closed (Stripe: the PaymentIntent"
+        " is paid for its own amount; AMOUNT and CURRENCY only arm the fault)",
     )
     c.add_argument("--clear", action="store_true", help="clear faults first")
 
-    command("demo", "drive the running stack through every scenario", cmd_demo, json_out=False)
+    c = command("demo", "drive the running stack through every scenario", cmd_demo, json_out=False)
+    c.add_argument(
+        "--gateway",
+        choices=GATEWAYS,
+        help="the gateway the running stack must run (default: the stack's)",
+    )
 
     c = command(
         "torture",
@@ -724,6 +791,12 @@ def build_parser() -> argparse.ArgumentParser:
         " stop the gateway for a while",
     )
     c.add_argument("--worker-kills", type=_count, default=3, help="with --chaos")
+    c.add_argument(
+        "--gateway",
+        choices=GATEWAYS,
+        help="with --chaos: the gateway of the private stack (default PAYORDERS_GATEWAY, else"
+        " sandbox); without: the gateway the running stack must run (default: the stack's)",
+    )
 
     c = command("reconcile", "run one reconciliation now and print its report", cmd_reconcile)
     c.add_argument("--history", action="store_true", help="list past runs instead")

@@ -14,7 +14,7 @@ from typing import Any
 from payorders.core import domain
 from payorders.core.domain import PayOrderStatus
 from payorders.core.settings import Settings
-from payorders.tools.http_clients import SandboxClient, ServiceClient
+from payorders.tools.http_clients import GatewayClient, ServiceClient, gateway_client
 from payorders.tools.table import render
 
 SHORT = timedelta(seconds=4)
@@ -39,11 +39,11 @@ class Started:
 
 @dataclass
 class Ctx:
-    """The demo's hands: checkout through the service API, customers at the sandbox
+    """The demo's hands: checkout through the service API, customers at the configured
     gateway (whose webhooks reach the adapter), and reads through both."""
 
     service: ServiceClient
-    gateway: SandboxClient
+    gateway: GatewayClient
     settings: Settings
     run_id: str
 
@@ -62,18 +62,17 @@ class Ctx:
     async def create(self, scenario: str, i: int = 0, *, expires_in: timedelta = SHORT) -> str:
         return (await self.start(scenario, i, expires_in=expires_in)).pay_order_no
 
-    async def pay(self, pay_order_no: str) -> str:
-        """The customer pays at the sandbox gateway, which then sends its webhook."""
-        capture = await self.gateway.pay(pay_order_no=pay_order_no, amount=1999, currency="USD")
+    async def pay(self, pay_order_no: str, *, at: datetime | None = None) -> str:
+        """The customer pays at the gateway (at the instant ``at``), which then sends its
+        webhook."""
+        capture = await self.gateway.pay(
+            pay_order_no=pay_order_no, amount=1999, currency="USD", at=at
+        )
         return str(capture["txn_id"])
 
     async def wait_status(self, pay_order_no: str, status: PayOrderStatus) -> None:
         while (await self.service.get(pay_order_no))["status"] != status.value:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
-
-
-async def _sleep_until(when: datetime) -> None:
-    await asyncio.sleep(max(0.0, (when - datetime.now(UTC)).total_seconds()))
 
 
 async def paid_in_time(c: Ctx) -> list[str]:
@@ -90,8 +89,7 @@ async def fifty_at_the_expiry_instant(c: Ctx) -> list[str]:
     started = await asyncio.gather(*(c.start("race", i) for i in range(50)))
 
     async def pay_at_expiry(order: Started) -> None:
-        await _sleep_until(order.expires_at)
-        await c.pay(order.pay_order_no)
+        await c.pay(order.pay_order_no, at=order.expires_at)
 
     await asyncio.gather(*(pay_at_expiry(s) for s in started))
     return [s.pay_order_no for s in started]
@@ -159,10 +157,15 @@ SCENARIOS: list[tuple[str, str, Callable[[Ctx], Awaitable[list[str]]]]] = [
 ]
 
 
-async def _outcome(c: Ctx, no: str) -> tuple[Outcome, bool]:
-    """The order as our service and the gateway's ledger see it, and whether it settled."""
-    order = await c.service.get(no)
-    ledger = await c.gateway.ledger(no)
+async def _outcomes(c: Ctx, nos: list[str]) -> list[tuple[Outcome, bool]]:
+    """Each order as our service and the gateway's own records see it, and whether it
+    settled. The gateway's records of all of them are read at once."""
+    orders = await asyncio.gather(*(c.service.get(no) for no in nos))
+    ledgers = await c.gateway.ledgers(nos)
+    return [_outcome(no, order, ledgers[no]) for no, order in zip(nos, orders, strict=True)]
+
+
+def _outcome(no: str, order: dict[str, Any], ledger: dict[str, Any]) -> tuple[Outcome, bool]:
     settled = (
         order["status"] != PayOrderStatus.PAYING.value
         and all(p["settled"] or p["refund_status"] == "SUCCEEDED" for p in order["payments"])
@@ -183,7 +186,12 @@ async def _outcome(c: Ctx, no: str) -> tuple[Outcome, bool]:
 
 
 async def run_demo(settings: Settings, *, out: Callable[[str], None] = print) -> int:
-    service, gateway = ServiceClient(settings), SandboxClient(settings)
+    service = ServiceClient(settings)
+    try:
+        gateway = gateway_client(settings, service)
+    except BaseException:
+        await service.aclose()
+        raise
     try:
         return await _run(
             Ctx(service, gateway, settings, datetime.now(UTC).strftime("%H%M%S")), out
@@ -195,7 +203,10 @@ async def run_demo(settings: Settings, *, out: Callable[[str], None] = print) ->
 
 async def _run(c: Ctx, out: Callable[[str], None]) -> int:
     t0 = time.monotonic()
-    out(f"demo {c.run_id}: driving {len(SCENARIOS)} scenarios against the running stack")
+    out(
+        f"demo {c.run_id}: driving {len(SCENARIOS)} scenarios against the running stack"
+        f" ({c.gateway.label})"
+    )
 
     async def drive(name: str, fn: Callable[[Ctx], Awaitable[list[str]]]) -> list[str]:
         orders = await fn(c)
@@ -208,7 +219,7 @@ async def _run(c: Ctx, out: Callable[[str], None]) -> int:
     deadline = time.monotonic() + SETTLE_WITHIN_S
     last_report = 0.0
     while True:
-        results = await asyncio.gather(*(_outcome(c, no) for no in every))
+        results = await _outcomes(c, every)
         outcomes = {o.pay_order_no: o for o, _ in results}
         done = sum(1 for _, settled in results if settled)
         now = time.monotonic()

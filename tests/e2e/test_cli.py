@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from payorders.core.settings import Settings
+from payorders.localstack import stackinfo
 from payorders.localstack.binaries import find_binary
+from payorders.localstack.stack import DEV_STRIPE_API_KEY
 from payorders.tools import cli
 
 from ..http_stack import HttpStack, http_stack
@@ -200,6 +204,77 @@ def test_notify_shows_the_event_flag_by_its_own_name() -> None:
         "event_duplicate": False,
         "txn_already_recorded": True,
     }
+
+
+def test_demo_and_torture_take_the_gateway() -> None:
+    assert parse(["demo", "--gateway", "stripe"]).gateway == "stripe"
+    assert parse(["demo"]).gateway is None  # the running stack's
+    chaos = parse(["torture", "--chaos", "--gateway", "stripe", "--orders", "50"])
+    assert (chaos.chaos, chaos.gateway, chaos.orders) == (True, "stripe", 50)
+    assert parse(["torture", "--gateway", "sandbox"]).gateway == "sandbox"
+    assert parse(["torture"]).gateway is None
+
+
+@pytest.mark.parametrize("command", ["demo", "torture"])
+def test_an_unknown_gateway_is_refused_naming_the_choices(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert refusal([command, "--gateway", "paypal"], capsys) == (
+        f"payorders {command}: error: argument --gateway: invalid choice: 'paypal'"
+        " (choose from 'sandbox', 'stripe')"
+    )
+
+
+def _running_stack(data_dir: Path, gateway: str) -> None:
+    """A ``stack.json`` naming this process, as a running ``payorders dev`` writes one."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stripe = gateway == "stripe"
+    stackinfo.write(
+        data_dir,
+        stackinfo.StackInfo(
+            pid=os.getpid(),
+            temporal_address="127.0.0.1:7301",
+            temporal_ui_url="http://127.0.0.1:8301",
+            database_url="postgresql://postgres@127.0.0.1:5301/payorders",
+            api_url="http://127.0.0.1:8101",
+            gateway_url="http://127.0.0.1:8420" if stripe else "http://127.0.0.1:8102",
+            tuning={},
+            gateway=gateway,
+            stripe_api_base="http://127.0.0.1:8420" if stripe else None,
+        ),
+    )
+
+
+def test_the_cli_takes_the_gateway_of_the_running_stack(tmp_path: Path) -> None:
+    _running_stack(tmp_path, "stripe")
+    s = cli.stack_settings(Settings(data_dir=tmp_path))
+    assert (s.gateway, s.stripe_api_base, s.api_url) == (
+        "stripe",
+        "http://127.0.0.1:8420",
+        "http://127.0.0.1:8101",
+    )
+    assert s.stripe_api_key is not None and s.stripe_api_key.get_secret_value() == (
+        DEV_STRIPE_API_KEY
+    )
+    assert cli.stack_settings(Settings(data_dir=tmp_path), gateway="stripe").gateway == "stripe"
+    # A key set in the environment wins over the stack's dev key.
+    own = cli.stack_settings(Settings(data_dir=tmp_path, stripe_api_key="sk_test_mine"))
+    assert own.stripe_api_key is not None
+    assert own.stripe_api_key.get_secret_value() == "sk_test_mine"
+
+
+def test_a_gateway_the_running_stack_does_not_run_is_refused(tmp_path: Path) -> None:
+    _running_stack(tmp_path, "sandbox")
+    assert cli.stack_settings(Settings(data_dir=tmp_path)).gateway == "sandbox"
+    with pytest.raises(cli.CliError, match="runs the sandbox gateway, not stripe"):
+        cli.stack_settings(Settings(data_dir=tmp_path), gateway="stripe")
+    with pytest.raises(cli.CliError, match="payorders dev --gateway stripe"):
+        cli.stack_settings(Settings(data_dir=tmp_path, gateway="stripe"))
+
+
+def test_without_a_stack_the_gateway_asked_for_is_taken(tmp_path: Path) -> None:
+    assert cli.stack_settings(Settings(data_dir=tmp_path), gateway="stripe").gateway == "stripe"
+    assert cli.stack_settings(Settings(data_dir=tmp_path)).gateway == "sandbox"
 
 
 # --- commands against a running stack ---------------------------------------------------------
