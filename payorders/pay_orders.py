@@ -28,6 +28,7 @@ from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import (
     SearchAttributeIndexedValueType,
@@ -315,7 +316,9 @@ class PayOrders:
                 checkout: Checkout = await self._client.execute_update_with_start_workflow(
                     "checkout", start_workflow_operation=start, result_type=Checkout
                 )
-        except TimeoutError:
+        except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+            # Ours or the server's patience ran out first: either way the workflow may be
+            # started and still opening the trade.
             raise CheckoutPending(
                 f"the gateway has not opened the trade of {pay_order_no} yet; retry"
             ) from None

@@ -199,24 +199,19 @@ def stack_settings(settings: Settings, *, gateway: str | None = None) -> Setting
         CliError: the gateway asked for is not the one the running stack runs.
     """
     chosen = gateway or (settings.gateway if "gateway" in settings.model_fields_set else None)
-    explicit = settings.model_fields_set
     info = stackinfo.read(settings.data_dir)
+    same_stack = info is not None and (
+        "api_url" not in settings.model_fields_set or settings.api_url == info.api_url
+    )
+    if info is not None and same_stack and chosen is not None and chosen != info.gateway:
+        raise CliError(
+            f"the stack running in {settings.data_dir} runs the {info.gateway} gateway,"
+            f" not {chosen}: start it with `payorders dev --gateway {chosen}`"
+        )
+    # The stack's addresses, gateway, wire proxy and dev-only key, where this shell set none.
     settings = with_stack_defaults(settings)
     updates: dict[str, Any] = {}
-    if info is not None and settings.api_url == info.api_url:  # that stack's API
-        if chosen is not None and chosen != info.gateway:
-            raise CliError(
-                f"the stack running in {settings.data_dir} runs the {info.gateway} gateway,"
-                f" not {chosen}: start it with `payorders dev --gateway {chosen}`"
-            )
-        updates["gateway"] = info.gateway
-        if info.stripe_api_base and "stripe_api_base" not in explicit:
-            updates["stripe_api_base"] = info.stripe_api_base
-        if info.stripe_api_base and "stripe_api_key" not in explicit:
-            from payorders.localstack.stack import DEV_STRIPE_API_KEY
-
-            updates["stripe_api_key"] = DEV_STRIPE_API_KEY
-    elif chosen is not None:
+    if chosen is not None and settings.gateway != chosen:
         updates["gateway"] = chosen
     return Settings(**{**settings.model_dump(), **updates}) if updates else settings
 
