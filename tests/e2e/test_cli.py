@@ -96,11 +96,11 @@ def test_the_deadline_is_given_as_a_window_or_a_time_or_not_at_all() -> None:
             "argument --expires-at: the time needs a zone, e.g. 2026-11-27T11:00:00Z",
         ),
         (
-            ["--expires-at", _in(-timedelta(minutes=1))],
+            ["--expires-at", _in(-timedelta(hours=1))],
             "argument --expires-at: the deadline must be in the future",
         ),
         (
-            ["--expires-at", _in(timedelta(days=7, minutes=1))],
+            ["--expires-at", _in(timedelta(days=7, hours=1))],
             "argument --expires-at: the deadline must be at most 7 days away",
         ),
         (
@@ -336,7 +336,7 @@ async def test_refusals_change_nothing(
         ["--expires-in", "-5m"],
         ["--expires-in", "8d"],
         ["--expires-at", "2026-12-01T11:00:00"],
-        ["--expires-at", _in(-timedelta(minutes=1))],
+        ["--expires-at", _in(-timedelta(hours=1))],
         ["--expires-at", _in(timedelta(days=8))],
         ["--expires-in", "15m", "--expires-at", _in(timedelta(hours=1))],
     ):
