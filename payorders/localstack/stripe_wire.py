@@ -42,19 +42,19 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
 import stripe
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic import model_validator as _model_validator
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from payorders.core import domain
+from payorders.localstack.faults import FaultsPatch
 from payorders.localstack.localstripe import pay_payment_intent
 
 log = logging.getLogger(__name__)
@@ -126,34 +126,6 @@ COUNTERS = frozenset(
         "webhook_reorder_next",
     }
 )
-
-
-class FaultsPatch(BaseModel):
-    """The fault fields to change for one scope, as the sandbox gateway's control API takes
-    them (the ones left out keep their values)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    fail_next_refunds: Annotated[int, Field(ge=0, le=_INT32_MAX)] = 0
-    timeout_after_success_next: Annotated[int, Field(ge=0, le=_INT32_MAX)] = 0
-    delay_ms: Annotated[int, Field(ge=0, le=_INT32_MAX)] = 0
-    paid_on_close_amount: Annotated[int, Field(gt=0, le=domain.MAX_AMOUNT)] | None = None
-    paid_on_close_currency: str | None = None
-    webhook_delay_ms: Annotated[int, Field(ge=0, le=_INT32_MAX)] = 0
-    webhook_duplicate_next: Annotated[int, Field(ge=0, le=_INT32_MAX)] = 0
-    webhook_drop_next: Annotated[int, Field(ge=0, le=_INT32_MAX)] = 0
-    webhook_reorder_next: Annotated[int, Field(ge=0, le=_INT32_MAX)] = 0
-
-    @field_validator("paid_on_close_currency")
-    @classmethod
-    def _currency(cls, v: str | None) -> str | None:
-        return None if v is None else domain.check_currency(v)
-
-    @_model_validator(mode="after")
-    def _paid_on_close_whole(self) -> FaultsPatch:
-        if self.paid_on_close_amount is not None and self.paid_on_close_currency is None:
-            raise ValueError("paid_on_close_amount needs paid_on_close_currency")
-        return self
 
 
 class FaultBook:

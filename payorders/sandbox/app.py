@@ -24,7 +24,6 @@ import httpx
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,6 +42,7 @@ from payorders.gateways.port import (
     OpenTrade,
     RefundRequest,
 )
+from payorders.localstack.faults import FaultsPatch
 from payorders.sandbox.ledger import SandboxGateway, SandboxRefund
 from payorders.service.errors import ApiError
 
@@ -331,33 +331,6 @@ async def ledger(gateway: Sandbox, pay_order_no: str) -> dict[str, Any]:
             for row in held["webhooks"]
         ],
     }
-
-
-class FaultsPatch(BaseModel):
-    """The fault fields to change for one scope; the ones left out keep their values."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    fail_next_refunds: Annotated[int, Field(ge=0, le=_INT32_MAX)] = 0
-    timeout_after_success_next: Annotated[int, Field(ge=0, le=_INT32_MAX)] = 0
-    delay_ms: Annotated[int, Field(ge=0, le=_INT32_MAX)] = 0
-    paid_on_close_amount: Annotated[int, Field(gt=0, le=domain.MAX_AMOUNT)] | None = None
-    paid_on_close_currency: str | None = None
-    webhook_delay_ms: Annotated[int, Field(ge=0, le=_INT32_MAX)] = 0
-    webhook_duplicate_next: Annotated[int, Field(ge=0, le=_INT32_MAX)] = 0
-    webhook_drop_next: Annotated[int, Field(ge=0, le=_INT32_MAX)] = 0
-    webhook_reorder_next: Annotated[int, Field(ge=0, le=_INT32_MAX)] = 0
-
-    @field_validator("paid_on_close_currency")
-    @classmethod
-    def _currency(cls, v: str | None) -> str | None:
-        return None if v is None else domain.check_currency(v)
-
-    @model_validator(mode="after")
-    def _paid_on_close_whole(self) -> FaultsPatch:
-        if self.paid_on_close_amount is not None and self.paid_on_close_currency is None:
-            raise ValueError("paid_on_close_amount needs paid_on_close_currency")
-        return self
 
 
 @router.get("/v1/faults")
