@@ -370,8 +370,9 @@ class PayOrderWorkflow:
     def _publish(self) -> None:
         """The story so far as the workflow's current details (the UI's User Metadata)."""
         i = self._in
+        cancelled = " (CANCELLED)" if self._close_reason is CloseReason.CANCELLED else ""
         headline = (
-            f"{self._status.value} · {i.amount} {i.currency}"
+            f"{self._status.value}{cancelled} · {i.amount} {i.currency}"
             f" · paid {self._paid} · refunded {self._refunded}"
         )
         if self._refunds_in_flight:

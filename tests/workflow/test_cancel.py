@@ -8,6 +8,7 @@ import json
 from datetime import timedelta
 
 import pytest
+from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.testing import WorkflowEnvironment
 
 from payorders.core import search_attributes as sa
@@ -31,6 +32,14 @@ async def start(stack: Stack, amount: int = 1999, **faults: object) -> str:
         order_no=no, amount=amount, currency="USD", now=await stack.now()
     )
     return started.pay_order_no
+
+
+async def current_details(stack: Stack, no: str) -> list[str]:
+    """The workflow's story (its current details: the UI's User Metadata), line by line."""
+    metadata = await stack.handle(no).query(
+        "__temporal_workflow_metadata", result_type=WorkflowMetadata
+    )
+    return metadata.current_details.splitlines()
 
 
 async def footprint(stack: Stack, no: str) -> tuple[object, ...]:
@@ -71,6 +80,14 @@ async def test_a_cancel_closes_the_trade_and_expires_the_order_as_cancelled(
         attrs = (await stack.handle(no).describe()).typed_search_attributes
         assert attrs.get(sa.PAY_ORDER_STATUS) == "PAY_EXPIRED"
         assert attrs.get(sa.CLOSE_REASON) == "CANCELLED"
+        story = await current_details(stack, no)
+        assert story[0] == "**PAY_EXPIRED (CANCELLED) · 1999 USD · paid 0 · refunded 0**"
+        steps = [line.split("` ", 1)[-1] for line in story[2:]]
+        at = steps.index("checkout asked to cancel: close the pay order now")
+        assert steps[at + 1 : at + 3] == [
+            "trade closed at the gateway",
+            "pay order PAY_EXPIRED (cancelled by checkout)",
+        ]
         await stack.result(no)
         await assert_settled(stack, no, status=EXPIRED, paid=0, refunded=0, gateway_refunds=0)
 
