@@ -359,8 +359,9 @@ class PayOrderWorkflow:
         expired = row.status is PayOrderStatus.PAY_EXPIRED
         # A row written before migration 0007 (a replayed history) carries no reason.
         self._became(row.status, (row.close_reason or reason) if expired else None)
+        by_checkout = self._close_reason is CloseReason.CANCELLED
         self._tell(
-            f"pay order {row.status.value}" + (" (cancelled by checkout)" if cancelled else "")
+            f"pay order {row.status.value}" + (" (cancelled by checkout)" if by_checkout else "")
         )
 
     def _tell(self, step: str) -> None:

@@ -637,7 +637,10 @@ async def _verify_with_gateway(
 
 class CancelOut(BaseModel):
     pay_order_no: str
-    status: str = Field(description="the terminal status: PAY_EXPIRED, or PAY_SUCCESS")
+    status: str = Field(
+        description="the terminal status, PAY_EXPIRED or PAY_SUCCESS (PAYING only when an"
+        " operator terminated its workflow: reconciliation re-drives it to expiry)"
+    )
     reason: str | None = Field(
         description="CANCELLED when a cancel closed it unpaid, EXPIRED when its payment window"
         " had run out first; null on PAY_SUCCESS"
