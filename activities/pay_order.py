@@ -105,7 +105,7 @@ class PayOrderActivities:
 
     @activity.defn(name="expire_pay_order")
     async def expire_pay_order(self, cmd: ExpirePayOrder) -> TransitionResult:
-        return await self._store.expire(cmd.pay_order_no, cmd.expected_lock_version)
+        return await self._store.expire(cmd.pay_order_no, cmd.expected_lock_version, cmd.reason)
 
     @activity.defn(name="open_trade")
     async def open_trade(self, cmd: OpenTradeCmd) -> Checkout:

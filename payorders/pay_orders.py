@@ -47,6 +47,7 @@ from payorders.core import search_attributes as sa
 from payorders.core.domain import PayOrderStatus, RefundStatus
 from payorders.core.models import (
     PAY_ORDER_VERSION,
+    CancelResult,
     Checkout,
     LateRefundInput,
     OperatorRefund,
@@ -158,6 +159,13 @@ class StartedPayOrder:
 
 class CheckoutPending(RuntimeError):
     """The gateway has not opened the trade yet: the same checkout, retried, finds it."""
+
+
+class CancelPending(Exception):
+    """The workflow has not closed the pay order in time (the gateway's close keeps failing,
+    or no worker runs): the cancel stands, and the same call again answers its outcome.
+
+    Not a ``RuntimeError``: the service reads those as an unreachable Temporal."""
 
 
 class NotifyOutcome(StrEnum):
@@ -332,6 +340,47 @@ class PayOrders:
     async def _closed_reason(self, pay_order_no: str) -> str:
         row = await self._store.get_pay_order(pay_order_no)
         return f"pay order {pay_order_no} is {row.status.value if row else 'closed'}"
+
+    async def cancel_pay_order(self, pay_order_no: str) -> CancelResult:
+        """Checkout cancels: close the pay order now, by the expiry's path (the workflow's
+        ``cancel`` update). Returns once the outcome is durable: ``PAY_EXPIRED`` with
+        ``CANCELLED``, or ``PAY_SUCCESS`` when the gateway says it was already paid.
+        Idempotent: a repeat, or a cancel of a closed order, answers the current status
+        (``closed`` False) and changes nothing. Once the workflow has completed (its
+        settlement window is over) the row answers.
+
+        Raises:
+            InvalidInput: not a pay order number; nothing was asked.
+            UnknownPayOrder: no such pay order; nothing was changed.
+            CancelPending: not closed within ``cancel_wait_ms``; the cancel stands, retry.
+            RPCError: Temporal cannot be reached.
+        """
+        domain.check_identifier(pay_order_no.removeprefix("po_"), "pay_order_no")
+        handle = self._client.get_workflow_handle(domain.workflow_id_for(pay_order_no))
+        try:
+            async with asyncio.timeout(self._settings.cancel_wait_ms / 1000):
+                result: CancelResult = await handle.execute_update(
+                    "cancel", result_type=CancelResult
+                )
+                return result
+        except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+            raise CancelPending(
+                f"pay order {pay_order_no} is not closed yet (the gateway has not closed its"
+                " trade); the cancel stands: retry to learn the outcome"
+            ) from None
+        except RPCError as e:
+            # Never started, or completed after its settlement window: the row decides.
+            if e.status is not RPCStatusCode.NOT_FOUND:
+                raise
+        row = await self._store.get_pay_order(pay_order_no)
+        if row is None:
+            raise UnknownPayOrder(f"no pay order {pay_order_no}")
+        return CancelResult(
+            pay_order_no=pay_order_no,
+            status=row.status,
+            close_reason=row.close_reason,
+            closed=False,
+        )
 
     async def notify_payment(
         self, *, pay_order_no: str, txn_id: str, amount: int, currency: str, paid_at: datetime

@@ -93,13 +93,16 @@ async def db_write(
     )
 
 
-async def close_trade(cmd: CloseTrade, input: PayOrderInput, *, local: bool) -> CloseTradeResult:
+async def close_trade(
+    cmd: CloseTrade, input: PayOrderInput, *, local: bool, summary: str | None = None
+) -> CloseTradeResult:
     """Close the trade at the gateway: idempotent at every gateway, so retried until it
     succeeds, and safe to repeat if a worker dies after the gateway closed it.
 
     ``local``: inside the expiry's workflow task (one task per expiry instead of two plus
     an activity task: the expiry burst's drain rate). A gateway outage keeps it retrying
-    in the worker for a minute, then with workflow timers between attempts.
+    in the worker for a minute, then with workflow timers between attempts. ``summary``:
+    why it closes (default: the payment window is over).
     """
     return await _execute(
         "close_trade",
@@ -108,7 +111,7 @@ async def close_trade(cmd: CloseTrade, input: PayOrderInput, *, local: bool) -> 
         local=local,
         start_to_close=timedelta(milliseconds=input.timeouts.activity_start_to_close_ms),
         retry=until_success(input.refund_retry),
-        summary="payment window over: close the trade at the gateway",
+        summary=summary or "payment window over: close the trade at the gateway",
     )
 
 

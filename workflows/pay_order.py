@@ -1,7 +1,8 @@
 """PayOrderWorkflow: one pay order, from checkout to the end of its settlement window.
 
 The workflow is the single writer of its pay order. Payments arrive as signals and are
-queued; the run loop alone decides, from state, never from which await woke first.
+queued; checkout's cancel arrives as an update and is a request. The run loop alone
+decides, from state, never from which await woke first.
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from payorders.core import domain, metrics
     from payorders.core import search_attributes as sa
-    from payorders.core.domain import PayOrderStatus, RefundReason, RefundStatus, Settle
+    from payorders.core.domain import (
+        CloseReason,
+        PayOrderStatus,
+        RefundReason,
+        RefundStatus,
+        Settle,
+    )
     from payorders.core.models import (
+        CancelResult,
         Checkout,
         CloseTrade,
         CreatePayOrder,
@@ -58,6 +66,10 @@ class PayOrderWorkflow:
         self._checkout: Checkout | None = None
         self._no_checkout: str | None = None
         """Why checkout gets no trade to pay, once that is known."""
+        self._close_reason: CloseReason | None = None
+        self._cancel_requested_at: datetime | None = None
+        self._cancel_close_txn: str | None = None
+        """The payment the gateway reported when a cancel closed the trade (already paid)."""
 
     @workflow.signal(name="payment_succeeded")
     def payment_succeeded(self, payment: PaymentNotification) -> None:
@@ -86,6 +98,25 @@ class PayOrderWorkflow:
             raise ApplicationError(self._no_checkout or "", type="NotPayable", non_retryable=True)
         return self._checkout
 
+    @workflow.update(name="cancel")
+    async def cancel(self) -> CancelResult:
+        """Checkout asks to close the pay order now, by the expiry's path: the run loop
+        closes the trade first, and a gateway that says "already paid" settles the order.
+        Answers once the terminal status is durable (its write done). A repeat, or a cancel
+        of a closed order, answers the current status and changes nothing."""
+        mine = self._status is PayOrderStatus.PAYING and self._cancel_requested_at is None
+        if mine:
+            # Only a request: the run loop wakes on it and decides.
+            self._cancel_requested_at = workflow.now()
+            self._tell("checkout asked to cancel: close the pay order now")
+        await workflow.wait_condition(lambda: domain.is_terminal(self._status))
+        return CancelResult(
+            pay_order_no=self._in.pay_order_no,
+            status=self._status,
+            close_reason=self._close_reason,
+            closed=mine and self._closed_by_cancel(),
+        )
+
     @workflow.query(name="status")
     def status(self) -> PayOrderView:
         i = self._in
@@ -103,6 +134,8 @@ class PayOrderWorkflow:
             rejected_notifications=self._rejected,
             duplicate_notifications=self._duplicates,
             settlement_ends_at=self._settlement_ends_at,
+            close_reason=self._close_reason,
+            cancel_requested_at=self._cancel_requested_at,
         )
 
     @workflow.run
@@ -128,7 +161,7 @@ class PayOrderWorkflow:
             self._tell(f"pay order created: {input.amount} {input.currency}")
             await self._open_trade()
         else:
-            self._became(row.status)
+            self._became(row.status, row.close_reason)
             self._tell(f"pay order found {row.status.value}")
             self._no_checkout = f"pay order {input.pay_order_no} is {row.status.value}"
 
@@ -137,10 +170,14 @@ class PayOrderWorkflow:
             if self._status is not PayOrderStatus.PAYING:
                 break
             remaining = input.expires_at - workflow.now()
-            if remaining > timedelta(0):
+            if remaining > timedelta(0) and not self._cancel_pending():
                 await self._wait_for_payment(remaining, "payment window")
                 continue
-            await self._expire()
+            await self._expire(
+                domain.close_reason(
+                    cancel_requested_at=self._cancel_requested_at, expires_at=input.expires_at
+                )
+            )
 
         assert self._settlement_ends_at is not None
         while (remaining := self._settlement_ends_at - workflow.now()) > timedelta(0):
@@ -196,8 +233,22 @@ class PayOrderWorkflow:
         self._publish()
         with contextlib.suppress(asyncio.TimeoutError):
             await workflow.wait_condition(
-                lambda: bool(self._inbox), timeout=wait, timeout_summary=summary
+                lambda: bool(self._inbox) or self._cancel_pending(),
+                timeout=wait,
+                timeout_summary=summary,
             )
+
+    def _cancel_pending(self) -> bool:
+        """Checkout asked to cancel and the order still waits for payment."""
+        return self._cancel_requested_at is not None and self._status is PayOrderStatus.PAYING
+
+    def _closed_by_cancel(self) -> bool:
+        """Whether the cancel's close ended the order: expired as cancelled, or settled by
+        the payment the gateway reported when the cancel closed the trade."""
+        if self._close_reason is CloseReason.CANCELLED:
+            return True
+        settled = next((p.txn_id for p in self._payments.values() if p.settled), None)
+        return settled is not None and settled == self._cancel_close_txn
 
     async def _drain(self) -> None:
         while self._inbox:
@@ -267,11 +318,17 @@ class PayOrderWorkflow:
             self._refunds_in_flight -= 1
         self._tell(f"refund {_money(payment)}: {outcome.status.value}")
 
-    async def _expire(self) -> None:
+    async def _expire(self, reason: CloseReason) -> None:
+        """Close the trade at the gateway, then expire the order for ``reason`` (the timer's
+        or checkout's cancel); a gateway that was already paid settles it instead."""
         i = self._in
+        cancelled = reason is CloseReason.CANCELLED
         trade_ref = None if self._checkout is None else self._checkout.trade_ref
         closed = await _common.close_trade(
-            CloseTrade(pay_order_no=i.pay_order_no, trade_ref=trade_ref), i, local=self._local
+            CloseTrade(pay_order_no=i.pay_order_no, trade_ref=trade_ref),
+            i,
+            local=self._local,
+            summary="checkout cancelled: close the trade at the gateway" if cancelled else None,
         )
         if closed.already_paid and closed.payment is not None:
             self._tell(f"trade close refused: already paid by {closed.payment.txn_id}")
@@ -279,6 +336,8 @@ class PayOrderWorkflow:
                 # The gateway was paid before it could close: that payment settles the order.
                 self._seen.add(closed.payment.txn_id)
                 self._inbox.insert(0, closed.payment)
+                if cancelled:
+                    self._cancel_close_txn = closed.payment.txn_id
                 return
             if self._inbox:
                 return
@@ -286,15 +345,24 @@ class PayOrderWorkflow:
             self._tell("trade closed at the gateway")
         result = await _common.db_write(
             "expire_pay_order",
-            ExpirePayOrder(pay_order_no=i.pay_order_no, expected_lock_version=self._lock_version),
+            ExpirePayOrder(
+                pay_order_no=i.pay_order_no, expected_lock_version=self._lock_version, reason=reason
+            ),
             TransitionResult,
             i.timeouts,
             local=self._local,
-            summary="trade closed: expire the pay order",
+            summary="trade closed: expire the pay order"
+            + (" (cancelled by checkout)" if cancelled else ""),
         )
-        self._lock_version = result.row.lock_version
-        self._became(result.row.status)
-        self._tell(f"pay order {result.row.status.value}")
+        row = result.row
+        self._lock_version = row.lock_version
+        expired = row.status is PayOrderStatus.PAY_EXPIRED
+        # A row written before migration 0007 (a replayed history) carries no reason.
+        self._became(row.status, (row.close_reason or reason) if expired else None)
+        by_checkout = self._close_reason is CloseReason.CANCELLED
+        self._tell(
+            f"pay order {row.status.value}" + (" (cancelled by checkout)" if by_checkout else "")
+        )
 
     def _tell(self, step: str) -> None:
         self._story.tell(workflow.now(), step)
@@ -303,16 +371,18 @@ class PayOrderWorkflow:
     def _publish(self) -> None:
         """The story so far as the workflow's current details (the UI's User Metadata)."""
         i = self._in
+        cancelled = " (CANCELLED)" if self._close_reason is CloseReason.CANCELLED else ""
         headline = (
-            f"{self._status.value} · {i.amount} {i.currency}"
+            f"{self._status.value}{cancelled} · {i.amount} {i.currency}"
             f" · paid {self._paid} · refunded {self._refunded}"
         )
         if self._refunds_in_flight:
             headline += f" · refunds in flight: {self._refunds_in_flight}"
         workflow.set_current_details(self._story.markdown(headline))
 
-    def _became(self, status: PayOrderStatus) -> None:
+    def _became(self, status: PayOrderStatus, reason: CloseReason | None = None) -> None:
         self._status = status
+        self._close_reason = reason
         if domain.is_terminal(status) and self._no_checkout is None and self._checkout is None:
             self._no_checkout = f"pay order {self._in.pay_order_no} is {status.value}"
         if domain.is_terminal(status) and self._settlement_ends_at is None:
@@ -321,7 +391,10 @@ class PayOrderWorkflow:
             )
             # Once per pay order: this branch runs only on its first terminal status.
             metrics.became_terminal(workflow.metric_meter(), status)
-        workflow.upsert_search_attributes([sa.PAY_ORDER_STATUS.value_set(status.value)])
+        updates = [sa.PAY_ORDER_STATUS.value_set(status.value)]
+        if reason is not None:
+            updates.append(sa.CLOSE_REASON.value_set(reason.value))
+        workflow.upsert_search_attributes(updates)
 
 
 def _money(p: PaymentNotification) -> str:

@@ -42,6 +42,13 @@ class PayOrderStatus(StrEnum):
     PAY_EXPIRED = "PAY_EXPIRED"
 
 
+class CloseReason(StrEnum):
+    """Why a pay order closed unpaid (``PAY_EXPIRED``)."""
+
+    EXPIRED = "EXPIRED"  # its payment window ran out
+    CANCELLED = "CANCELLED"  # checkout cancelled it within its payment window
+
+
 class RefundReason(StrEnum):
     """Why a payment does not settle its pay order and goes back to the customer."""
 
@@ -90,6 +97,15 @@ def is_terminal(status: PayOrderStatus) -> bool:
 def can_transition(current: PayOrderStatus, new: PayOrderStatus) -> bool:
     """Only ``PAYING`` moves, and only to a terminal state."""
     return current is PayOrderStatus.PAYING and is_terminal(new)
+
+
+def close_reason(*, cancel_requested_at: datetime | None, expires_at: datetime) -> CloseReason:
+    """Why an unpaid pay order closes: ``CANCELLED`` when checkout asked before its payment
+    window ran out, else ``EXPIRED`` (a cancel that comes after the deadline finds the
+    window over already: the timer's expiry, whichever of the two woke the workflow)."""
+    if cancel_requested_at is not None and cancel_requested_at < expires_at:
+        return CloseReason.CANCELLED
+    return CloseReason.EXPIRED
 
 
 def decide_payment(

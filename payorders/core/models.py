@@ -7,7 +7,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, StrictInt
 
-from payorders.core.domain import PayOrderStatus, RefundReason, RefundStatus
+from payorders.core.domain import CloseReason, PayOrderStatus, RefundReason, RefundStatus
 
 
 class _Model(BaseModel):
@@ -92,6 +92,23 @@ class PayOrderView(_Model):
     rejected_notifications: int
     duplicate_notifications: int
     settlement_ends_at: datetime | None
+    close_reason: CloseReason | None = None
+    """Why it closed unpaid (``PAY_EXPIRED`` only): its timer, or checkout's cancel."""
+    cancel_requested_at: datetime | None = None
+    """When checkout asked to cancel it (the first ``cancel`` that found it ``PAYING``)."""
+
+
+class CancelResult(_Model):
+    """The answer to the ``cancel`` update, once the pay order's terminal status is durable."""
+
+    pay_order_no: str
+    status: PayOrderStatus
+    close_reason: CloseReason | None
+    closed: bool
+    """Whether this cancel closed the pay order: it was ``PAYING``, and this cancel's close of
+    the trade ended it (``PAY_EXPIRED`` with ``CANCELLED``, or ``PAY_SUCCESS`` when the gateway
+    answered that it was already paid). False for a repeat, or when a payment, the timer or an
+    earlier cancel closed it."""
 
 
 class PayOrderResult(_Model):
@@ -140,6 +157,8 @@ class PayOrderRow(_Model):
     gateway: str | None = None
     trade_ref: str | None = None
     """The gateway's id of the pay order's trade, once the workflow opened it (version 3)."""
+    close_reason: CloseReason | None = None
+    """Why it closed unpaid: set with ``PAY_EXPIRED`` only (migration 0007)."""
 
 
 class RecordPayment(_Model):
@@ -170,6 +189,7 @@ class RecordedPayment(_Model):
 class ExpirePayOrder(_Model):
     pay_order_no: str
     expected_lock_version: int
+    reason: CloseReason = CloseReason.EXPIRED
 
 
 class TransitionResult(_Model):

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     checkout_wait_ms: PositiveInt = 15_000
     """How long checkout waits for the workflow to open the trade at the gateway before it
     answers 503 (retry: the same pay order and trade)."""
+    cancel_wait_ms: PositiveInt = 15_000
+    """How long a cancel waits for the workflow to close the pay order (the gateway's close
+    first) before it answers 503 (the cancel stands; retry to learn the outcome)."""
     refund_retry_initial_ms: PositiveInt = 1_000
     refund_retry_max_ms: PositiveInt = 300_000
     refund_alert_after_attempts: PositiveInt = 10

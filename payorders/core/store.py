@@ -15,7 +15,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from payorders.core import domain
-from payorders.core.domain import PayOrderStatus, RefundReason, RefundStatus
+from payorders.core.domain import CloseReason, PayOrderStatus, RefundReason, RefundStatus
 from payorders.core.models import (
     CreatePayOrder,
     OperatorRefund,
@@ -84,16 +84,18 @@ WITH settled AS (
     ON CONFLICT (dedupe_key) DO NOTHING
 )
 SELECT * FROM settled"""
+# $4 is why it closed unpaid (EXPIRED or CANCELLED): on the row and in the event.
 SQL_EXPIRE_WITH_EVENT = """
 WITH expired AS (
     UPDATE pay_order
-       SET status = 'PAY_EXPIRED', lock_version = lock_version + 1
+       SET status = 'PAY_EXPIRED', close_reason = $4, lock_version = lock_version + 1
      WHERE pay_order_no = $1 AND status = 'PAYING' AND lock_version = $2
     RETURNING *
 ), new_event AS (
     INSERT INTO outbox (event_type, pay_order_no, dedupe_key, payload)
     SELECT 'pay_order.expired', pay_order_no, $3,
-           jsonb_build_object('pay_order_no', pay_order_no, 'order_no', order_no)
+           jsonb_build_object('pay_order_no', pay_order_no, 'order_no', order_no,
+                              'reason', close_reason)
       FROM expired
     ON CONFLICT (dedupe_key) DO NOTHING
 )
@@ -416,14 +418,24 @@ class PayOrderStore:
             raise PayOrderNotFound(pay_order_no)
         return kept
 
-    async def expire(self, pay_order_no: str, expected_lock_version: int) -> TransitionResult:
-        """PAYING -> PAY_EXPIRED under the guard, with its outbox event in the same transaction."""
+    async def expire(
+        self,
+        pay_order_no: str,
+        expected_lock_version: int,
+        reason: CloseReason = CloseReason.EXPIRED,
+    ) -> TransitionResult:
+        """PAYING -> PAY_EXPIRED under the guard, with its outbox event in the same transaction.
+
+        ``reason``: why it closed unpaid, kept on the row and announced in the event. When
+        the guard does not match, nothing is written: a repeat keeps the first reason.
+        """
         async with self._pool.acquire() as conn:
             rec = await conn.fetchrow(
                 SQL_EXPIRE_WITH_EVENT,
                 pay_order_no,
                 expected_lock_version,
                 _dedupe_key("pay_order.expired", pay_order_no),
+                reason.value,
             )
             if rec is not None:
                 return TransitionResult(changed=True, row=_row(rec))

@@ -1,8 +1,9 @@
 """The service API (FastAPI): checkout, reads, and the gateway webhook adapter.
 
-- ``POST /v1/pay-orders`` and ``GET /v1/pay-orders/{no}`` need the bearer token, as do
-  ``POST /v1/operator-refunds`` and ``GET /v1/operator-refunds/{txn_id}`` (an operator
-  refunds money captured for a pay order we never had).
+- ``POST /v1/pay-orders``, ``GET /v1/pay-orders/{no}`` and ``POST /v1/pay-orders/{no}/cancel``
+  need the bearer token, as do ``POST /v1/operator-refunds`` and
+  ``GET /v1/operator-refunds/{txn_id}`` (an operator refunds money captured for a pay order
+  we never had).
 - ``POST /v1/webhooks/gateway`` is authenticated by its signature instead. It answers 2xx
   only once Temporal has accepted the payment, 4xx for what must never be retried, and
   503 while Temporal (or the gateway, to verify against) cannot be reached.
@@ -15,6 +16,7 @@ Run with ``uvicorn --factory payorders.service.app:app``.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -41,6 +43,7 @@ from payorders.core.settings import Settings
 from payorders.core.store import NotRefundable, PayOrderStore
 from payorders.gateways.port import Capture, Gateway, GatewayError
 from payorders.pay_orders import (
+    CancelPending,
     CheckoutPending,
     PayOrderConflict,
     PayOrders,
@@ -172,6 +175,10 @@ class PayOrderDetailsOut(BaseModel):
     amount: int
     currency: str
     status: str
+    reason: str | None = Field(
+        description="why it closed unpaid (PAY_EXPIRED only): EXPIRED (its payment window ran"
+        " out) or CANCELLED (checkout cancelled it); null while PAYING and on PAY_SUCCESS"
+    )
     expires_at: datetime
     paid_amount: int
     refunded_amount: int
@@ -420,8 +427,9 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(404, "not_found", f"no pay order {pay_order_no}") from None
         row = d.row
         return PayOrderDetailsOut(
-            **row.model_dump(exclude={"created_at", "updated_at", "status"}),
+            **row.model_dump(exclude={"created_at", "updated_at", "status", "close_reason"}),
             status=row.status.value,
+            reason=None if row.close_reason is None else row.close_reason.value,
             payments=[
                 PaymentOut(
                     txn_id=p["txn_id"],
@@ -497,6 +505,7 @@ def create_app(settings: Settings) -> FastAPI:
         return await _accept_payment(deps, event, STRIPE_FIELDS)
 
     _operator_refund_routes(app, auth)
+    _cancel_route(app, auth)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -621,6 +630,90 @@ async def _verify_with_gateway(
             f" transaction {event.txn_id}",
         )
     return capture
+
+
+# --- checkout cancels ------------------------------------------------------------------------
+
+
+class CancelOut(BaseModel):
+    pay_order_no: str
+    status: str = Field(
+        description="the terminal status, PAY_EXPIRED or PAY_SUCCESS (PAYING only when an"
+        " operator terminated its workflow: reconciliation re-drives it to expiry)"
+    )
+    reason: str | None = Field(
+        description="CANCELLED when a cancel closed it unpaid, EXPIRED when its payment window"
+        " had run out first; null on PAY_SUCCESS"
+    )
+    closed: bool = Field(
+        description="this call closed the pay order (PAY_EXPIRED/CANCELLED, or PAY_SUCCESS"
+        " when the gateway answered the close with an earlier payment); false when it was"
+        " closed already: a repeated cancel, a payment, the timer"
+    )
+
+
+async def require_no_body(request: Request) -> None:
+    """A cancel carries nothing to say: no body, or an empty JSON object."""
+    raw = await request.body()
+    if not raw.strip():
+        return
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise ApiError(422, "invalid_request", "body: not valid JSON") from None
+    if doc != {} or not isinstance(doc, dict):
+        raise ApiError(422, "invalid_request", "body: a cancel takes no fields; send no body or {}")
+
+
+def _cancel_route(app: FastAPI, auth: list[Any]) -> None:
+    """``POST /v1/pay-orders/{pay_order_no}/cancel`` (bearer token)."""
+
+    @app.post(
+        "/v1/pay-orders/{pay_order_no}/cancel",
+        response_model=CancelOut,
+        dependencies=[*auth, Depends(require_no_body)],
+        openapi_extra={
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": {"type": "object", "maxProperties": 0}}},
+            }
+        },
+        responses={
+            404: {"description": "no such pay order"},
+            422: {"description": "a body other than none or {}"},
+            503: {
+                "description": "Temporal cannot be reached, or the gateway has not closed the"
+                " trade yet: the cancel stands; retry the same request"
+            },
+        },
+    )
+    async def cancel_pay_order(
+        pay_order_no: Annotated[str, Path(pattern=PAY_ORDER_NO)], deps: DepsDep
+    ) -> CancelOut:
+        """Checkout cancels a pay order: its workflow closes it now, by the expiry's path
+        (the trade is closed at the gateway first). Answered once the outcome is durable:
+        ``PAY_EXPIRED`` with reason ``CANCELLED``, or ``PAY_SUCCESS`` when the gateway says
+        the customer had paid already. A repeat, or a cancel of a closed order, answers the
+        current status with ``closed`` false and changes nothing."""
+        try:
+            result = await _temporal(lambda: deps.orders.cancel_pay_order(pay_order_no))
+        except UnknownPayOrder:
+            raise ApiError(404, "not_found", f"no pay order {pay_order_no}") from None
+        except CancelPending as e:
+            raise ApiError(503, "cancel_pending", str(e)) from None
+        log.info(
+            "cancel %s: %s%s (%s)",
+            pay_order_no,
+            result.status.value,
+            f"/{result.close_reason.value}" if result.close_reason else "",
+            "closed now" if result.closed else "closed before",
+        )
+        return CancelOut(
+            pay_order_no=result.pay_order_no,
+            status=result.status.value,
+            reason=None if result.close_reason is None else result.close_reason.value,
+            closed=result.closed,
+        )
 
 
 # --- operator refunds ------------------------------------------------------------------------

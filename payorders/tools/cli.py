@@ -280,6 +280,29 @@ async def cmd_pay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    async with connected(settings) as c:
+        doc = await c.service.cancel(args.pay_order_no)
+        doc["ui"] = _ui(c, args.pay_order_no)
+        _emit(args, doc, pairs([("outcome", cancel_text(doc)), *doc.items()]))
+    return 0
+
+
+def cancel_text(doc: dict[str, Any]) -> str:
+    """A cancel's answer as a person reads it."""
+    if doc["status"] == "PAY_SUCCESS":
+        return (
+            "the gateway says it was paid already: the order succeeded"
+            if doc["closed"]
+            else "it had succeeded already: nothing changed"
+        )
+    if doc["closed"]:
+        return "cancelled: the trade is closed at the gateway"
+    if doc["status"] == "PAY_EXPIRED":
+        return f"closed already ({doc['reason']}): nothing changed"
+    return f"still {doc['status']}: its workflow is not running (reconciliation re-drives it)"
+
+
 async def cmd_notify(args: argparse.Namespace, settings: Settings) -> int:
     async with connected(settings) as c:
         doc = await c.service.send_webhook(
@@ -327,7 +350,10 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 [
                     ("pay order", order["pay_order_no"]),
                     ("order", order["order_no"]),
-                    ("status", order["status"]),
+                    (
+                        "status",
+                        order["status"] + (f" ({order['reason']})" if order.get("reason") else ""),
+                    ),
                     ("amount", f"{order['amount']} {order['currency']}"),
                     ("expires at", order["expires_at"]),
                     ("paid / refunded", f"{order['paid_amount']} / {order['refunded_amount']}"),
@@ -707,6 +733,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_identifier("txn_id"),
         help="the payment's key: the same again pays once (default: a new payment)",
     )
+
+    c = command(
+        "cancel",
+        "checkout cancels a pay order: close it now (the trade first; already paid: it"
+        " succeeds); idempotent",
+        cmd_cancel,
+    )
+    c.add_argument("pay_order_no", type=_pay_order_no)
 
     c = command("notify", "the gateway adapter: report a payment notification by hand", cmd_notify)
     c.add_argument("pay_order_no", type=_pay_order_no)

@@ -119,6 +119,12 @@ class ServiceClient(_Base):
         doc: dict[str, Any] = await self._request("GET", f"/v1/pay-orders/{pay_order_no}")
         return doc
 
+    async def cancel(self, pay_order_no: str) -> dict[str, Any]:
+        """Checkout cancels the pay order; answered once the outcome is durable. Idempotent
+        (a repeat answers the same status with ``closed`` false), so safe to resend."""
+        doc: dict[str, Any] = await self._request("POST", f"/v1/pay-orders/{pay_order_no}/cancel")
+        return doc
+
     async def send_webhook(
         self,
         *,

@@ -279,6 +279,8 @@ HISTORY_PATHS = [
     "wrong_amount_then_paid",
     "late_payment_refund_retried",
     "late_payment_refund_ambiguous",
+    "cancelled",
+    "cancelled_already_paid",
 ]
 
 # Version 3 adds three events to a pay order: the trade opened (a local activity's marker)
@@ -292,6 +294,10 @@ MAX_EVENTS = {
     "wrong_amount_then_paid": 40,
     "late_payment_refund_retried": 45,
     "late_payment_refund_ambiguous": 45,
+    # Expiry's cost plus the cancel update (accepted, completed), which the task that closes
+    # the trade answers; the payment window's timer is cancelled instead of fired.
+    "cancelled": 24,
+    "cancelled_already_paid": 24,
 }
 
 
@@ -311,6 +317,7 @@ async def test_histories_of_each_path_replay(
             "already_paid_on_close": {"paid_on_close_amount": 42, "paid_on_close_currency": "USD"},
             "late_payment_refund_retried": {"fail_next_refunds": 2},
             "late_payment_refund_ambiguous": {"timeout_after_success_next": 1},
+            "cancelled_already_paid": {"paid_on_close_amount": 42, "paid_on_close_currency": "USD"},
         }.get(path, {})
         if faults:
             await svc.sandbox.set_faults(f"po_{no}", **faults)
@@ -324,6 +331,9 @@ async def test_histories_of_each_path_replay(
         if path == "wrong_amount_then_paid":
             await pay(stack, started.pay_order_no, 41)
             await pay(stack, started.pay_order_no, 42)
+        if path.startswith("cancelled"):
+            answer = await stack.api.cancel_pay_order(started.pay_order_no)
+            assert answer.closed and answer.status is (SUCCESS if "paid" in path else EXPIRED)
         if path.startswith("late_payment"):
             await stack.wait_view(started.pay_order_no, lambda v: v.status is EXPIRED)
             await pay(stack, started.pay_order_no, 42)

@@ -223,7 +223,11 @@ async def test_expiring_writes_its_event_once(svc: InProcessResources) -> None:
     assert row is not None
     [event] = await svc.store.outbox_of(no)
     assert event["event_type"] == "pay_order.expired"
-    assert json.loads(event["payload"]) == {"pay_order_no": no, "order_no": row.order_no}
+    assert json.loads(event["payload"]) == {
+        "pay_order_no": no,
+        "order_no": row.order_no,
+        "reason": "EXPIRED",
+    }
 
 
 async def test_a_connection_given_back_inside_a_transaction_comes_back_rolled_back(

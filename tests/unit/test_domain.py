@@ -211,3 +211,15 @@ def test_each_caller_names_the_fields_its_own_way() -> None:
         domain.check_expires_in(timedelta(0), "the payment window")
     with pytest.raises(domain.InvalidPayOrder, match=r"^the deadline must be in the future"):
         domain.check_expires_at(NOW, now=NOW, what="the deadline")
+
+
+def test_an_unpaid_order_closes_cancelled_only_when_checkout_asked_within_its_window() -> None:
+    deadline = NOW + HOUR
+    reason = domain.close_reason
+    assert reason(cancel_requested_at=None, expires_at=deadline) is domain.CloseReason.EXPIRED
+    assert (
+        reason(cancel_requested_at=deadline - timedelta(seconds=1), expires_at=deadline)
+        is domain.CloseReason.CANCELLED
+    )
+    # A cancel that comes at or after the deadline finds the window over: the timer's reason.
+    assert reason(cancel_requested_at=deadline, expires_at=deadline) is domain.CloseReason.EXPIRED
