@@ -6,6 +6,7 @@ The Temporal client is built here and only here, with the pydantic data converte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -157,7 +158,7 @@ class StartedPayOrder:
     not_payable: str | None = None
 
 
-class CheckoutPending(RuntimeError):
+class CheckoutPending(Exception):
     """The gateway has not opened the trade yet: the same checkout, retried, finds it."""
 
 
@@ -320,13 +321,19 @@ class PayOrders:
     ) -> tuple[Checkout | None, str | None]:
         """The workflow's answer to ``checkout``: its trade, or why there is none to pay."""
         try:
-            async with asyncio.timeout(self._settings.checkout_wait_ms / 1000):
-                checkout: Checkout = await self._client.execute_update_with_start_workflow(
-                    "checkout", start_workflow_operation=start, result_type=Checkout
-                )
+            # The RPC's own deadline, not a cancelled task: the SDK then says so plainly.
+            checkout: Checkout = await self._client.execute_update_with_start_workflow(
+                "checkout",
+                start_workflow_operation=start,
+                result_type=Checkout,
+                rpc_timeout=timedelta(milliseconds=self._settings.checkout_wait_ms),
+            )
         except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
-            # Ours or the server's patience ran out first: either way the workflow may be
-            # started and still opening the trade.
+            # Our deadline or the server's ran out first: either way the workflow may be
+            # started and still opening the trade. The operation keeps the start's own
+            # outcome in a future of its own: read it, so it is not reported as lost.
+            with contextlib.suppress(Exception):
+                await start.workflow_handle()
             raise CheckoutPending(
                 f"the gateway has not opened the trade of {pay_order_no} yet; retry"
             ) from None

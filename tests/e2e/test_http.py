@@ -4,6 +4,7 @@ gateway client. Real Temporal dev server, real PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -555,3 +556,32 @@ async def test_raw_signals_sent_with_the_temporal_cli_change_nothing(
     assert order["status"] == "PAYING" and order["payments"] == []
     assert order["workflow_status"] == "RUNNING"
     assert await web.counts() == before
+
+
+async def test_checkout_answers_checkout_pending_while_the_gateway_is_slow_then_the_same_trade(
+    dev_env: WorkflowEnvironment, db_url: str
+) -> None:
+    target = dev_env.client.service_client.config.target_host
+    async with http_stack(dev_env.client, target, db_url, checkout_wait_ms=200) as slow:
+        no = new_order()
+        # Every gateway call of this pay order takes 800 ms: longer than checkout waits.
+        await slow.gateway.set_faults(f"po_{no}", delay_ms=800)
+        with pytest.raises(ServiceError) as pending:
+            await slow.service.create(order_no=no, amount=700, currency="USD")
+        assert (pending.value.status, pending.value.code) == (503, "checkout_pending")
+        await slow.gateway.clear_faults(f"po_{no}")
+        for _ in range(50):  # a client retries the same request until the trade is open
+            try:
+                again = await slow.service.create(order_no=no, amount=700, currency="USD")
+                break
+            except ServiceError as e:
+                assert (e.status, e.code) == (503, "checkout_pending")
+                await asyncio.sleep(0.2)
+        else:
+            pytest.fail("the trade never opened")
+        assert again["created"] is False
+        assert again["checkout"] == {
+            "gateway": "sandbox",
+            "trade_no": f"po_{no}",
+            "pay_url": "/v1/payments",
+        }
