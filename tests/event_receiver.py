@@ -1,17 +1,22 @@
 """A real order-service endpoint for the relay's tests: a small ASGI app on 127.0.0.1
 (uvicorn) that verifies each delivery's signature, answers as the test tells it (2xx, a
 503, no answer yet), and checks the delivery contract as requests arrive: an event of a
-pay order arrives only after every lower sequence of that pay order was acknowledged."""
+pay order arrives only after every lower sequence of that pay order was acknowledged. And
+the relay as its own process (``python -m payorders.service.relay``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -20,6 +25,9 @@ from payorders.service import webhook
 from payorders.service.relay import SIGNATURE_HEADER
 
 from .http_stack import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "whsec_order_events_test"
 
 
 @dataclass
@@ -133,3 +141,60 @@ class EventReceiver:
 
     def received(self, event_id: str) -> list[Delivery]:
         return [d for d in self.requests if d.event["id"] == event_id]
+
+
+class RelayProcess:
+    """``python -m payorders.service.relay`` as a child process, its log kept in memory."""
+
+    def __init__(self, dsn: str, url: str, **env: str) -> None:
+        base = {
+            k: v for k, v in os.environ.items() if not k.startswith(("PAYORDERS_", "TEMPORAL_"))
+        }
+        self.env = {
+            **base,
+            "PAYORDERS_DATABASE_URL": dsn,
+            "PAYORDERS_ORDER_EVENTS_URL": url,
+            "PAYORDERS_ORDER_EVENTS_SECRET": SECRET,
+            "PAYORDERS_ORDER_EVENTS_RETRY_INITIAL_MS": "100",
+            "PAYORDERS_ORDER_EVENTS_RETRY_MAX_MS": "1000",
+            "PAYORDERS_ORDER_EVENTS_CONCURRENCY": "4",
+            **env,
+        }
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "payorders.service.relay",
+            cwd=ROOT,
+            env=self.env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self._reader = asyncio.create_task(self._read())
+        await self.wait_line("relay: delivering order events")
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        async for line in self.proc.stderr:
+            self.lines.append(line.decode().rstrip())
+
+    async def wait_line(self, text: str, within: float = 30) -> None:
+        deadline = time.monotonic() + within
+        while not any(text in line for line in self.lines):
+            assert self.proc is not None
+            if self.proc.returncode is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the relay's log: {self.lines}")
+            await asyncio.sleep(0.05)
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        code = await asyncio.wait_for(self.proc.wait(), 30)
+        if self._reader is not None:
+            await self._reader
+        return code

@@ -12,7 +12,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 import tempfile
 import time
 import uuid
@@ -34,12 +33,8 @@ from payorders.localstack import postgres as embedded
 from payorders.service import events
 from payorders.service.relay import Relay, RelayConfig, RelayMetrics
 
-from ..event_receiver import EventReceiver
+from ..event_receiver import SECRET, EventReceiver, RelayProcess
 from ..http_stack import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-SECRET = "whsec_order_events_test"
-
 
 # --- fixtures and helpers --------------------------------------------------------------------
 
@@ -374,63 +369,6 @@ async def test_an_endpoint_answering_503_then_refusing_then_back_gets_every_even
 # --- a relay killed, two relays ------------------------------------------------------------------
 
 
-class RelayProcess:
-    """``python -m payorders.service.relay`` as a child process, its log kept in memory."""
-
-    def __init__(self, dsn: str, url: str, **env: str) -> None:
-        base = {
-            k: v for k, v in os.environ.items() if not k.startswith(("PAYORDERS_", "TEMPORAL_"))
-        }
-        self.env = {
-            **base,
-            "PAYORDERS_DATABASE_URL": dsn,
-            "PAYORDERS_ORDER_EVENTS_URL": url,
-            "PAYORDERS_ORDER_EVENTS_SECRET": SECRET,
-            "PAYORDERS_ORDER_EVENTS_RETRY_INITIAL_MS": "100",
-            "PAYORDERS_ORDER_EVENTS_RETRY_MAX_MS": "1000",
-            "PAYORDERS_ORDER_EVENTS_CONCURRENCY": "4",
-            **env,
-        }
-        self.proc: asyncio.subprocess.Process | None = None
-        self.lines: list[str] = []
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "payorders.service.relay",
-            cwd=ROOT,
-            env=self.env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        self._reader = asyncio.create_task(self._read())
-        await self.wait_line("relay: delivering order events")
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        async for line in self.proc.stderr:
-            self.lines.append(line.decode().rstrip())
-
-    async def wait_line(self, text: str, within: float = 30) -> None:
-        deadline = time.monotonic() + within
-        while not any(text in line for line in self.lines):
-            assert self.proc is not None
-            if self.proc.returncode is not None or time.monotonic() > deadline:
-                raise AssertionError(f"no {text!r} in the relay's log: {self.lines}")
-            await asyncio.sleep(0.05)
-
-    async def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(sig)
-        code = await asyncio.wait_for(self.proc.wait(), 30)
-        if self._reader is not None:
-            await self._reader
-        return code
-
-
 @pytest.fixture
 def relay_processes() -> Iterator[list[RelayProcess]]:
     started: list[RelayProcess] = []
@@ -575,3 +513,42 @@ async def _retrying(call: Any, within: float = 60) -> Any:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
+
+
+# --- reconciliation ------------------------------------------------------------------------------
+
+
+async def test_an_event_undelivered_past_the_limit_is_a_reconciliation_exception(
+    pool: asyncpg.Pool,
+) -> None:
+    from payorders.core.reconcile import Kind, ReconcileStore
+
+    orders = Orders(pool)
+    late, fresh = await orders.new(), await orders.new()
+    await orders.settle(late)
+    await orders.refund(late, RefundReason.DUPLICATE)
+    await orders.settle(fresh)
+    await pool.execute(
+        "UPDATE outbox SET created_at = now() - interval '2 hours', attempts = 40,"
+        " last_error = 'HTTP 503' WHERE pay_order_no = $1",
+        late,
+    )
+    recon = ReconcileStore(pool)
+    run_id = f"test-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    await recon.start_run(run_id, now - timedelta(days=1), now)
+    found = await recon.record_undelivered_events(run_id, 3600)
+    again = await recon.record_undelivered_events(run_id, 3600)  # a retried finish
+    mine = [f for f in found if f.pay_order_no in (late, fresh)]
+    assert [(f.kind, f.action, f.pay_order_no) for f in mine] == [
+        (Kind.EVENT_UNDELIVERED, "EXCEPTION", late)
+    ]
+    assert "sequence 1" in mine[0].detail and "after 40 attempts" in mine[0].detail
+    assert "2 overdue event(s)" in mine[0].detail and "HTTP 503" in mine[0].detail
+    assert again == []
+    report = await recon.finish(run_id)
+    assert report["exceptions"] == len(found)
+    assert await recon.record_undelivered_events(run_id, 3600) == []  # the run is closed
+    await pool.execute(
+        "UPDATE outbox SET delivered_at = now() WHERE pay_order_no = ANY($1)", [late, fresh]
+    )
