@@ -6,6 +6,7 @@
 - ``POST /v1/webhooks/gateway`` is authenticated by its signature instead. It answers 2xx
   only once Temporal has accepted the payment, 4xx for what must never be retried, and
   503 while Temporal (or the gateway, to verify against) cannot be reached.
+- ``GET /v1/events`` (bearer token) is the order events' pull feed (``service.events``).
 - ``/healthz`` is liveness; ``/readyz`` is ready only when Temporal and PostgreSQL answer.
 - ``/metrics`` is Prometheus's (no token; see ``payorders.service.metrics``).
 
