@@ -300,6 +300,45 @@ async def test_a_sequence_is_not_used_up_by_an_event_written_twice(pool: asyncpg
     await pool.execute("UPDATE outbox SET delivered_at = now() WHERE pay_order_no = $1", no)
 
 
+async def test_event_ids_are_handed_out_in_commit_order(pool: asyncpg.Pool) -> None:
+    """A writer that inserts an event while another's is uncommitted waits for that commit,
+    so its id is the larger: a feed reader past an id never finds a smaller one later."""
+    orders = Orders(pool)
+    first, second = await orders.new(), await orders.new()
+
+    def event(no: str) -> tuple[str, str, str, str]:
+        return ("pay_order.expired", no, f"test:{no}", json.dumps({"pay_order_no": no}))
+
+    async with pool.acquire() as a:
+        tx = a.transaction()
+        await tx.start()
+        await a.execute(store_mod.SQL_INSERT_OUTBOX, *event(first))
+        pid_b: list[int] = []
+
+        async def other_writer() -> None:
+            async with pool.acquire() as b:
+                pid_b.append(await b.fetchval("SELECT pg_backend_pid()"))
+                await b.execute(store_mod.SQL_INSERT_OUTBOX, *event(second))
+
+        task = asyncio.create_task(other_writer())
+        deadline = time.monotonic() + 30
+        while True:  # until the second writer waits on the first one's lock
+            waiting = pid_b and await pool.fetchval(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid_b[0]
+            )
+            if waiting:
+                break
+            assert time.monotonic() < deadline and not task.done(), "the second did not wait"
+            await asyncio.sleep(0.05)
+        await tx.commit()
+        await task
+    ids = {r["pay_order_no"]: r["id"] for r in await orders.rows()}
+    assert ids[first] < ids[second]
+    await pool.execute(
+        "UPDATE outbox SET delivered_at = now() WHERE pay_order_no = ANY($1)", [first, second]
+    )
+
+
 async def test_the_feed_refuses_what_is_not_an_event_id(pool: asyncpg.Pool) -> None:
     feed = events.EventFeed(pool)
     for bad in ("", "abc", "evt_1", "evt_00000000000000001", "evt_000000000000001x", "EVT_0"):
