@@ -7,6 +7,7 @@
 - ``POST /v1/webhooks/gateway`` is authenticated by its signature instead. It answers 2xx
   only once Temporal has accepted the payment, 4xx for what must never be retried, and
   503 while Temporal (or the gateway, to verify against) cannot be reached.
+- ``GET /v1/events`` (bearer token) is the order events' pull feed (``service.events``).
 - ``/healthz`` is liveness; ``/readyz`` is ready only when Temporal and PostgreSQL answer.
 - ``/metrics`` is Prometheus's (no token; see ``payorders.service.metrics``).
 
@@ -51,8 +52,8 @@ from payorders.pay_orders import (
     UnknownTransaction,
 )
 from payorders.runtime import database_url, open_resources
+from payorders.service import events, stripe_webhook, webhook
 from payorders.service import metrics as api_metrics
-from payorders.service import stripe_webhook, webhook
 from payorders.service.errors import ApiError
 
 log = logging.getLogger("payorders.pay_orders")
@@ -323,6 +324,7 @@ def create_app(settings: Settings) -> FastAPI:
                 gateway=res.gateway,
                 orders=PayOrders(client, res.store, settings),
             )
+            app.state.event_feed = events.EventFeed(res.pool)
             yield
 
     app = FastAPI(
@@ -506,6 +508,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     _operator_refund_routes(app, auth)
     _cancel_route(app, auth)
+    events.add_routes(app, auth)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

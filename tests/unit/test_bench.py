@@ -20,6 +20,7 @@ BENCHES = [
     "refund_convergence",
     "history_size",
     "reconcile_1m",
+    "order_events",
 ]
 
 
