@@ -1,7 +1,8 @@
 """The pay-order worker: both workflows and all activities on one task queue.
 
 Configuration comes from the environment (``PAYORDERS_*``, ``TEMPORAL_ADDRESS``,
-``TEMPORAL_NAMESPACE``). Migrations run at start, under an advisory lock. Prometheus
+``TEMPORAL_NAMESPACE``). Migrations run at start, under an advisory lock. With
+``PAYORDERS_ORDER_EVENTS_URL`` set, the order-events relay runs beside the workers. Prometheus
 metrics, the SDK's and ours, at ``http://$PAYORDERS_WORKER_METRICS_ADDRESS/metrics``.
 """
 
@@ -29,6 +30,7 @@ from payorders.core.settings import Settings
 from payorders.gateways.factory import GatewayNotConfigured
 from payorders.localstack import postgres as embedded
 from payorders.runtime import Resources, open_resources
+from payorders.service import relay as order_events
 from workflows.late_refund import LateRefundWorkflow
 from workflows.operator_refund import OperatorRefundWorkflow
 from workflows.pay_order import PayOrderWorkflow
@@ -129,6 +131,13 @@ async def run(settings: Settings) -> None:
             if runtime is not None:
                 refunds = RefundGauges(runtime.metric_meter, res.store)
                 gauges = asyncio.create_task(refunds.refresh_forever())
+            relay: asyncio.Task[None] | None = None
+            if settings.order_events_url is not None:
+                # One relay per worker replica; they share the queue without breaking order.
+                meter = runtime.metric_meter if runtime is not None else None
+                relay = asyncio.create_task(
+                    order_events.run_relay(settings, database_url, stop, meter=meter)
+                )
             try:
                 await stop.wait()
                 log.info("stopping: finishing the tasks in hand")
@@ -137,6 +146,8 @@ async def run(settings: Settings) -> None:
                     gauges.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await gauges
+                if relay is not None:
+                    await relay
     del keep
 
 

@@ -65,6 +65,12 @@ class ReconcileActivities:
 
     @activity.defn(name="reconcile_finish")
     async def finish(self, run_id: str) -> ReconcileReport:
+        if self._settings.order_events_url is not None:
+            # Only where a relay delivers: a feed-only deployment never marks events delivered.
+            late = await self._recon.record_undelivered_events(
+                run_id, self._settings.order_events_alert_after_s
+            )
+            _count(late)
         run = await self._recon.finish(run_id)
         log.info("reconciliation %s: %s", run_id, run)
         return ReconcileReport.model_validate(run)

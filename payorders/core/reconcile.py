@@ -38,6 +38,7 @@ class Kind(StrEnum):
     AMOUNT_DIFFERS = "amount_differs"
     STUCK_PAYING = "stuck_paying"
     IDENTITY_BROKEN = "identity_broken"
+    EVENT_UNDELIVERED = "event_undelivered"
 
 
 REPAIRED = "REPAIRED"
@@ -166,6 +167,38 @@ ON CONFLICT DO NOTHING
 RETURNING refund_key"""
 
 
+# Order events (migration 0006) the relay has not had acknowledged within the limit: one
+# exception per pay order, naming its oldest overdue event; recorded once per run, and only
+# while the run is open (a retried finish adds nothing), oldest first, at most $3 of them.
+SQL_UNDELIVERED_EVENTS = """
+WITH overdue AS (
+    SELECT DISTINCT ON (o.pay_order_no)
+           o.pay_order_no, o.id, o.event_type, o.sequence, o.created_at, o.attempts,
+           o.last_error, count(*) OVER (PARTITION BY o.pay_order_no) AS waiting
+      FROM outbox o
+     WHERE o.delivered_at IS NULL AND o.created_at < now() - make_interval(secs => $2)
+     ORDER BY o.pay_order_no, o.sequence
+), found AS (
+    SELECT * FROM overdue
+     WHERE EXISTS (SELECT 1 FROM reconciliation_run r WHERE r.run_id = $1 AND r.finished_at IS NULL)
+       AND NOT EXISTS (SELECT 1 FROM reconciliation_finding f
+                        WHERE f.run_id = $1 AND f.kind = 'event_undelivered'
+                          AND f.pay_order_no = overdue.pay_order_no)
+     ORDER BY created_at
+     LIMIT $3
+)
+INSERT INTO reconciliation_finding (run_id, kind, action, pay_order_no, detail)
+SELECT $1, 'event_undelivered', 'EXCEPTION', pay_order_no,
+       format('order event evt_%s (%s, sequence %s) not acknowledged by the order service'
+              ' for %s, after %s attempts%s; %s overdue event(s) of this pay order',
+              lpad(id::text, 16, '0'), event_type, sequence,
+              date_trunc('second', now() - created_at), attempts,
+              coalesce(' (last: ' || last_error || ')', ''), waiting)
+  FROM found
+RETURNING pay_order_no, detail"""
+MAX_EVENT_FINDINGS = 1000
+
+
 @dataclass(frozen=True)
 class Finding:
     kind: Kind
@@ -239,6 +272,18 @@ class ReconcileStore:
                     for f in findings
                 ],
             )
+
+    async def record_undelivered_events(self, run_id: str, alert_after_s: float) -> list[Finding]:
+        """Record an exception for each pay order with an order event unacknowledged for
+        longer than ``alert_after_s`` (once per run); returns the findings recorded now."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                SQL_UNDELIVERED_EVENTS, run_id, alert_after_s, MAX_EVENT_FINDINGS
+            )
+        return [
+            Finding(Kind.EVENT_UNDELIVERED, EXCEPTION, r["detail"], pay_order_no=r["pay_order_no"])
+            for r in rows
+        ]
 
     async def finish(self, run_id: str) -> dict[str, Any]:
         async with self._pool.acquire() as conn:

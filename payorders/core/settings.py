@@ -100,6 +100,20 @@ class Settings(BaseSettings):
     """Workflows kept in worker memory (sticky); evicted ones replay on their next task."""
     worker_metrics_address: str | None = "127.0.0.1:9464"
     """IP:port of the worker's Prometheus endpoint (``/metrics``); empty: no endpoint."""
+    order_events_url: str | None = None
+    """Where the relay POSTs order events (the order service's endpoint); unset or empty:
+    no relay runs (the events stay readable from ``GET /v1/events``)."""
+    order_events_secret: SecretStr = SecretStr("whsec_order_events_dev_only")
+    """Signs each delivery (``Payorders-Event-Signature``); the default is for the local
+    stack only."""
+    order_events_retry_initial_ms: PositiveInt = 500
+    """First retry interval of an unacknowledged event (doubles each attempt)."""
+    order_events_retry_max_ms: PositiveInt = 60_000
+    """Cap of the retry interval; events are retried without a limit on attempts."""
+    order_events_concurrency: PositiveInt = 16
+    """Pay orders whose events one relay delivers at the same time."""
+    order_events_alert_after_s: PositiveInt = 900
+    """An event undelivered longer than this is a reconciliation exception."""
 
     @field_validator("stripe_webhook_secret", mode="before")
     @classmethod
@@ -114,6 +128,13 @@ class Settings(BaseSettings):
     @field_validator("worker_metrics_address", mode="before")
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
+        if isinstance(v, str) and not v.strip():
+            return None
+        return v
+
+    @field_validator("order_events_url", mode="before")
+    @classmethod
+    def _no_url_when_empty(cls, v: object) -> object:
         if isinstance(v, str) and not v.strip():
             return None
         return v

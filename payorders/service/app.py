@@ -48,8 +48,8 @@ from payorders.pay_orders import (
     UnknownTransaction,
 )
 from payorders.runtime import database_url, open_resources
+from payorders.service import events, stripe_webhook, webhook
 from payorders.service import metrics as api_metrics
-from payorders.service import stripe_webhook, webhook
 from payorders.service.errors import ApiError
 
 log = logging.getLogger("payorders.pay_orders")
@@ -316,6 +316,7 @@ def create_app(settings: Settings) -> FastAPI:
                 gateway=res.gateway,
                 orders=PayOrders(client, res.store, settings),
             )
+            app.state.event_feed = events.EventFeed(res.pool)
             yield
 
     app = FastAPI(
@@ -497,6 +498,7 @@ def create_app(settings: Settings) -> FastAPI:
         return await _accept_payment(deps, event, STRIPE_FIELDS)
 
     _operator_refund_routes(app, auth)
+    events.add_routes(app, auth)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
