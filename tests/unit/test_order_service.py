@@ -18,6 +18,7 @@ from payorders.sandbox.order_service import (
     create_order_service,
     format_money,
 )
+from payorders.service import relay
 from payorders.service.webhook import sign_header
 
 SECRET = "evsec_test"
@@ -265,6 +266,10 @@ async def test_an_unknown_event_type_is_acknowledged(shop: Shop) -> None:
     assert (await shop.received())["lines"] == [
         "order-42: pay_order.disputed ignored (not a type this shop handles)"
     ]
+
+
+def test_the_service_reads_the_header_the_relay_signs() -> None:
+    assert SIGNATURE_HEADER == relay.SIGNATURE_HEADER
 
 
 def test_the_service_needs_a_secret() -> None:
