@@ -341,15 +341,18 @@ class DevStack:
         *,
         tuning: Mapping[str, str] | None = None,
         gateway: GatewayKind = "sandbox",
+        console: Callable[[str], None] | None = None,
     ) -> DevStack:
         """A stack of its own for a tool or a test (torture, benchmarks): free ports, an
         embedded PostgreSQL in ``data_dir``, and nothing from the environment, which may
-        hold the addresses of another stack. Its clients take ``client_settings()``."""
+        hold the addresses of another stack. Its clients take ``client_settings()``; its
+        order service echoes to ``console`` if one is given."""
         return cls(
             _settings_without_environment({"data_dir": data_dir}),
             DevOptions.free_ports(gateway=gateway),
             isolated=True,
             tuning=tuning,
+            console=console,
         )
 
     def client_settings(self) -> Settings:
