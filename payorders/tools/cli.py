@@ -650,6 +650,7 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
         gateway_port=args.gateway_port,
         worker_metrics_port=args.worker_metrics_port,
         stripe_port=args.stripe_port,
+        orders_port=args.orders_port,
         gateway=args.gateway,
     )
 
@@ -703,6 +704,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--worker-metrics-port", type=_count, default=9464, help="the worker's Prometheus port"
+    )
+    c.add_argument(
+        "--orders-port",
+        type=_count,
+        default=8002,
+        help="the example order service, where the worker delivers the order events",
     )
 
     c = command("create", "checkout: create the pay order of an order (idempotent)", cmd_create)

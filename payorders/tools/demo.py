@@ -1,24 +1,33 @@
 """``payorders demo``: the scenarios users worry about, each on its own pay orders, against
-the running stack; ends with a table per scenario and a non-zero exit if any order breaks
-the fund identity."""
+the running stack; ends with a table per scenario, the example order service's lines for
+those orders, and a non-zero exit if any order breaks the fund identity or an event of
+theirs does not reach the order service."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
+
 from payorders.core import domain
 from payorders.core.domain import PayOrderStatus
 from payorders.core.settings import Settings
+from payorders.localstack import stackinfo
 from payorders.tools.http_clients import GatewayClient, ServiceClient, gateway_client
 from payorders.tools.table import render
 
 SHORT = timedelta(seconds=4)
 SETTLE_WITHIN_S = 120.0
+EVENTS_WITHIN_S = 60.0
+"""How long the demo waits for the order service to hear of its settled orders."""
+TERMINAL_EVENTS = frozenset({"pay_order.succeeded", "pay_order.expired"})
 
 
 @dataclass
@@ -245,6 +254,8 @@ async def _run(c: Ctx, out: Callable[[str], None]) -> int:
     if broken:
         out(f"demo: FAILED: {broken} order(s) break the fund identity")
         return 1
+    if not await _order_service_side(c, driven, out):
+        return 1
     out(f"demo: all {len(every)} orders settled; the fund identity holds for every one")
     return 0
 
@@ -283,3 +294,87 @@ def _scenario_table(rows: list[Outcome], settings: Settings) -> str:
         for o in rows
     ]
     return render(headers, body)
+
+
+# --- the order service's side --------------------------------------------------------------
+
+
+def _order_events_url(settings: Settings) -> str | None:
+    """The example order service of the stack the demo drives, if that stack runs one."""
+    info = stackinfo.read(settings.data_dir)
+    if info is None or info.api_url != settings.api_url:
+        return None
+    return info.order_events_url
+
+
+async def _expected_events(c: Ctx, nos: list[str]) -> Counter[tuple[str, str]]:
+    """Per settled order: its terminal event, and one ``refund.succeeded`` per refund."""
+    want: Counter[tuple[str, str]] = Counter()
+    for no, order in zip(nos, await asyncio.gather(*(c.service.get(n) for n in nos)), strict=True):
+        want[(no, "terminal")] = 1
+        want[(no, "refund.succeeded")] = sum(
+            p["refund_status"] == "SUCCEEDED" for p in order["payments"]
+        )
+    return want
+
+
+def _heard(events: list[dict[str, Any]], nos: set[str]) -> Counter[tuple[str, str]]:
+    got: Counter[tuple[str, str]] = Counter()
+    for e in events:
+        if e["pay_order_no"] in nos:
+            kind = "terminal" if e["type"] in TERMINAL_EVENTS else e["type"]
+            got[(e["pay_order_no"], kind)] += 1
+    return got
+
+
+async def _order_service_side(c: Ctx, driven: list[list[str]], out: Callable[[str], None]) -> bool:
+    """Wait (bounded) until the order service has received every terminal event and refund
+    of the demo's orders, then print its lines for them. False if some never arrived."""
+    url = _order_events_url(c.settings)
+    if url is None:
+        out("(this stack runs no example order service: its side is not shown)\n")
+        return True
+    every = [no for orders in driven for no in orders]
+    want = await _expected_events(c, every)
+    received: dict[str, Any] = {"lines": [], "events": []}
+    missing = sum(want.values())
+    deadline = time.monotonic() + EVENTS_WITHIN_S
+    async with httpx.AsyncClient(timeout=5) as http:
+        while True:
+            # Restarting, or not up yet: ask again until the deadline.
+            with contextlib.suppress(httpx.HTTPError):
+                received = (await http.get(url)).raise_for_status().json()
+            got = _heard(received["events"], set(every))
+            missing = sum((want - got).values())
+            if missing == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.25)
+    out(f"== the order service's side (what the example shop did; GET {url})")
+    for (name, _, _), orders in zip(SCENARIOS, driven, strict=True):
+        out(_scenario_lines(name, set(orders), received))
+    out("")
+    if missing:
+        out(f"demo: {missing} event(s) did not reach the order service in {EVENTS_WITHIN_S:.0f}s")
+        return False
+    return True
+
+
+def _scenario_lines(name: str, nos: set[str], received: dict[str, Any]) -> str:
+    """The order service's lines for a scenario's orders; for many orders, counts by event
+    type and one line of each."""
+    mine = [
+        (e["type"], line)
+        for e, line in zip(received["events"], received["lines"], strict=True)
+        if e["pay_order_no"] in nos
+    ]
+    if len(nos) <= 3:
+        return "\n".join([f"-- {name}", *(f"  {line}" for _, line in mine)])
+    by_type = Counter(kind for kind, _ in mine)
+    counts = ", ".join(f"{n} {kind}" for kind, n in sorted(by_type.items()))
+    examples = {kind: line for kind, line in reversed(mine)}  # the first line of each type
+    return "\n".join(
+        [
+            f"-- {name}: {len(mine)} events ({counts}), for example:",
+            *(f"  {examples[kind]}" for kind in sorted(examples)),
+        ]
+    )

@@ -167,7 +167,10 @@ def _env(data_dir: Path) -> dict[str, str]:
 def stripe_dev() -> Iterator[StripeDev]:
     tmp = Path(tempfile.mkdtemp(prefix="payorders-dev-stripe-"))
     out = tmp / "dev.out"
-    ports = {name: free_port() for name in ("temporal", "ui", "api", "gateway", "worker-metrics")}
+    ports = {
+        name: free_port()
+        for name in ("temporal", "ui", "api", "gateway", "worker-metrics", "orders")
+    }
     stripe_port = free_port()
     args = [CLI, "dev", "--gateway", "stripe", "--stripe-port", str(stripe_port)]
     for name, port in ports.items():

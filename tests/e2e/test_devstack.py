@@ -42,6 +42,7 @@ class DevProcess:
     api_port: int = field(default_factory=free_port)
     gateway_port: int = field(default_factory=free_port)
     worker_metrics_port: int = field(default_factory=free_port)
+    orders_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[str] | None = None
 
     def port_args(self) -> list[str]:
@@ -56,6 +57,8 @@ class DevProcess:
             str(self.gateway_port),
             "--worker-metrics-port",
             str(self.worker_metrics_port),
+            "--orders-port",
+            str(self.orders_port),
         ]
 
     def env(self) -> dict[str, str]:
