@@ -77,21 +77,6 @@ def figure(report: str, name: str) -> str:
     return line.removeprefix(name).strip()
 
 
-async def test_the_torture_against_stripe_loses_nothing(
-    stripe_stack: tuple[DevStack, Settings], capsys: pytest.CaptureFixture[str]
-) -> None:
-    _, settings = stripe_stack
-    argv = ["torture", "--gateway", "stripe", "--orders", "60", "--expires-in-s", "6"]
-    code, out, err = await run(settings, capsys, *argv, "--seed", "5", "--settle-within-s", "120")
-    print(out)
-    assert (code, err) == (0, ""), out
-    assert "VIOLATION" not in out
-    assert figure(out, "violations") == "0"
-    assert figure(out, "orders") == "60"
-    assert "at the Stripe wire" in out
-    assert "scenario duplicate notification:" in out  # the wire's webhook_duplicate fault
-
-
 async def test_pay_and_fault_work_at_stripe(
     stripe_stack: tuple[DevStack, Settings],
     clients: tuple[ServiceClient, StripeToolClient],
@@ -223,8 +208,13 @@ async def test_the_chaos_torture_runs_its_private_stack_on_stripe(
     )
     print(out)
     assert (code, err) == (0, ""), out
+    assert "VIOLATION" not in out
     assert figure(out, "violations") == "0"
+    assert figure(out, "orders") == "60"
     assert "at the Stripe wire" in out
+    # Every scenario at Stripe, the duplicate by the wire's webhook_duplicate fault; the
+    # plain torture on this gateway is this one without the chaos (kept out of CI's time).
+    assert "scenario duplicate notification:" in out
     for fault in (
         "kill the worker (SIGKILL)",
         "restart the Temporal dev server",
