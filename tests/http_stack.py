@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -45,6 +49,39 @@ def payment_event(pay_order_no: str, txn_id: str, **data: Any) -> bytes:
             },
         }
     ).encode()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker_process(
+    settings: Settings, temporal_address: str, db_url: str, **env: str
+) -> subprocess.Popen[bytes]:
+    """``worker.py`` as its own process (a test kills it), on the test's task queue and
+    short timeouts; ``env`` adds ``PAYORDERS_*`` variables (the gateway's)."""
+    s = settings
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "worker.py")],
+        env={
+            **os.environ,
+            "TEMPORAL_ADDRESS": temporal_address,
+            "PAYORDERS_DATABASE_URL": db_url,
+            "PAYORDERS_TASK_QUEUE": s.task_queue,
+            "PAYORDERS_GATEWAY_SERVER_TIMEOUT_MS": str(s.gateway_server_timeout_ms),
+            "PAYORDERS_GATEWAY_CLIENT_TIMEOUT_MS": str(s.gateway_client_timeout_ms),
+            "PAYORDERS_REFUND_RETRY_INITIAL_MS": str(s.refund_retry_initial_ms),
+            "PAYORDERS_REFUND_RETRY_MAX_MS": str(s.refund_retry_max_ms),
+            # Never the default 9464: tests run beside a local stack and one another.
+            "PAYORDERS_WORKER_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
+            # The worker (re)creates the reconciliation Schedule, by default every 5 minutes
+            # on the clock's 5-minute marks. A run that met a killed refund would confirm it
+            # from the gateway's statement, correctly, before the restarted worker replays
+            # it: these tests are about the replay, so no run comes during them.
+            "PAYORDERS_RECONCILE_EVERY_S": str(24 * 3600),
+            **env,
+        },
+        cwd=ROOT,
+    )
 
 
 def free_port() -> int:

@@ -10,11 +10,9 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,13 +25,12 @@ from payorders.localstack import postgres as embedded
 from payorders.localstack.localstripe import LocalStripe
 from workflows.reconcile import ReconcileWorkflow
 
-from ..http_stack import free_port
+from ..http_stack import worker_process
 from ..stripe_stack import API_KEY, WEBHOOK_SECRET, StripeStack, signed, stripe_stack
 
 pytestmark = pytest.mark.slow
 
 SUCCESS, EXPIRED = "PAY_SUCCESS", "PAY_EXPIRED"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -202,26 +199,16 @@ async def test_a_worker_killed_mid_refund_refunds_once_after_restart(
 ) -> None:
     target = dev_env.client.service_client.config.target_host
     async with stripe_stack(dev_env.client, target, stripe_db, localstripe, worker=False) as st:
-        s = st.settings
-        env = {
-            **os.environ,
-            "TEMPORAL_ADDRESS": target,
-            "PAYORDERS_DATABASE_URL": stripe_db,
-            "PAYORDERS_TASK_QUEUE": s.task_queue,
-            "PAYORDERS_GATEWAY": "stripe",
-            "PAYORDERS_STRIPE_API_KEY": API_KEY,
-            "PAYORDERS_STRIPE_API_BASE": s.stripe_api_base,
-            "PAYORDERS_GATEWAY_SERVER_TIMEOUT_MS": str(s.gateway_server_timeout_ms),
-            "PAYORDERS_GATEWAY_CLIENT_TIMEOUT_MS": str(s.gateway_client_timeout_ms),
-            "PAYORDERS_REFUND_RETRY_INITIAL_MS": str(s.refund_retry_initial_ms),
-            "PAYORDERS_REFUND_RETRY_MAX_MS": str(s.refund_retry_max_ms),
-            "PAYORDERS_WORKER_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
-            # No reconciliation run during the test: it is about the restarted refund.
-            "PAYORDERS_RECONCILE_EVERY_S": str(24 * 3600),
-        }
 
         def start_worker() -> subprocess.Popen[bytes]:
-            return subprocess.Popen([sys.executable, str(ROOT / "worker.py")], env=env, cwd=ROOT)
+            return worker_process(
+                st.settings,
+                target,
+                stripe_db,
+                PAYORDERS_GATEWAY="stripe",
+                PAYORDERS_STRIPE_API_KEY=API_KEY,
+                PAYORDERS_STRIPE_API_BASE=st.settings.stripe_api_base,
+            )
 
         worker = start_worker()
         try:

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,12 @@ from payorders.sandbox.ledger import InProcessResources
 from workflows.late_refund import LateRefundWorkflow
 
 from ..conftest import Stack, assert_settled, order_no, pay, running_stack
-from ..http_stack import free_port, serve
+from ..http_stack import free_port, serve, worker_process
 
 pytestmark = pytest.mark.slow
 
 SUCCESS = PayOrderStatus.PAY_SUCCESS
 EXPIRED = PayOrderStatus.PAY_EXPIRED
-ROOT = Path(__file__).resolve().parents[2]
 HISTORIES = Path(__file__).resolve().parents[1] / "histories"
 
 
@@ -190,26 +188,8 @@ async def test_operators_find_orders_by_search_attributes(
 
 
 def _worker_process(stack: Stack, db_url: str, gateway_url: str) -> subprocess.Popen[bytes]:
-    s = stack.settings
-    env = {
-        **os.environ,
-        "TEMPORAL_ADDRESS": stack.env.client.service_client.config.target_host,
-        "PAYORDERS_DATABASE_URL": db_url,
-        "PAYORDERS_GATEWAY_URL": gateway_url,
-        "PAYORDERS_TASK_QUEUE": s.task_queue,
-        "PAYORDERS_GATEWAY_SERVER_TIMEOUT_MS": str(s.gateway_server_timeout_ms),
-        "PAYORDERS_GATEWAY_CLIENT_TIMEOUT_MS": str(s.gateway_client_timeout_ms),
-        "PAYORDERS_REFUND_RETRY_INITIAL_MS": str(s.refund_retry_initial_ms),
-        "PAYORDERS_REFUND_RETRY_MAX_MS": str(s.refund_retry_max_ms),
-        # Never the default 9464: tests run beside a local stack and one another.
-        "PAYORDERS_WORKER_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
-        # The worker (re)creates the reconciliation Schedule, by default every 5 minutes on
-        # the clock's 5-minute marks. A run that met the killed refund would confirm it from
-        # the gateway's statement, correctly, before the restarted worker replays it: the
-        # test is about the replay, so no run comes during it.
-        "PAYORDERS_RECONCILE_EVERY_S": str(24 * 3600),
-    }
-    return subprocess.Popen([sys.executable, str(ROOT / "worker.py")], env=env, cwd=ROOT)
+    target = stack.env.client.service_client.config.target_host
+    return worker_process(stack.settings, target, db_url, PAYORDERS_GATEWAY_URL=gateway_url)
 
 
 async def test_a_worker_killed_in_the_middle_of_a_refund_refunds_once_after_restart(
