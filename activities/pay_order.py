@@ -12,7 +12,7 @@ from typing import Protocol
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from payorders.core import metrics
+from payorders.core import domain, metrics
 from payorders.core.domain import RefundReason, RefundStatus
 from payorders.core.models import (
     Checkout,
@@ -117,7 +117,7 @@ class PayOrderActivities:
                 amount=cmd.amount,
                 currency=cmd.currency,
                 expires_at=cmd.expires_at,
-                idempotency_key=f"open-{cmd.pay_order_no}",
+                idempotency_key=domain.open_trade_key(cmd.pay_order_no),
             ),
             first_attempt=activity.info().attempt == 1,
         )

@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 import uvicorn
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 from temporalio.client import Client
 
 from payorders.core.settings import Settings
@@ -91,22 +91,32 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def serve(app: FastAPI, port: int) -> AsyncIterator[uvicorn.Server]:
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1
-    )
+async def serve(app: ASGIApp, port: int = 0) -> AsyncIterator[uvicorn.Server]:
+    """``app`` under uvicorn on 127.0.0.1 (``port`` 0: a free one), as an asyncio task."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", port))
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError("server stopped before it started")
-        await asyncio.sleep(0.02)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("server stopped before it started")
+            await asyncio.sleep(0.01)
         yield server
     finally:
         server.should_exit = True
-        await task
+        await asyncio.wait_for(task, 15)
+        sock.close()
+
+
+@asynccontextmanager
+async def serving(app: ASGIApp) -> AsyncIterator[str]:
+    """``app`` on a free port of 127.0.0.1; yields its base URL."""
+    async with serve(app) as server:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
 
 
 @dataclass

@@ -166,6 +166,11 @@ def refund_key(pay_order_no: str, txn_id: str) -> str:
     return f"refund-{pay_order_no}-{txn_id}"
 
 
+def open_trade_key(pay_order_no: str) -> str:
+    """The idempotency key of the one trade a pay order opens at its gateway, ever."""
+    return f"open-{pay_order_no}"
+
+
 def pay_order_no_for(order_no: str) -> str:
     """One pay order per order: a retried checkout lands on the same pay order."""
     return f"po_{order_no}"

@@ -4,6 +4,7 @@ either."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -11,6 +12,49 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from payorders.core import domain
 
 _INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Faults:
+    """The faults armed for one scope (a pay order, or ``*`` for every order)."""
+
+    fail_next_refunds: int = 0
+    """The next N refunds fail before the gateway does anything."""
+    timeout_after_success_next: int = 0
+    """The next N refunds are made, and their answers never reach the caller in time."""
+    delay_ms: int = 0
+    """Every gateway call of the scope waits this long first."""
+    paid_on_close_amount: int | None = None
+    paid_on_close_currency: str | None = None
+    """The customer pays at the very instant the trade is closed: the payment wins."""
+    webhook_delay_ms: int = 0
+    """The first delivery attempt of each new event waits this long."""
+    webhook_duplicate_next: int = 0
+    """The next N events are delivered twice (same event id and body)."""
+    webhook_drop_next: int = 0
+    """The first attempt of the next N events is lost (a gateway that retries sends it
+    again; localstripe never does)."""
+    webhook_reorder_next: int = 0
+    """The next N events are held back, so later ones overtake them."""
+
+    def armed(self) -> bool:
+        """Whether anything is still armed (spent counters are not)."""
+        return any(
+            getattr(self, f.name) is not None if f.default is None else getattr(self, f.name) > 0
+            for f in fields(self)
+        )
+
+
+COUNTERS = frozenset(
+    {
+        "fail_next_refunds",
+        "timeout_after_success_next",
+        "webhook_duplicate_next",
+        "webhook_drop_next",
+        "webhook_reorder_next",
+    }
+)
+"""The faults that count down: each use takes one."""
 
 
 class FaultsPatch(BaseModel):

@@ -41,7 +41,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, replace
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -54,7 +54,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from payorders.core import domain
-from payorders.localstack.faults import FaultsPatch
+from payorders.localstack.faults import COUNTERS, Faults, FaultsPatch
 from payorders.localstack.localstripe import pay_payment_intent
 
 log = logging.getLogger(__name__)
@@ -96,38 +96,6 @@ _NOT_FORWARDED = frozenset(
 # --- faults ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Faults:
-    """The faults of one scope: the sandbox gateway's fields, with its meanings."""
-
-    fail_next_refunds: int = 0
-    timeout_after_success_next: int = 0
-    delay_ms: int = 0
-    paid_on_close_amount: int | None = None
-    paid_on_close_currency: str | None = None
-    webhook_delay_ms: int = 0
-    webhook_duplicate_next: int = 0
-    webhook_drop_next: int = 0
-    webhook_reorder_next: int = 0
-
-    def armed(self) -> bool:
-        return any(
-            getattr(self, f.name) is not None if f.default is None else getattr(self, f.name) > 0
-            for f in fields(self)
-        )
-
-
-COUNTERS = frozenset(
-    {
-        "fail_next_refunds",
-        "timeout_after_success_next",
-        "webhook_duplicate_next",
-        "webhook_drop_next",
-        "webhook_reorder_next",
-    }
-)
-
-
 class FaultBook:
     """The armed faults by scope. Like the sandbox's ledger: a pay order's own row stands
     for it whole (else ``*``'s), and a counter is taken from the order's own row first."""
@@ -136,14 +104,12 @@ class FaultBook:
         self._rows: dict[str, Faults] = {}
 
     def set(self, scope: str, changes: dict[str, Any]) -> Faults:
-        row = self._rows.setdefault(scope, Faults())
-        for name, value in changes.items():
-            setattr(row, name, value)
-        return Faults(**asdict(row))
+        row = self._rows[scope] = replace(self._rows.get(scope, Faults()), **changes)
+        return row
 
     def of(self, scope: str) -> Faults:
         """The faults of exactly this scope (no fallback to ``*``)."""
-        return Faults(**asdict(self._rows.get(scope, Faults())))
+        return self._rows.get(scope, Faults())
 
     def effective(self, pay_order_no: str | None) -> Faults:
         row = self._rows.get(pay_order_no) if pay_order_no else None
@@ -154,8 +120,8 @@ class FaultBook:
         assert counter in COUNTERS
         for scope in (pay_order_no, "*"):
             row = self._rows.get(scope) if scope else None
-            if row is not None and getattr(row, counter) > 0:
-                setattr(row, counter, getattr(row, counter) - 1)
+            if scope is not None and row is not None and getattr(row, counter) > 0:
+                self._rows[scope] = replace(row, **{counter: getattr(row, counter) - 1})
                 return True
         return False
 

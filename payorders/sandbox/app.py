@@ -277,13 +277,14 @@ async def open_trade(gateway: Sandbox, body: JsonObject) -> dict[str, Any]:
         at = None
     if at is None or at.tzinfo is None:
         raise domain.InvalidInput("expires_at must be an ISO 8601 time with a time zone")
+    no = _pay_order_no(body["pay_order_no"], "pay_order_no")
     checkout = await gateway.open_trade(
         OpenTrade(
-            pay_order_no=_pay_order_no(body["pay_order_no"], "pay_order_no"),
+            pay_order_no=no,
             amount=domain.check_amount(body["amount"]),
             currency=domain.check_currency(body["currency"]),
             expires_at=at,
-            idempotency_key=f"open-{body['pay_order_no']}",
+            idempotency_key=domain.open_trade_key(no),
         )
     )
     return checkout.model_dump(mode="json")

@@ -39,6 +39,7 @@ from payorders.gateways.port import (
     RefundRequest,
     Statement,
 )
+from payorders.localstack.faults import Faults
 from payorders.runtime import Resources, open_resources
 from payorders.service import webhook
 
@@ -125,23 +126,6 @@ REORDER_HOLD_S = 1.5
 """How long a reordered webhook is held back, so an event created after it goes first."""
 RETRY_CAP_MS = 60_000
 DELIVERY_BATCH = 50
-
-
-@dataclass(frozen=True)
-class Faults:
-    fail_next_refunds: int = 0
-    timeout_after_success_next: int = 0
-    delay_ms: int = 0
-    paid_on_close_amount: int | None = None
-    paid_on_close_currency: str | None = None
-    webhook_delay_ms: int = 0
-    """The first delivery attempt of each new event waits this long."""
-    webhook_duplicate_next: int = 0
-    """The next N events are delivered twice (same event id and body)."""
-    webhook_drop_next: int = 0
-    """The first attempt of the next N events is lost: counted, never sent, retried later."""
-    webhook_reorder_next: int = 0
-    """The next N events are held back by ``REORDER_HOLD_S`` so later ones overtake them."""
 
 
 FAULT_FIELDS = tuple(f.name for f in fields(Faults))

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,7 +17,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request, Response
 from pydantic import SecretStr
 
@@ -29,33 +26,14 @@ from payorders.sandbox.app import PROCESSING_HEADER, create_sandbox_app
 from payorders.sandbox.ledger import SandboxGateway
 from payorders.service import webhook
 
+from ..http_stack import serving
+
 SECRET = "whsec_sandbox_http_test"
 SCHEMA = f"sbx_{uuid.uuid4().hex[:12]}"
 RETRY_INITIAL_MS = 100
 
 
 # --- servers ---------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[str]:
-    """``app`` under uvicorn on a free port of 127.0.0.1, as its own asyncio task."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-                raise RuntimeError("uvicorn stopped while starting")
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
-        sock.close()
 
 
 @dataclass

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,6 @@ from typing import Any
 import httpx
 import pytest
 import stripe
-import uvicorn
 from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -33,6 +30,8 @@ from payorders.localstack.localstripe import LocalStripe
 from payorders.localstack.stripe_wire import DELIVERIES_PATH, RELAY_PATH, StripeWire
 from payorders.tools.http_clients import SandboxClient
 
+from ..http_stack import serving
+
 KEY = "sk_test_wire_tests"
 SECRET = "whsec_wire_tests"
 REORDER_HOLD_S = 4.0
@@ -41,30 +40,6 @@ loaded machine."""
 
 
 # --- servers ---------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def serving(app: Starlette) -> AsyncIterator[str]:
-    """``app`` under uvicorn on a free port of 127.0.0.1, as its own asyncio task."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-                raise RuntimeError("uvicorn stopped while starting")
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
-        sock.close()
 
 
 @dataclass
