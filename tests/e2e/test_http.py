@@ -564,13 +564,16 @@ async def test_checkout_answers_checkout_pending_while_the_gateway_is_slow_then_
     target = dev_env.client.service_client.config.target_host
     async with http_stack(dev_env.client, target, db_url, checkout_wait_ms=200) as slow:
         no = new_order()
-        # Every gateway call of this pay order takes 800 ms: longer than checkout waits.
-        await slow.gateway.set_faults(f"po_{no}", delay_ms=800)
+        # Every gateway call of this pay order takes 5 s, past our 1.5 s client timeout:
+        # no attempt opens the trade while the fault is armed. (Checkout's wait is the
+        # update RPC's deadline, which the API's client may retry within its 2 s budget:
+        # a delay shorter than that could open the trade inside the wait.)
+        await slow.gateway.set_faults(f"po_{no}", delay_ms=5_000)
         with pytest.raises(ServiceError) as pending:
             await slow.service.create(order_no=no, amount=700, currency="USD")
         assert (pending.value.status, pending.value.code) == (503, "checkout_pending")
         await slow.gateway.clear_faults(f"po_{no}")
-        for _ in range(50):  # a client retries the same request until the trade is open
+        for _ in range(100):  # a client retries the same request until the trade is open
             try:
                 again = await slow.service.create(order_no=no, amount=700, currency="USD")
                 break
