@@ -14,7 +14,6 @@ from payorders.core.settings import Settings
 from payorders.gateways.factory import open_gateway
 from payorders.gateways.port import Gateway
 from payorders.localstack import stackinfo
-from payorders.localstack.stack import DEV_STRIPE_API_KEY, DEV_STRIPE_WEBHOOK_SECRET
 
 
 class StackNotRunning(RuntimeError):
@@ -67,9 +66,9 @@ def with_stack_defaults(settings: Settings) -> Settings:
             if "stripe_api_base" not in settings.model_fields_set and info.stripe_api_base:
                 updates["stripe_api_base"] = info.stripe_api_base
             if "stripe_api_key" not in settings.model_fields_set:
-                updates["stripe_api_key"] = DEV_STRIPE_API_KEY
+                updates["stripe_api_key"] = stackinfo.DEV_STRIPE_API_KEY
             if "stripe_webhook_secret" not in settings.model_fields_set:
-                updates["stripe_webhook_secret"] = [DEV_STRIPE_WEBHOOK_SECRET]
+                updates["stripe_webhook_secret"] = [stackinfo.DEV_STRIPE_WEBHOOK_SECRET]
     # Validate again, so tuning strings become the fields' types.
     return Settings(**{**settings.model_dump(), **updates})
 

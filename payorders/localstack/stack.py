@@ -34,6 +34,7 @@ from payorders.localstack import postgres as embedded
 from payorders.localstack import stackinfo
 from payorders.localstack.binaries import find_binary
 from payorders.localstack.localstripe import LocalStripe, LocalStripeError
+from payorders.localstack.stackinfo import DEV_STRIPE_API_KEY, DEV_STRIPE_WEBHOOK_SECRET
 from payorders.localstack.stripe_wire import RELAY_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,8 +81,6 @@ GATEWAYS: tuple[GatewayKind, ...] = ("sandbox", "stripe")
 # The Stripe stack's credentials: dev-only values, printed in the banner. localstripe takes
 # any secret key that starts with ``sk_`` and is longer than 5 characters; the webhook
 # secret is the one the stack registers at localstripe and gives the API to verify with.
-DEV_STRIPE_API_KEY = "sk_test_payorders_dev_only"
-DEV_STRIPE_WEBHOOK_SECRET = "whsec_payorders_dev_only"
 STRIPE_WEBHOOK_ID = "payorders-dev"
 """localstripe's id for the stack's webhook endpoint (registering it again replaces it)."""
 

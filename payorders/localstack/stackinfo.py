@@ -10,6 +10,11 @@ from pathlib import Path
 
 FILENAME = "stack.json"
 
+# The Stripe stack's dev-only credentials (localstripe takes any sk_ key): its clients
+# read them here, without importing the stack itself.
+DEV_STRIPE_API_KEY = "sk_test_payorders_dev_only"
+DEV_STRIPE_WEBHOOK_SECRET = "whsec_payorders_dev_only"
+
 
 @dataclass(frozen=True)
 class StackInfo:
