@@ -197,7 +197,9 @@ async def test_each_event_type_is_delivered_once_signed_and_as_the_contract_says
         ids = await orders.event_ids()
         assert len(ids) == 3
         await receiver.wait_acked(ids)
-        rows = await orders.rows()
+    # The receiver acks before the relay commits delivered_at; the stopped relay has
+    # finished the deliveries it had in hand.
+    rows = await orders.rows()
 
     assert len(receiver.requests) == 3, "each event once: every first answer was a 2xx"
     assert_in_order(receiver)
