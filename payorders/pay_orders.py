@@ -443,11 +443,6 @@ class PayOrders:
             return NotifyOutcome.LATE_REFUND_EXISTS
         return NotifyOutcome.LATE_REFUND_STARTED
 
-    async def has_payment(self, pay_order_no: str, txn_id: str) -> bool:
-        """Whether the pay order has recorded a payment with ``txn_id`` (its workflow then
-        counts any further notification of it as a duplicate)."""
-        return any(p["txn_id"] == txn_id for p in await self._store.payments_of(pay_order_no))
-
     async def get_pay_order(self, pay_order_no: str) -> PayOrderDetails:
         row, payments = await self._store.snapshot(pay_order_no)
         handle = self._client.get_workflow_handle(domain.workflow_id_for(pay_order_no))

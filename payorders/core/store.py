@@ -137,7 +137,9 @@ SELECT p.*, r.refund_key, r.status AS refund_status, r.attempts, r.gateway_refun
 SQL_OUTBOX_OF = """
 SELECT event_type, dedupe_key, payload FROM outbox WHERE pay_order_no = $1 ORDER BY id"""
 
-SQL_WEBHOOK_SEEN = "SELECT outcome FROM webhook_event WHERE event_id = $1"
+SQL_WEBHOOK_SEEN = """
+SELECT (SELECT outcome FROM webhook_event WHERE event_id = $1) AS outcome,
+       EXISTS (SELECT 1 FROM payment WHERE txn_id = $3 AND pay_order_no = $2) AS txn_known"""
 SQL_RECORD_WEBHOOK = """
 INSERT INTO webhook_event (event_id, pay_order_no, txn_id, outcome) VALUES ($1, $2, $3, $4)
 ON CONFLICT (event_id) DO NOTHING"""
@@ -492,11 +494,15 @@ class PayOrderStore:
         assert rec is not None
         return int(rec["pending"]), float(rec["oldest_s"])
 
-    async def webhook_outcome(self, event_id: str) -> str | None:
-        """What we did with this gateway event, or None if we never accepted it."""
+    async def webhook_seen(
+        self, event_id: str, *, pay_order_no: str, txn_id: str
+    ) -> tuple[str | None, bool]:
+        """What we did with this gateway event (None: never accepted), and whether its
+        pay order already holds the payment ``txn_id``: one round trip per webhook."""
         async with self._pool.acquire() as conn:
-            outcome: str | None = await conn.fetchval(SQL_WEBHOOK_SEEN, event_id)
-        return outcome
+            rec = await conn.fetchrow(SQL_WEBHOOK_SEEN, event_id, pay_order_no, txn_id)
+        assert rec is not None
+        return rec["outcome"], bool(rec["txn_known"])
 
     async def record_webhook(
         self, event_id: str, *, pay_order_no: str, txn_id: str, outcome: str

@@ -181,7 +181,8 @@ class ProcessingTime:
 router = APIRouter()
 
 
-def _gateway(request: Request) -> SandboxGateway:
+async def _gateway(request: Request) -> SandboxGateway:
+    # async: FastAPI runs a plain ``def`` dependency in a thread pool, per request.
     gateway = request.app.state.sandbox
     assert isinstance(gateway, SandboxGateway)
     return gateway
