@@ -336,6 +336,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 f" ({rounds[-1]['http_ratio_ex_sandbox']:.2f} x without the sandbox's CPU),"
                 f" direct {rounds[-1]['direct_ratio']:.2f} x"
             )
+            for path, result in (("ceiling", ceiling), ("direct", direct), ("http", via_http)):
+                per_order = result["cpu_ms_per_order"]
+                say(
+                    f"  {LABELS[path]}, ms of CPU per order: "
+                    + ", ".join(
+                        f"{GROUP_LABELS.get(g, g)} {per_order.get(g, 0.0):.1f}" for g in GROUPS
+                    )
+                )
         peak = median(r["http"]["per_s"] for r in rounds)
         lat_n = args.latency_orders or n
         say(f"latency: {lat_n} orders through HTTP at half the peak, {peak / 2:.1f}/s")
@@ -490,6 +498,11 @@ def _text(
         ["", "orders", "p50 ms", "p99 ms", "max ms"],
         lat_rows,
     )
+    text += table(
+        "Targets",
+        ["target", "measured", ""],
+        _targets(figures, latency),
+    )
     text += (
         f"\ncores: {figures['cores']}; requests sent again after a 503:"
         f" {figures['requests_answered_503_sent_again']}, after a dropped connection:"
@@ -497,6 +510,41 @@ def _text(
         f" {len(figures['violations'])}\n"
     )
     return text
+
+
+def _targets(figures: dict[str, Any], latency: dict[str, Any]) -> list[list[Any]]:
+    m = figures["median"]
+    p99_ms = ms(pct(latency["paid_to_committed_s"], 99))
+    api_ms = ms(latency["api_webhook_p99_s"])
+    ack_ms = ms(pct(latency["acknowledged_to_committed_s"] or [float("nan")], 99))
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "missed"
+
+    return [
+        [
+            "HTTP >= 0.6 x ceiling, sandbox CPU out",
+            _ratio_cell(m["http_ratio_ex_sandbox"]),
+            verdict(m["http_ratio_ex_sandbox"] >= 0.6),
+        ],
+        ["HTTP >= 0.5 x ceiling", _ratio_cell(m["http_ratio"]), verdict(m["http_ratio"] >= 0.5)],
+        [
+            "direct >= 0.8 x ceiling",
+            _ratio_cell(m["direct_ratio"]),
+            verdict(m["direct_ratio"] >= 0.8),
+        ],
+        [
+            "webhook -> committed p99 <= 100 ms at half the peak: payment answered -> committed",
+            f"{p99_ms:.1f} ms",
+            verdict(p99_ms <= 100),
+        ],
+        [
+            "webhook received -> committed, estimated as the sum of two p99s: the API's"
+            " handling and acknowledged -> committed",
+            f"{api_ms:.1f} + {ack_ms:.1f} ms",
+            verdict(api_ms + ack_ms <= 100),
+        ],
+    ]
 
 
 def _lat_row(name: str, xs: list[float]) -> list[Any]:
