@@ -13,11 +13,18 @@ import contextlib
 import logging
 import signal
 import sys
+from typing import TypedDict
 
 import asyncpg
 from temporalio.client import Client
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
-from temporalio.worker import PollerBehaviorSimpleMaximum, UnsandboxedWorkflowRunner, Worker
+from temporalio.worker import (
+    PollerBehavior,
+    PollerBehaviorSimpleMaximum,
+    UnsandboxedWorkflowRunner,
+    Worker,
+    WorkflowRunner,
+)
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.pay_order import PayOrderActivities
@@ -40,6 +47,39 @@ from workflows.redrive import RedriveWorkflow
 log = logging.getLogger("payorders.worker")
 
 
+class WorkerTuning(TypedDict):
+    """The ``Worker`` arguments that decide how fast a worker runs workflows."""
+
+    workflow_runner: WorkflowRunner
+    workflow_task_poller_behavior: PollerBehavior
+    activity_task_poller_behavior: PollerBehavior
+    max_cached_workflows: int
+
+
+def worker_tuning(settings: Settings) -> WorkerTuning:
+    """The runner, pollers and cache of the pay-order worker, from ``settings``.
+
+    One function for the product's worker and the benchmarks' trivial-workflow worker
+    (``bench/_trivial_worker.py``), so the ceiling they are compared with cannot run with
+    other settings than the product.
+    """
+    return WorkerTuning(
+        # The sandbox re-creates each workflow's modules and guards every call: about 10 ms
+        # of worker CPU per pay order (bench/README.md). Tests run with it, so a
+        # non-deterministic call fails CI; deployments may turn it off for throughput.
+        workflow_runner=SandboxedWorkflowRunner()
+        if settings.workflow_sandbox
+        else UnsandboxedWorkflowRunner(),
+        workflow_task_poller_behavior=PollerBehaviorSimpleMaximum(
+            settings.worker_workflow_task_pollers
+        ),
+        activity_task_poller_behavior=PollerBehaviorSimpleMaximum(
+            settings.worker_activity_task_pollers
+        ),
+        max_cached_workflows=settings.worker_max_cached_workflows,
+    )
+
+
 def build_worker(client: Client, res: Resources, *, task_queue: str) -> Worker:
     acts = PayOrderActivities(
         res.store,
@@ -47,19 +87,10 @@ def build_worker(client: Client, res: Resources, *, task_queue: str) -> Worker:
         refund_alert_after_attempts=res.settings.refund_alert_after_attempts,
     )
     recon = ReconcileActivities(ReconcileStore(res.pool), res.store, res.gateway, res.settings)
-    s = res.settings
     return Worker(
         client,
         task_queue=task_queue,
-        # The sandbox re-creates each workflow's modules and guards every call: about 10 ms
-        # of worker CPU per pay order (bench/README.md). Tests run with it, so a
-        # non-deterministic call fails CI; deployments may turn it off for throughput.
-        workflow_runner=SandboxedWorkflowRunner()
-        if s.workflow_sandbox
-        else UnsandboxedWorkflowRunner(),
-        workflow_task_poller_behavior=PollerBehaviorSimpleMaximum(s.worker_workflow_task_pollers),
-        activity_task_poller_behavior=PollerBehaviorSimpleMaximum(s.worker_activity_task_pollers),
-        max_cached_workflows=s.worker_max_cached_workflows,
+        **worker_tuning(res.settings),
         workflows=[
             PayOrderWorkflow,
             LateRefundWorkflow,

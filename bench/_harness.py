@@ -6,9 +6,10 @@ sandbox gateway, the API and the worker as child processes, all on free ports in
 temporary directory that is removed at the end.
 
 The benchmark process is the checkout and the gateway adapter: it starts pay orders and
-sends payment signals through ``payorders.pay_orders.PayOrders``, exactly as the API does. It also
-hosts a worker for the trivial workflow, the engine's ceiling measured in the same run on
-the same server.
+sends payment signals through ``payorders.pay_orders.PayOrders``, exactly as the API does. It
+also starts a worker for the trivial workflow (``bench/_trivial_worker.py``, its own process,
+tuned as the pay-order worker), the engine's ceiling measured in the same run on the same
+server.
 
 A commit is observed from PostgreSQL itself: a trigger on ``outbox`` (installed only in
 the benchmark's database) sends ``pg_notify`` with ``clock_timestamp()`` at the insert of
@@ -40,9 +41,9 @@ from typing import Any
 
 import asyncpg
 import psutil
-from temporalio import workflow
 from temporalio.client import Client
 
+from bench._trivial_worker import TRIVIAL_QUEUE, TrivialWorkflow
 from payorders import pay_orders as payorders_api
 from payorders.core import store as store_mod
 from payorders.core.settings import Settings
@@ -51,20 +52,10 @@ from payorders.sandbox.ledger import SandboxGateway
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-TRIVIAL_QUEUE = "bench-trivial"
 
 
 def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-@workflow.defn(name="BenchTrivialWorkflow", sandboxed=False)
-class TrivialWorkflow:
-    """The ceiling: a workflow that does nothing, so what it costs is the engine's alone."""
-
-    @workflow.run
-    async def run(self, n: int) -> int:
-        return n
 
 
 _TRIGGER = """
@@ -204,24 +195,34 @@ class Bench:
         return int((pgdata / "postmaster.pid").read_text().split()[0])
 
     def pids(self) -> dict[str, list[int]]:
-        """The processes whose memory a benchmark reports."""
-        out: dict[str, list[int]] = {}
-        worker = self.stack.children["worker"].proc
-        if worker is not None:
-            out["worker"] = [worker.pid]
+        """The processes of each group a benchmark reports, as they are now.
+
+        A group is every stack child named after it (``worker``, ``worker-2``, ...: several
+        workers or API processes count as one group) with the whole process tree of each,
+        so an API served by a supervisor and its worker processes counts whole too.
+        PostgreSQL is the postmaster's tree; the benchmark process is itself alone (the
+        stack's children are its children too).
+        """
+        groups = {name: self._tree_of_children(child) for child, name in CHILD_GROUPS.items()}
+        out = {name: pids for name, pids in groups.items() if pids}
         temporal = self.stack._temporal
         if temporal is not None:
-            out["temporal server"] = [temporal.pid]
+            out["temporal server"] = _tree(temporal.pid)
         pg: list[int] = []
-        with contextlib.suppress(psutil.Error, OSError, ValueError):
-            # Backends are children of the postmaster: take its whole tree, as it is now.
-            root = psutil.Process(self._postmaster_pid)
-            pg = [root.pid, *(c.pid for c in root.children(recursive=True))]
+        with contextlib.suppress(ValueError, OSError):
+            pg = _tree(self._postmaster_pid)
         out["postgresql"] = pg
         out["benchmark (starter)"] = [os.getpid()]
         if self.trivial_pid is not None:
-            out["trivial worker"] = [self.trivial_pid]
+            out["trivial worker"] = _tree(self.trivial_pid)
         return out
+
+    def _tree_of_children(self, group: str) -> list[int]:
+        pids: list[int] = []
+        for name, child in self.stack.children.items():
+            if (name == group or name.startswith(f"{group}-")) and child.proc is not None:
+                pids.extend(_tree(child.proc.pid))
+        return pids
 
     def _per_group(self, measure: Callable[[str, psutil.Process], float]) -> dict[str, float]:
         result: dict[str, float] = {}
@@ -245,12 +246,20 @@ class Bench:
 
     def cpu_s(self) -> dict[str, float]:
         """CPU seconds used so far by each process group (deltas give cores used)."""
+        return {name: sum(by_pid.values()) for name, by_pid in self.cpu_by_pid().items()}
 
-        def cpu(_name: str, p: psutil.Process) -> float:
-            t = p.cpu_times()
-            return float(t.user + t.system)
-
-        return self._per_group(cpu)
+    def cpu_by_pid(self) -> dict[str, dict[int, float]]:
+        """CPU seconds (user + system) used so far by each process of each group; two of
+        these give a round's CPU with ``cpu_delta``."""
+        out: dict[str, dict[int, float]] = {}
+        for name, pids in self.pids().items():
+            by_pid: dict[int, float] = {}
+            for pid in pids:
+                with contextlib.suppress(psutil.Error):
+                    t = psutil.Process(pid).cpu_times()
+                    by_pid[pid] = float(t.user + t.system)
+            out[name] = by_pid
+        return out
 
     async def wait_until(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -316,7 +325,7 @@ async def bench_stack(
         )
         trivial = (
             subprocess.Popen(
-                [sys.executable, "-m", "bench._trivial_worker", stack.temporal_address],
+                [sys.executable, "-m", "bench._trivial_worker"],
                 cwd=ROOT,
                 env=stack.child_env(),
             )
@@ -338,6 +347,37 @@ async def bench_stack(
     finally:
         await asyncio.to_thread(stack.stop)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+CHILD_GROUPS = {
+    "worker": "worker",
+    "api": "api",
+    "gateway": "sandbox gateway",
+    "orders": "order service",
+}
+"""Stack children by group (``DevStack.children``: ``worker``, ``worker-2``, ...) and the name
+each group is reported under."""
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process below it, as they are now (none if it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        return [root.pid, *(c.pid for c in root.children(recursive=True))]
+    except psutil.Error:
+        return []
+
+
+def cpu_delta(
+    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]
+) -> dict[str, float]:
+    """CPU seconds each group used between two ``cpu_by_pid`` readings. A process that
+    started in between counts from zero; one that ended in between is lost (its last
+    reading is gone with it), never subtracted."""
+    return {
+        name: sum(max(0.0, t - before.get(name, {}).get(pid, 0.0)) for pid, t in by_pid.items())
+        for name, by_pid in after.items()
+    }
 
 
 async def _wait_for_schema(db: asyncpg.Pool, timeout: float = 60) -> None:

@@ -1,36 +1,61 @@
-"""The ceiling's worker, in its own process like the pay-order worker, with the same
-poller settings (``PAYORDERS_WORKER_WORKFLOW_TASK_POLLERS``)."""
+"""The ceiling: a workflow that does nothing, and its worker, in its own process like the
+pay-order worker and tuned by the same function (``worker.worker_tuning``): the same
+workflow runner (sandboxed or not, by ``PAYORDERS_WORKFLOW_SANDBOX``), pollers and cache.
+
+The workflow lives in this small module, and everything else comes in through the
+sandbox's pass-through block, as in ``workflows/``: a sandboxed run re-imports this module
+alone, as a sandboxed pay order re-imports its workflow module, not the benchmark harness.
+
+    python -m bench._trivial_worker    (settings from the environment, as the worker's)
+"""
 
 from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 
-from temporalio.client import Client
-from temporalio.worker import PollerBehaviorSimpleMaximum, Worker
+from temporalio import workflow
 
-from bench._harness import TRIVIAL_QUEUE, TrivialWorkflow
-from payorders.core.settings import Settings
+with workflow.unsafe.imports_passed_through():
+    from temporalio.client import Client
+    from temporalio.worker import Worker
+
+    from payorders import pay_orders
+    from payorders.core.settings import Settings
+    from worker import worker_tuning
+
+TRIVIAL_QUEUE = "bench-trivial"
 
 
-async def main(address: str) -> None:
-    settings = Settings()
-    client = await Client.connect(address, namespace=settings.temporal_namespace)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    async with Worker(
+@workflow.defn(name="BenchTrivialWorkflow")
+class TrivialWorkflow:
+    """A workflow that returns its argument, so what it costs is the engine's alone."""
+
+    @workflow.run
+    async def run(self, n: int) -> int:
+        return n
+
+
+def build_trivial_worker(client: Client, settings: Settings) -> Worker:
+    """The ceiling's worker, with the pay-order worker's tuning from the same settings."""
+    return Worker(
         client,
         task_queue=TRIVIAL_QUEUE,
         workflows=[TrivialWorkflow],
-        workflow_task_poller_behavior=PollerBehaviorSimpleMaximum(
-            settings.worker_workflow_task_pollers
-        ),
-        max_cached_workflows=settings.worker_max_cached_workflows,
-    ):
+        **worker_tuning(settings),
+    )
+
+
+async def main() -> None:
+    settings = Settings()
+    # The product's client (its data converter), as the pay-order worker connects.
+    client = await pay_orders.connect(settings)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    async with build_trivial_worker(client, settings):
         await stop.wait()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1]))
+    asyncio.run(main())

@@ -21,6 +21,7 @@ BENCHES = [
     "history_size",
     "reconcile_1m",
     "order_events",
+    "http_path",
 ]
 
 
