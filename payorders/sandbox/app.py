@@ -138,7 +138,7 @@ async def _deliver_forever(
         except Exception:
             # A database hiccup must not end delivery for good: the rows wait, try again.
             log.exception("webhook delivery round failed")
-        await asyncio.sleep(DELIVERY_INTERVAL_S)
+        await gateway.webhook_queued(DELIVERY_INTERVAL_S)
 
 
 class ProcessingTime:

@@ -12,6 +12,7 @@ gateway's, on a short schedule for local use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -175,6 +176,7 @@ class SandboxGateway:
         self._s = schema
         self._server_timeout_s = server_timeout_s
         self._withhold_answer_s = withhold_answer_s
+        self._webhook_queued = asyncio.Event()
 
     async def install(self) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -203,7 +205,17 @@ class SandboxGateway:
             capture, created = await self._capture(conn, pay_order_no, amount, currency, txn_id)
             if notify and created:
                 await self._queue_webhook(conn, capture)
-            return capture
+        if notify and created:
+            self._webhook_queued.set()  # committed: the delivery loop need not wait its turn
+        return capture
+
+    async def webhook_queued(self, within_s: float) -> None:
+        """Return when this process queues a webhook, or after ``within_s``; the delivery
+        loop waits here between rounds (rows queued by another process wait the time)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                await self._webhook_queued.wait()
+        self._webhook_queued.clear()
 
     async def _capture(
         self, conn: Conn, pay_order_no: str, amount: int, currency: str, txn_id: str
@@ -297,22 +309,26 @@ class SandboxGateway:
                 max_attempts,
                 DELIVERY_BATCH,
             )
-            for row in rows:
-                status: int | None = None
-                error: str | None = None
+
+            async def send_one(row: asyncpg.Record) -> tuple[int | None, str | None]:
                 if row["drop_first"] and row["attempts"] == 0:
-                    error = "lost (injected fault): never sent"
-                else:
-                    body = bytes(row["body"])
-                    headers = {
-                        webhook.HEADER: webhook.sign_header([secrets[0]], int(time.time()), body),
-                        "Content-Type": "application/json",
-                    }
-                    try:
-                        status = await send(url, headers, body)
-                    except Exception as e:
-                        # Any failure to get an answer is a failed attempt, retried later.
-                        error = f"{type(e).__name__}: {e}"[:500]
+                    return None, "lost (injected fault): never sent"
+                body = bytes(row["body"])
+                headers = {
+                    webhook.HEADER: webhook.sign_header([secrets[0]], int(time.time()), body),
+                    "Content-Type": "application/json",
+                }
+                try:
+                    return await send(url, headers, body), None
+                except Exception as e:
+                    # Any failure to get an answer is a failed attempt, retried later.
+                    return None, f"{type(e).__name__}: {e}"[:500]
+
+            # The batch's rows go out at once, as a gateway's delivery workers send them
+            # (one by one, a slow answer would hold every payment behind it); the rows
+            # stay locked until their outcomes are written below.
+            outcomes = await asyncio.gather(*(send_one(row) for row in rows))
+            for row, (status, error) in zip(rows, outcomes, strict=True):
                 if status is not None and 200 <= status < 300:
                     delivered += 1
                     await conn.execute(
@@ -393,6 +409,7 @@ class SandboxGateway:
                 )
                 if notify:
                     await self._queue_webhook(conn, paid)
+                    self._webhook_queued.set()  # read only after this commit: harmless early
                 trade = await conn.fetchrow(
                     f"SELECT * FROM {s}.trade WHERE pay_order_no = $1", pay_order_no
                 )
