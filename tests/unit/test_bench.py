@@ -22,6 +22,7 @@ BENCHES = [
     "reconcile_1m",
     "order_events",
     "http_path",
+    "capacity",
 ]
 
 
