@@ -6,8 +6,8 @@ gateway, the example order service (the shop the worker delivers order events to
 worker (``--workers N``: N of them on the one task queue; ``--api-processes M``: M API
 processes sharing the API port's socket). The gateway is the sandbox's HTTP service, or
 with ``--gateway stripe`` localstripe behind the Stripe wire (``stripe_wire``, the fault
-proxy the adapter talks to). Everything lives in the data directory, so a second start carries on where the
-first stopped. Ctrl-C stops every child.
+proxy the adapter talks to). Everything lives in the data directory, so a second start
+carries on where the first stopped. Ctrl-C stops every child.
 """
 
 from __future__ import annotations

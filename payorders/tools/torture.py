@@ -507,6 +507,7 @@ class Torture:
             *[[f"fault: {k}", n] for k, n in sorted(f.faults.items())],
             *[[f"chaos: {name}, recovered in (s)", f"{secs:.1f}"] for name, secs in f.chaos],
             *([["probe orders (one after each fault)", f.probes]] if f.probes else []),
+            *([["burst orders (chaos paid them to strike)", f.bursts * BURST]] if f.bursts else []),
             *self._order_event_rows(),
             *[[f"client retries: {k}", n] for k, n in sorted(f.retries.items())],
             ["time to drive the storm (s)", f"{f.drive_s:.1f}"],
