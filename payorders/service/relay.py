@@ -58,6 +58,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
+from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 import httpx
@@ -284,7 +285,7 @@ class Relay:
                     max_size=self._config.concurrency + 3,
                     connection_class=PooledConnection,
                     server_settings={
-                        "application_name": "payorders-relay",
+                        "application_name": _session_name(self._dsn, "payorders-relay"),
                         "idle_in_transaction_session_timeout": str(int(CLAIM_TIMEOUT_S * 1000)),
                     },
                 )
@@ -316,7 +317,9 @@ class Relay:
                 conn = await asyncpg.connect(
                     self._dsn,
                     timeout=10,
-                    server_settings={"application_name": "payorders-relay-listener"},
+                    server_settings={
+                        "application_name": _session_name(self._dsn, "payorders-relay-listener")
+                    },
                 )
                 lost = asyncio.Event()
                 conn.add_termination_listener(functools.partial(_set_event, lost))
@@ -532,6 +535,14 @@ class Relay:
             except DB_ERRORS as e:
                 log.info("relay: backlog gauges not refreshed (%s)", _one_line(e))
             await asyncio.sleep(GAUGE_REFRESH_S)
+
+
+def _session_name(dsn: str, role: str) -> str:
+    """The relay's sessions' ``application_name``: ``role``, after the name the DSN gives
+    its process, if any (the local stack names each worker's: which replica's relay holds
+    a claim then shows in ``pg_stat_activity``)."""
+    given = dict(parse_qsl(urlsplit(dsn).query)).get("application_name")
+    return f"{given}: {role}" if given else role
 
 
 def _set_event(event: asyncio.Event, _conn: object) -> None:

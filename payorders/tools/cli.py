@@ -138,6 +138,20 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _processes(what: str) -> Any:
+    """An argparse type: how many processes of a kind a stack runs (1 to 16)."""
+
+    def parse(text: str) -> int:
+        try:
+            return stackinfo.check_processes(what, int(text.strip()))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{what}: {text!r} is not a whole number from 1 to {stackinfo.MAX_PROCESSES}"
+            ) from None
+
+    return parse
+
+
 def _currency(text: str) -> str:
     try:
         return domain.check_currency(text)
@@ -610,12 +624,23 @@ async def cmd_torture(args: argparse.Namespace, settings: Settings) -> int:
     if args.chaos:
         # A private stack of its own: the gateway asked for, else the environment's.
         return await run_chaos_torture(
-            ChaosPlan(worker_kills=args.worker_kills),
+            ChaosPlan(
+                worker_kills=args.worker_kills,
+                api_kills=args.api_kills,
+                relay_kills=args.relay_kills,
+            ),
             gateway=args.gateway or settings.gateway,
+            workers=args.workers or 1,
+            api_processes=args.api_processes or 1,
             orders=args.orders,
             expires_in_s=args.expires_in_s,
             seed=args.seed,
             settle_within_s=args.settle_within_s,
+        )
+    if args.workers is not None or args.api_processes is not None:
+        raise CliError(
+            "--workers and --api-processes size the private stack of --chaos; the running"
+            " stack runs what it was started with (payorders dev --workers N --api-processes M)"
         )
     async with connected(settings, gateway=args.gateway) as c:
         return await run_torture(
@@ -652,6 +677,8 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
         stripe_port=args.stripe_port,
         orders_port=args.orders_port,
         gateway=args.gateway,
+        workers=args.workers,
+        api_processes=args.api_processes,
     )
 
     async def demo(stack: DevStack) -> int:
@@ -664,6 +691,23 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # --- parser ------------------------------------------------------------------------------
+
+
+def _scale_arguments(c: argparse.ArgumentParser, note: str, *, default: int | None) -> None:
+    n = stackinfo.MAX_PROCESSES
+    c.add_argument(
+        "--workers",
+        type=_processes("--workers"),
+        default=default,
+        help=f"{note}pay-order workers on the one task queue, each with an order-events relay"
+        f" (1 to {n}, default 1; metrics on --worker-metrics-port and the ports after it)",
+    )
+    c.add_argument(
+        "--api-processes",
+        type=_processes("--api-processes"),
+        default=default,
+        help=f"{note}API processes serving the one API port (1 to {n}, default 1)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -711,6 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=8002,
         help="the example order service, where the worker delivers the order events",
     )
+    _scale_arguments(c, "", default=1)
 
     c = command("create", "checkout: create the pay order of an order (idempotent)", cmd_create)
     c.add_argument("--order-no", required=True, type=_identifier("order_no"))
@@ -823,10 +868,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--chaos",
         action="store_true",
-        help="on a private stack: kill the worker, restart Temporal and PostgreSQL,"
+        help="on a private stack: kill workers (one at a time), an API process while"
+        " webhooks arrive and a relay while it delivers, restart Temporal and PostgreSQL,"
         " stop the gateway for a while",
     )
     c.add_argument("--worker-kills", type=_count, default=3, help="with --chaos")
+    c.add_argument("--api-kills", type=_count, default=1, help="with --chaos: API processes killed")
+    c.add_argument(
+        "--relay-kills",
+        type=_count,
+        default=1,
+        help="with --chaos: workers killed while their relay delivers an order event",
+    )
+    _scale_arguments(c, "with --chaos: ", default=None)
     c.add_argument(
         "--gateway",
         choices=GATEWAYS,

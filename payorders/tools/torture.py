@@ -10,6 +10,7 @@ Bounded in count and time, loopback only; it stops by itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shutil
 import tempfile
@@ -23,11 +24,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
+import httpx
 
 from payorders.core import store
 from payorders.core.models import ReconcileReport
 from payorders.core.settings import Settings
 from payorders.localstack.stack import DevStack, GatewayKind
+from payorders.localstack.stackinfo import check_processes
 from payorders.runtime import database_url
 from payorders.tools.http_clients import (
     GatewayMoney,
@@ -42,6 +45,13 @@ AMOUNT = 1000
 LOST_AFTER_S = 6.0
 """A capture still unrecorded this long after it was first seen lost its webhook."""
 T = TypeVar("T")
+DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+"""What a query meets while PostgreSQL restarts."""
 
 # (name, weight): what happens to an order. Payments are timed around expires_at.
 SCENARIOS = [
@@ -75,6 +85,12 @@ class Figures:
     """Reconciliations run while settling, for captures whose webhook was lost for good."""
     totals: dict[str, int] = field(default_factory=dict)
     gateway_label: str = "gateway"
+    probes: int = 0
+    """Probe orders, one after each chaos fault (see ``Torture.probe``)."""
+    bursts: int = 0
+    """Bursts of payments chaos made to strike while webhooks and events are in flight."""
+    order_events: dict[str, int] = field(default_factory=dict)
+    """With the order events checked: outbox rows, delivered, received, received again."""
 
 
 class Torture:
@@ -87,8 +103,14 @@ class Torture:
         expires_in_s: int,
         seed: int,
         out: Callable[[str], None],
+        order_service_url: str | None = None,
     ) -> None:
         self.settings = settings
+        self.pool = pool
+        self.order_service_url = order_service_url
+        """The order service the relay delivers to, whose ``GET /events`` is checked."""
+        self.last_payment_at = 0.0
+        """When (monotonic) the gateway last took a payment: its webhook follows."""
         self.n = orders
         self.expires_in_s = expires_in_s
         self.rng = random.Random(seed)
@@ -146,6 +168,59 @@ class Torture:
 
         await self._retry("pay", pay)
         self.figures.payments += 1
+        self.last_payment_at = time.monotonic()
+
+    async def _create(self, no: str) -> None:
+        """Create a pay order paid at once (a window to spare), to verify with the rest."""
+        await self._retry(
+            "create",
+            lambda: self.service.create(
+                order_no=no.removeprefix("po_"), amount=AMOUNT, currency="USD", expires_in_s=300
+            ),
+        )
+        self.pay_orders.append(no)
+
+    async def burst(self, n: int) -> None:
+        """``n`` more pay orders, created and then paid all at once: when this returns,
+        their webhooks are on their way to the API and, once recorded, their order events
+        to the relay (chaos strikes then). They join the orders verified at the end."""
+        nos = [f"po_{self.run_id}-burst-{self.figures.bursts}-{i}" for i in range(n)]
+        self.figures.bursts += 1
+        for no in nos:
+            await self._create(no)
+        await asyncio.gather(*(self._pay(no) for no in nos))
+
+    async def probe(self, within_s: float = 120) -> None:
+        """One pay order end to end: created over the API, paid at the gateway, recorded
+        PAY_SUCCESS by the workflow, and (with the order events checked) its
+        ``pay_order.succeeded`` event acknowledged by the order service. It joins the
+        orders verified at the end.
+
+        Raises:
+            RuntimeError: not done within ``within_s``.
+        """
+        self.figures.probes += 1
+        no = f"po_{self.run_id}-probe-{self.figures.probes}"
+        await self._create(no)
+        await self._pay(no)
+        events = self.order_service_url is not None
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(*DB_ERRORS):
+                async with self.pool.acquire() as conn:
+                    done = await conn.fetchval(
+                        "SELECT p.status = 'PAY_SUCCESS' AND (NOT $2 OR EXISTS ("
+                        "  SELECT 1 FROM outbox o WHERE o.pay_order_no = p.pay_order_no"
+                        "   AND o.event_type = 'pay_order.succeeded'"
+                        "   AND o.delivered_at IS NOT NULL))"
+                        " FROM pay_order p WHERE p.pay_order_no = $1",
+                        no,
+                        events,
+                    )
+                if done:
+                    return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"the probe order {no} did not complete within {within_s:.0f}s")
 
     async def _one(self, i: int, limit: asyncio.Semaphore) -> None:
         scenario = self._pick()
@@ -235,14 +310,24 @@ class Torture:
                     " AND status = 'PENDING'",
                     self.pay_orders,
                 )
+                undelivered = (
+                    await conn.fetchval(
+                        "SELECT count(*) FROM outbox WHERE pay_order_no = ANY($1)"
+                        " AND delivered_at IS NULL",
+                        self.pay_orders,
+                    )
+                    if self.order_service_url is not None
+                    else 0
+                )
             unrecorded = await self._unrecorded_captures(pool)
             now = time.monotonic()
             unrecorded_since = {txn: unrecorded_since.get(txn, now) for txn in unrecorded}
-            busy = open_orders + missing + pending_refunds + len(unrecorded)
+            busy = open_orders + missing + pending_refunds + len(unrecorded) + undelivered
             elapsed = now - t0
+            events = f", {undelivered} order events undelivered" if undelivered else ""
             self.out(
                 f"  settling [{elapsed:5.1f}s]: {open_orders} paying, {pending_refunds} refunds"
-                f" pending, {len(unrecorded)} captures not yet recorded"
+                f" pending, {len(unrecorded)} captures not yet recorded{events}"
             )
             if busy == 0 or elapsed > within_s:
                 break
@@ -355,6 +440,58 @@ class Torture:
         if unrecorded_refunds:
             v.append(f"{len(unrecorded_refunds)} gateway refunds not recorded as succeeded here")
         self.figures.totals = dict(totals)
+        if self.order_service_url is not None:
+            await self.verify_order_events(pool)
+
+    async def verify_order_events(self, pool: asyncpg.Pool) -> None:
+        """The relay's promises, from the outbox and what the order service received: every
+        event delivered (acknowledged) and received, at least once, and each pay order's
+        events taken in order (sequence 1, 2, 3... with no gap); duplicates are allowed."""
+        assert self.order_service_url is not None
+        v = self.figures.violations
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT pay_order_no, sequence, delivered_at IS NOT NULL AS delivered"
+                " FROM outbox WHERE pay_order_no = ANY($1)",
+                self.pay_orders,
+            )
+        url = f"{self.order_service_url}/events"
+
+        async def received() -> dict[str, Any]:
+            async with httpx.AsyncClient(timeout=30) as http:
+                response = await http.get(url)
+                response.raise_for_status()
+                doc: dict[str, Any] = response.json()
+                return doc
+
+        doc = await self._retry("read the order service", received)
+        mine = set(self.pay_orders)
+        taken: dict[str, list[int]] = {}
+        for event in doc["events"]:
+            if event["pay_order_no"] in mine:
+                taken.setdefault(event["pay_order_no"], []).append(event["sequence"])
+        expected: dict[str, int] = Counter(r["pay_order_no"] for r in rows)
+        undelivered = sum(1 for r in rows if not r["delivered"])
+        if undelivered:
+            v.append(f"{undelivered} order events never acknowledged by the order service")
+        for no, n in expected.items():
+            if taken.get(no, []) != list(range(1, n + 1)):
+                v.append(f"{no}: the order service took sequences {taken.get(no)}, not 1..{n}")
+        strays = sorted(set(taken) - set(expected))
+        if strays:
+            v.append(f"{len(strays)} pay orders have events the outbox does not hold")
+        # The private stack's order service hears only this run; a duplicate's warning names
+        # the event's id, not its pay order.
+        warnings: list[str] = doc["warnings"]
+        for w in warnings:
+            if "delivered again" not in w:
+                v.append(f"order service: {w}")
+        self.figures.order_events = {
+            "outbox": len(rows),
+            "delivered": len(rows) - undelivered,
+            "received": sum(len(s) for s in taken.values()),
+            "received again": sum(1 for w in warnings if "delivered again" in w),
+        }
 
     def table(self) -> str:
         f = self.figures
@@ -369,6 +506,9 @@ class Torture:
             ],
             *[[f"fault: {k}", n] for k, n in sorted(f.faults.items())],
             *[[f"chaos: {name}, recovered in (s)", f"{secs:.1f}"] for name, secs in f.chaos],
+            *([["probe orders (one after each fault)", f.probes]] if f.probes else []),
+            *([["burst orders (chaos paid them to strike)", f.bursts * BURST]] if f.bursts else []),
+            *self._order_event_rows(),
             *[[f"client retries: {k}", n] for k, n in sorted(f.retries.items())],
             ["time to drive the storm (s)", f"{f.drive_s:.1f}"],
             ["time to settle (s)", f"{f.settle_s:.1f}"],
@@ -386,6 +526,18 @@ class Torture:
         rows.append(["violations", len(f.violations)])
         return render(["figure", "value"], rows)
 
+    def _order_event_rows(self) -> list[list[Any]]:
+        e = self.figures.order_events
+        if not e:
+            return []
+        return [
+            [
+                "order events: outbox / acknowledged / taken by the order service",
+                f"{e['outbox']} / {e['delivered']} / {e['received']}",
+            ],
+            ["order events delivered again (at least once)", e["received again"]],
+        ]
+
 
 async def run_torture(
     settings: Settings,
@@ -395,13 +547,24 @@ async def run_torture(
     seed: int = 1,
     settle_within_s: float = 300,
     out: Callable[[str], None] = print,
-    chaos: Callable[[Figures, float], Coroutine[Any, Any, None]] | None = None,
+    chaos: Callable[[Torture, float], Coroutine[Any, Any, None]] | None = None,
+    order_service_url: str | None = None,
 ) -> int:
-    """Returns 0 when every check holds, 1 otherwise (after printing the figures)."""
+    """Returns 0 when every check holds, 1 otherwise (after printing the figures).
+
+    ``order_service_url``: the order service the relay delivers to; given, the relay's
+    promises are checked too (``Torture.verify_order_events``).
+    """
     pool = await store.create_pool(database_url(settings), min_size=1, max_size=4)
     try:
         t = Torture(
-            settings, pool=pool, orders=orders, expires_in_s=expires_in_s, seed=seed, out=out
+            settings,
+            pool=pool,
+            orders=orders,
+            expires_in_s=expires_in_s,
+            seed=seed,
+            out=out,
+            order_service_url=order_service_url,
         )
     except BaseException:
         await pool.close()
@@ -413,7 +576,7 @@ async def run_torture(
         )
         # Chaos spans the storm and the first part of settling.
         chaos_task = (
-            asyncio.create_task(chaos(t.figures, orders / 60 + expires_in_s + 10))
+            asyncio.create_task(chaos(t, orders / 60 + expires_in_s + 10))
             if chaos is not None
             else None
         )
@@ -440,17 +603,32 @@ async def run_torture(
 
 @dataclass(frozen=True)
 class ChaosPlan:
+    """How many of each fault ``payorders torture --chaos`` injects."""
+
     worker_kills: int = 3
+    """SIGKILL a worker, the stack's workers in turn (the others carry on)."""
     temporal_restarts: int = 1
     postgres_restarts: int = 1
     gateway_pauses: int = 1
     gateway_pause_s: float = 5.0
+    api_kills: int = 1
+    """SIGKILL an API process (in turn) just after a payment, as its webhook arrives."""
+    relay_kills: int = 1
+    """SIGKILL the worker whose relay holds a claim: mid-delivery of an order event."""
+
+
+CLAIM_MARK = "FOR UPDATE OF o SKIP LOCKED"
+"""In the relay's claim (``relay.SQL_CLAIM_HEAD``), the last query of a session that holds
+one while it POSTs the event."""
+IN_FLIGHT_WAIT_S = 10.0
+"""How long a relay kill waits for a delivery in flight before it strikes anyway, saying
+so."""
+BURST = 6
+"""Payments chaos makes at once when the storm has none in flight at a kill's moment."""
 
 
 async def _ready(api_url: str, within: float = 120) -> None:
     """Wait until the service says Temporal and PostgreSQL answer again."""
-    import httpx
-
     deadline = time.monotonic() + within
     async with httpx.AsyncClient(timeout=3) as http:
         while time.monotonic() < deadline:
@@ -463,53 +641,158 @@ async def _ready(api_url: str, within: float = 120) -> None:
     raise RuntimeError("the stack did not recover")
 
 
+async def _claiming_worker(
+    stack: DevStack, pool: asyncpg.Pool, within_s: float = IN_FLIGHT_WAIT_S
+) -> str | None:
+    """The worker whose relay holds a claim right now (its session is idle in the claim's
+    transaction while it POSTs), found by its sessions' ``application_name``; None if no
+    relay is delivering within ``within_s``."""
+    names = {f"payorders-{name}: payorders-relay": name for name in stack.group("worker")}
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(*DB_ERRORS):
+            async with pool.acquire() as conn:
+                holders = await conn.fetch(
+                    "SELECT application_name FROM pg_stat_activity"
+                    " WHERE state = 'idle in transaction' AND position($1 in query) > 0",
+                    CLAIM_MARK,
+                )
+            for row in holders:
+                if row["application_name"] in names:
+                    return names[row["application_name"]]
+        await asyncio.sleep(0.001)  # a claim lasts a POST to a local service: milliseconds
+    return None
+
+
+async def _after_a_payment(torture: Torture, within_s: float = 2.0) -> None:
+    """Return just after the gateway took a payment, whose webhook is then on its way to
+    the API: one of the storm's, or, with none within ``within_s``, a burst of our own."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if time.monotonic() - torture.last_payment_at < 0.05:
+            return
+        await asyncio.sleep(0.005)
+    await torture.burst(BURST)
+
+
+class _Chaos:
+    """One fault at a time: inject it, then time the recovery.
+
+    A fault's recovery runs from the moment it is injected until (1) the API answers
+    ``/readyz`` (Temporal and PostgreSQL answer it), (2) a killed process's replacement
+    serves (``DevStack.wait_serving``: uvicorn accepts on the API socket, the worker polls
+    its task queue), and (3) a probe pay order completes end to end (``Torture.probe``:
+    created over the API, paid at the gateway, PAY_SUCCESS recorded, its order event
+    acknowledged by the order service).
+    """
+
+    def __init__(self, stack: DevStack, plan: ChaosPlan, torture: Torture) -> None:
+        self.stack = stack
+        self.plan = plan
+        self.torture = torture
+        self.kills: Counter[str] = Counter()
+
+    def _next(self, group: str) -> str:
+        names = self.stack.group(group)
+        name = names[self.kills[group] % len(names)]
+        self.kills[group] += 1
+        return name
+
+    async def inject(self, kind: str) -> tuple[str, str | None]:
+        """Inject one fault; its line in the table and the child that must serve again."""
+        stack = self.stack
+        if kind == "worker":
+            name = self._next("worker")
+            others = len(stack.group("worker")) - 1
+            stack.kill(name)
+            if not others:
+                return "kill the worker (SIGKILL)", name
+            return f"kill {name} (SIGKILL; {others} other worker(s) carry on)", name
+        if kind == "api":
+            name = self._next("api")
+            await _after_a_payment(self.torture)
+            stack.kill(name)
+            return f"kill {name} (SIGKILL) as webhooks arrive", name
+        if kind == "relay":
+            holder = await _claiming_worker(stack, self.torture.pool, 2.0)
+            if holder is None:  # the storm is over: make events to deliver
+                await self.torture.burst(BURST)
+                holder = await _claiming_worker(stack, self.torture.pool)
+            name = holder or self._next("worker")
+            stack.kill(name)
+            moment = "mid-delivery" if holder else "(no delivery in flight)"
+            return f"kill {name}'s order-events relay (SIGKILL) {moment}", name
+        if kind == "temporal":
+            await stack.restart_temporal()
+            return "restart the Temporal dev server", None
+        if kind == "postgres":
+            await stack.restart_postgres()
+            return "restart PostgreSQL", None
+        label = self.torture.figures.gateway_label
+        await stack.pause("gateway", self.plan.gateway_pause_s)
+        return f"stop the {label} for {self.plan.gateway_pause_s:.0f}s", None
+
+    async def recover(self, serving: str | None) -> None:
+        await _ready(self.stack.api_url)
+        if serving is not None:
+            await self.stack.wait_serving(serving)
+        await self.torture.probe()
+
+
 async def _chaos(
-    stack: DevStack, plan: ChaosPlan, figures: Figures, span_s: float, seed: int
+    stack: DevStack, plan: ChaosPlan, torture: Torture, span_s: float, seed: int
 ) -> None:
-    """Inject the plan's faults at random moments over ``span_s`` and time each recovery."""
+    """Inject the plan's faults at random moments over ``span_s``, one at a time, and time
+    each recovery (see ``_Chaos``)."""
     rng = random.Random(seed)
     faults = (
-        ["kill the worker (SIGKILL)"] * plan.worker_kills
-        + ["restart the Temporal dev server"] * plan.temporal_restarts
-        + ["restart PostgreSQL"] * plan.postgres_restarts
-        + [f"stop the {figures.gateway_label} for {plan.gateway_pause_s:.0f}s"]
-        * plan.gateway_pauses
+        ["worker"] * plan.worker_kills
+        + ["api"] * plan.api_kills
+        + ["relay"] * plan.relay_kills
+        + ["temporal"] * plan.temporal_restarts
+        + ["postgres"] * plan.postgres_restarts
+        + ["gateway"] * plan.gateway_pauses
     )
     moments = sorted(rng.uniform(0.1, 0.9) * span_s for _ in faults)
     rng.shuffle(faults)
+    chaos = _Chaos(stack, plan, torture)
     t0 = time.monotonic()
-    for at, fault in zip(moments, faults, strict=True):
+    for at, kind in zip(moments, faults, strict=True):
         await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
         started = time.monotonic()
-        if fault.startswith("kill the worker"):
-            stack.kill("worker")
-        elif fault.startswith("restart the Temporal"):
-            await stack.restart_temporal()
-        elif fault.startswith("restart PostgreSQL"):
-            await stack.restart_postgres()
-        else:
-            await stack.pause("gateway", plan.gateway_pause_s)
-        await _ready(stack.api_url)
-        figures.chaos.append((fault, time.monotonic() - started))
+        line, serving = await chaos.inject(kind)
+        # The wait for the moment of a kill is not part of its recovery.
+        struck = started if kind not in ("api", "relay") else time.monotonic()
+        await chaos.recover(serving)
+        torture.figures.chaos.append((line, time.monotonic() - struck))
 
 
 async def run_chaos_torture(
     plan: ChaosPlan,
     *,
     gateway: GatewayKind = "sandbox",
+    workers: int = 1,
+    api_processes: int = 1,
     orders: int,
     expires_in_s: int,
     seed: int,
     settle_within_s: float,
     out: Callable[[str], None] = print,
 ) -> int:
-    """The torture on a private local stack of its own, so faults can hit every part.
+    """The torture on a private local stack of its own, so faults can hit every part, and
+    the relay's promises checked at its order service.
 
     It takes no settings: the private stack's are its own, whatever the environment holds
     (it may hold the addresses of the running ``payorders dev``). ``gateway``: the one the
-    private stack runs.
+    private stack runs; ``workers`` and ``api_processes``: how many of each it runs.
     """
-    async with private_stack(out, gateway=gateway) as (stack, local):
+    async with private_stack(
+        out, gateway=gateway, workers=workers, api_processes=api_processes
+    ) as (stack, local):
+        out(
+            f"private stack: {workers} worker(s) (each with a relay),"
+            f" {api_processes} API process(es)"
+        )
         return await run_torture(
             local,
             orders=orders,
@@ -517,18 +800,29 @@ async def run_chaos_torture(
             seed=seed,
             settle_within_s=settle_within_s,
             out=out,
-            chaos=lambda figures, span: _chaos(stack, plan, figures, span, seed),
+            chaos=lambda torture, span: _chaos(stack, plan, torture, span, seed),
+            order_service_url=stack.orders_url,
         )
 
 
 @asynccontextmanager
 async def private_stack(
-    out: Callable[[str], None], *, gateway: GatewayKind = "sandbox"
+    out: Callable[[str], None],
+    *,
+    gateway: GatewayKind = "sandbox",
+    workers: int = 1,
+    api_processes: int = 1,
 ) -> AsyncIterator[tuple[DevStack, Settings]]:
     """A started private stack in a temporary folder (removed at the end), running
-    ``gateway``, and the settings of its clients."""
+    ``gateway`` with ``workers`` workers and ``api_processes`` API processes, and the
+    settings of its clients."""
+    # Checked before the folder exists: a refused count leaves nothing behind.
+    check_processes("workers", workers)
+    check_processes("api_processes", api_processes)
     tmp = Path(tempfile.mkdtemp(prefix="payorders-torture-"))
-    stack = DevStack.private(tmp / "data", gateway=gateway)
+    stack = DevStack.private(
+        tmp / "data", gateway=gateway, workers=workers, api_processes=api_processes
+    )
     stop = asyncio.Event()
     try:
         await stack.start(lambda m: out(f"  stack: {m}"))

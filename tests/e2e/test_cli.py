@@ -215,6 +215,43 @@ def test_demo_and_torture_take_the_gateway() -> None:
     assert parse(["torture"]).gateway is None
 
 
+def test_dev_and_chaos_take_how_many_workers_and_api_processes() -> None:
+    dev = parse(["dev", "--workers", "3", "--api-processes", "2"])
+    assert (dev.workers, dev.api_processes) == (3, 2)
+    assert (parse(["dev"]).workers, parse(["dev"]).api_processes) == (1, 1)
+    chaos = parse(
+        ["torture", "--chaos", "--workers", "16", "--api-kills", "2", "--relay-kills", "0"]
+    )
+    assert (chaos.workers, chaos.api_processes, chaos.api_kills, chaos.relay_kills) == (
+        16,
+        None,
+        2,
+        0,
+    )
+
+
+@pytest.mark.parametrize("flag", ["--workers", "--api-processes"])
+@pytest.mark.parametrize("command", [["dev"], ["torture", "--chaos"]])
+@pytest.mark.parametrize("value", ["0", "17", "-1", "two", "1.5"])
+def test_a_count_of_processes_out_of_range_is_refused_naming_the_rule(
+    flag: str, command: list[str], value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert refusal([*command, flag, value], capsys) == (
+        f"payorders {command[0]}: error: argument {flag}: {flag}: {value!r} is not a whole"
+        " number from 1 to 16"
+    )
+
+
+async def test_the_torture_without_chaos_refuses_to_size_a_stack(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = await cli.execute(parse(["torture", "--workers", "3"]), Settings())
+    assert code == 1
+    assert "--workers and --api-processes size the private stack of --chaos" in (
+        capsys.readouterr().err
+    )
+
+
 @pytest.mark.parametrize("command", ["demo", "torture"])
 def test_an_unknown_gateway_is_refused_naming_the_choices(
     command: str, capsys: pytest.CaptureFixture[str]

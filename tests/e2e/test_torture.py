@@ -1,12 +1,16 @@
 """The reduced torture CI runs: 200 orders with racing payments, duplicates, wrong amounts,
-late payments and gateway faults, on a private stack whose worker is SIGKILLed and whose
-PostgreSQL is restarted mid-storm; verified from the database and the gateway's ledger.
+late payments and gateway faults, on a scaled-out private stack (3 workers, each with an
+order-events relay, and 2 API processes) where a worker is SIGKILLed while the others carry
+on, an API process as a webhook arrives, a worker whose relay is mid-delivery, and
+PostgreSQL is restarted; verified from the database, the gateway's ledger and what the
+order service received.
 
 The private stack runs with the variables of another stack exported (the lines
 ``payorders dev`` prints), pointing at closed ports: it must use only its own."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -72,13 +76,46 @@ def test_a_private_stack_takes_the_tuning_it_is_given(
     assert stack.child_env()["PAYORDERS_RECONCILE_EVERY_S"] == "86400"
 
 
+def test_a_private_stack_runs_the_workers_and_api_processes_it_is_asked_for(
+    tmp_path: Path,
+) -> None:
+    stack = DevStack.private(tmp_path, workers=3, api_processes=2)
+    assert stack.group("worker") == ["worker", "worker-2", "worker-3"]
+    assert stack.group("api") == ["api", "api-2"]
+    addresses = [
+        stack.children[n].env["PAYORDERS_WORKER_METRICS_ADDRESS"] for n in stack.group("worker")
+    ]
+    assert len(set(addresses)) == 3 and addresses[0] == stack.worker_metrics_address
+    banner = stack.banner()
+    assert re.search(r"workers +3 \(worker, worker-2, worker-3\)", banner), banner
+    assert re.search(r"API processes +2 \(api, api-2\) on the one port", banner), banner
+    assert re.search(r"worker-3 metrics +http://", banner), banner
+
+
+@pytest.mark.parametrize("count", [0, 17, -1, True])
+def test_a_stack_refuses_a_count_of_processes_out_of_range(tmp_path: Path, count: int) -> None:
+    with pytest.raises(ValueError, match="workers must be a whole number from 1 to 16"):
+        DevStack.private(tmp_path, workers=count)
+    with pytest.raises(ValueError, match="api_processes must be a whole number from 1 to 16"):
+        DevStack.private(tmp_path, api_processes=count)
+
+
 @pytest.mark.slow
-async def test_reduced_torture_with_a_worker_kill_and_a_postgres_restart_loses_nothing(
+async def test_scaled_out_torture_with_worker_api_and_relay_kills_loses_nothing(
     other_stack_exported: None,
 ) -> None:
     lines: list[str] = []
     code = await run_chaos_torture(
-        ChaosPlan(worker_kills=1, temporal_restarts=0, postgres_restarts=1, gateway_pauses=0),
+        ChaosPlan(
+            worker_kills=1,
+            api_kills=1,
+            relay_kills=1,
+            temporal_restarts=0,
+            postgres_restarts=1,
+            gateway_pauses=0,
+        ),
+        workers=3,
+        api_processes=2,
         orders=200,
         expires_in_s=6,
         seed=7,
@@ -89,5 +126,12 @@ async def test_reduced_torture_with_a_worker_kill_and_a_postgres_restart_loses_n
     print(report)
     assert code == 0, report
     assert "VIOLATION" not in report
-    assert "chaos: kill the worker (SIGKILL)" in report
+    assert re.search(r"^violations +0$", report, re.MULTILINE), report
+    assert re.search(r"chaos: kill worker(-\d)? \(SIGKILL; 2 other worker\(s\) carry on\)", report)
+    assert re.search(r"chaos: kill api(-\d)? \(SIGKILL\) as webhooks arrive", report)
+    assert re.search(
+        r"chaos: kill worker(-\d)?'s order-events relay \(SIGKILL\) mid-delivery", report
+    )
     assert "chaos: restart PostgreSQL" in report
+    assert "probe orders (one after each fault)" in report
+    assert "order events: outbox / acknowledged / taken by the order service" in report

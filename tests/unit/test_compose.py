@@ -235,3 +235,15 @@ def test_temporal_persists_in_its_own_postgres() -> None:
 def test_databases_keep_their_data_in_named_volumes(name: str) -> None:
     declared = yaml.safe_load((ROOT / "docker-compose.yml").read_text()).get("volumes") or {}
     assert set(mounts(name)) & set(declared), f"{name} has no named volume"
+
+
+def test_workers_and_api_processes_scale_out() -> None:
+    # Several workers share the task queue (and, with order events, the relay's queue).
+    assert services()["worker"]["deploy"]["replicas"] >= 2
+    assert services()["api"]["deploy"]["replicas"] >= 1
+    # uvicorn's own supervisor runs the API processes, as many as API_PROCESSES says.
+    cmd = [str(c) for c in services()["api"]["command"]]
+    assert "--workers" in cmd, cmd
+    processes = cmd[cmd.index("--workers") + 1]
+    assert "${API_PROCESSES:-" in processes, "the count comes from API_PROCESSES"
+    assert int(interpolate(processes)) >= 1
