@@ -281,7 +281,12 @@ class Bench:
 
 @contextlib.asynccontextmanager
 async def bench_stack(
-    name: str, *, worker_env: dict[str, str] | None = None, trivial_worker: bool = False
+    name: str,
+    *,
+    worker_env: dict[str, str] | None = None,
+    trivial_worker: bool = False,
+    workers: int = 1,
+    api_processes: int = 1,
 ) -> AsyncIterator[Bench]:
     """A private stack for one benchmark, torn down (and its files removed) at the end.
 
@@ -297,6 +302,8 @@ async def bench_stack(
     stack = DevStack.private(
         tmp / "data",
         tuning={"PAYORDERS_RECONCILE_EVERY_S": str(24 * 3600), **(worker_env or {})},
+        workers=workers,
+        api_processes=api_processes,
     )
     stop = asyncio.Event()
     say(f"{name}: starting a private stack in {tmp}")

@@ -296,7 +296,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         max_connections=conc, max_keepalive_connections=conc, keepalive_expiry=2.0
     )
     async with (
-        bench_stack("http_path", trivial_worker=True) as b,
+        bench_stack(
+            "http_path",
+            trivial_worker=True,
+            workers=args.workers,
+            api_processes=args.api_processes,
+        ) as b,
         httpx.AsyncClient(limits=limits, timeout=30) as http,
     ):
         edge = Edge(
@@ -369,6 +374,8 @@ def _figures(
     return {
         "orders": args.orders,
         "concurrency": args.concurrency,
+        "workers": args.workers,
+        "api_processes": args.api_processes,
         "cores": os.cpu_count(),
         "rounds": rounds,
         "median": {
@@ -432,7 +439,8 @@ def _text(
         ]
     )
     text = table(
-        f"Through the HTTP edge: {args.orders:,} orders a round, {args.concurrency} in flight"
+        f"Through the HTTP edge: {args.orders:,} orders a round, {args.concurrency} in flight,"
+        f" {args.workers} worker(s), {args.api_processes} API process(es)"
         " (targets: HTTP >= 0.6 x ceiling without the sandbox's CPU, >= 0.5 x with it;"
         " direct >= 0.8 x)",
         [
@@ -590,6 +598,8 @@ def cli() -> None:
     p.add_argument("--orders", type=int, default=500)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--workers", type=int, default=1, help="pay-order worker processes")
+    p.add_argument("--api-processes", type=int, default=1, help="API processes on its port")
     p.add_argument(
         "--idle-s",
         type=float,
