@@ -32,7 +32,7 @@ import httpx
 from temporalio.api.enums.v1 import EventType
 
 from bench._harness import Bench, bench_stack, bounded, cpu_delta, save, say, table
-from bench.http_path import Edge, idle_cores
+from bench.http_path import Edge, edge_of, idle_cores
 from payorders.core import domain
 
 SETTLEMENT_IN_RUN_S = 5
@@ -102,32 +102,23 @@ async def _histories(b: Bench, nos: list[str]) -> tuple[float, float, float]:
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     n, conc = args.orders, args.concurrency
-    limits = httpx.Limits(
-        max_connections=conc, max_keepalive_connections=conc, keepalive_expiry=2.0
-    )
     tuning = {"PAYORDERS_SETTLEMENT_WINDOW_S": str(SETTLEMENT_IN_RUN_S)}
     async with (
         bench_stack("capacity", worker_env=tuning) as b,
-        httpx.AsyncClient(limits=limits, timeout=30) as http,
+        edge_of(b, conc) as edge,
     ):
-        edge = Edge(
-            http=http,
-            api_url=b.stack.api_url,
-            gateway_url=b.stack.gateway_url,
-            token=b.settings.api_token.get_secret_value(),
-        )
         say("warm-up")
         await _life(b, edge, 50, conc, "warm")
         idle = await idle_cores(b, 10)
         await asyncio.sleep(3)  # the backends' table statistics reach the collector
-        pg0, calls0 = await _pg_counters(b), await _gateway_calls(http, b.stack.api_url)
+        pg0, calls0 = await _pg_counters(b), await _gateway_calls(edge.http, b.stack.api_url)
         trades0 = await _trades(b)
         cpu0, t0 = b.cpu_by_pid(), time.time()
         say(f"{n} pay orders through their whole life")
         nos = await _life(b, edge, n, conc, "m")
         cpu1, t1 = b.cpu_by_pid(), time.time()
         await asyncio.sleep(3)
-        pg1, calls1 = await _pg_counters(b), await _gateway_calls(http, b.stack.api_url)
+        pg1, calls1 = await _pg_counters(b), await _gateway_calls(edge.http, b.stack.api_url)
         trades1 = await _trades(b)
         events, size, tasks = await _histories(b, nos[: args.history_sample])
         violations = await b.fund_violations()

@@ -47,7 +47,8 @@ import argparse
 import asyncio
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +144,23 @@ class Edge:
             {},
         )
         self.paid_answered[pay_order_no] = time.time()
+
+
+@asynccontextmanager
+async def edge_of(b: Bench, concurrency: int) -> AsyncIterator[Edge]:
+    """The users' side of ``b``'s stack over one keep-alive client sized for ``concurrency``."""
+    # Idle connections are dropped before the servers' own 5 s keep-alive ends, so a request
+    # never goes out on a connection the server is closing (as the product's clients do).
+    limits = httpx.Limits(
+        max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=2.0
+    )
+    async with httpx.AsyncClient(limits=limits, timeout=30) as http:
+        yield Edge(
+            http=http,
+            api_url=b.stack.api_url,
+            gateway_url=b.stack.gateway_url,
+            token=b.settings.api_token.get_secret_value(),
+        )
 
 
 async def http_round(b: Bench, edge: Edge, n: int, concurrency: int, tag: str) -> float:
@@ -290,11 +308,6 @@ async def latency_run(b: Bench, edge: Edge, n: int, rate: float) -> dict[str, An
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     n, conc = args.orders, args.concurrency
-    # Idle connections are dropped before the servers' own 5 s keep-alive ends, so a request
-    # never goes out on a connection the server is closing (as the product's clients do).
-    limits = httpx.Limits(
-        max_connections=conc, max_keepalive_connections=conc, keepalive_expiry=2.0
-    )
     async with (
         bench_stack(
             "http_path",
@@ -302,14 +315,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             workers=args.workers,
             api_processes=args.api_processes,
         ) as b,
-        httpx.AsyncClient(limits=limits, timeout=30) as http,
+        edge_of(b, conc) as edge,
     ):
-        edge = Edge(
-            http=http,
-            api_url=b.stack.api_url,
-            gateway_url=b.stack.gateway_url,
-            token=b.settings.api_token.get_secret_value(),
-        )
         say("warm-up")
         await b.ceiling(100, conc, "warm-t")
         await happy_round(b, 100, conc, "warm-d")
