@@ -219,9 +219,10 @@ class Bench:
 
     def _tree_of_children(self, group: str) -> list[int]:
         pids: list[int] = []
-        for name, child in self.stack.children.items():
-            if (name == group or name.startswith(f"{group}-")) and child.proc is not None:
-                pids.extend(_tree(child.proc.pid))
+        for name in self.stack.group(group):
+            proc = self.stack.children[name].proc
+            if proc is not None:
+                pids.extend(_tree(proc.pid))
         return pids
 
     def _per_group(self, measure: Callable[[str, psutil.Process], float]) -> dict[str, float]:
@@ -405,6 +406,24 @@ async def bounded(n: int, concurrency: int, job: Callable[[int], Awaitable[Any]]
             await job(i)
 
     await asyncio.gather(*(lane() for _ in range(concurrency)))
+
+
+async def paid_round(
+    b: Bench, n: int, concurrency: int, pay_order: Callable[[int], Awaitable[str]]
+) -> float:
+    """Pay orders per second: ``pay_order(i)`` starts and pays order ``i`` (returning its
+    pay order number), ``concurrency`` at a time; the time runs from the first start to the
+    last ``PAY_SUCCESS`` commit."""
+    nos: list[str] = []
+    t0 = time.time()
+
+    async def job(i: int) -> None:
+        nos.append(await pay_order(i))
+
+    await bounded(n, concurrency, job)
+    done = b.commits.succeeded
+    await b.wait_until(lambda: all(no in done for no in nos), 120, f"{n} PAY_SUCCESS commits")
+    return n / (max(done[no] for no in nos) - t0)
 
 
 async def paced(n: int, rate: float, job: Callable[[int], Awaitable[Any]]) -> None:

@@ -59,12 +59,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench._harness import (
     Bench,
     bench_stack,
-    bounded,
     chart,
     cpu_delta,
     median,
     ms,
     paced,
+    paid_round,
     pct,
     save,
     say,
@@ -164,18 +164,12 @@ async def edge_of(b: Bench, concurrency: int) -> AsyncIterator[Edge]:
 
 
 async def http_round(b: Bench, edge: Edge, n: int, concurrency: int, tag: str) -> float:
-    nos: list[str] = []
-    t0 = time.time()
-
-    async def job(i: int) -> None:
+    async def pay_order(i: int) -> str:
         no = await edge.checkout(b.order_no(i, tag))
         await edge.pay(no)
-        nos.append(no)
+        return no
 
-    await bounded(n, concurrency, job)
-    done = b.commits.succeeded
-    await b.wait_until(lambda: all(no in done for no in nos), 120, f"{n} PAY_SUCCESS commits")
-    return n / (max(done[no] for no in nos) - t0)
+    return await paid_round(b, n, concurrency, pay_order)
 
 
 def _machine_busy_s() -> float:

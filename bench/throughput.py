@@ -20,9 +20,9 @@ from typing import Any
 from bench._harness import (
     Bench,
     bench_stack,
-    bounded,
     chart,
     median,
+    paid_round,
     save,
     say,
     table,
@@ -34,18 +34,12 @@ async def trivial_round(b: Bench, n: int, concurrency: int, tag: str) -> float:
 
 
 async def happy_round(b: Bench, n: int, concurrency: int, tag: str) -> float:
-    nos: list[str] = []
-    t0 = time.time()
-
-    async def job(i: int) -> None:
+    async def pay_order(i: int) -> str:
         no = await b.start(b.order_no(i, tag), expires_in=timedelta(hours=1))
         await b.pay(no)
-        nos.append(no)
+        return no
 
-    await bounded(n, concurrency, job)
-    done = b.commits.succeeded
-    await b.wait_until(lambda: all(no in done for no in nos), 120, f"{n} PAY_SUCCESS commits")
-    return n / (max(done[no] for no in nos) - t0)
+    return await paid_round(b, n, concurrency, pay_order)
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:

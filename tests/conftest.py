@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from temporalio.client import Client, WorkflowHandle
@@ -34,6 +34,9 @@ from payorders.pay_orders import PayOrders, ensure_search_attributes
 from payorders.sandbox.ledger import InProcessResources, in_process
 from worker import build_worker
 from workflows.pay_order import PayOrderWorkflow
+
+if TYPE_CHECKING:
+    from .event_receiver import EventReceiver, RelayProcess
 
 DEV_SERVER_TUNING = [
     # An idle dev server hands work between its queues at up to 20 polls/s by default
@@ -277,3 +280,28 @@ async def localstripe() -> AsyncIterator[Any]:
             yield server
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- order events: a receiver, and relay processes a test starts -------------------------------
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[EventReceiver]:
+    """The order service's side: a signed-event endpoint on a free loopback port."""
+    # Imported here: the helper imports http_stack, which imports this module.
+    from .event_receiver import SECRET, EventReceiver
+
+    r = EventReceiver(SECRET)
+    await r.start()
+    yield r
+    await r.stop()
+
+
+@pytest.fixture
+def relay_processes() -> Iterator[list[RelayProcess]]:
+    """Relay processes the test starts; any still running at its end is killed."""
+    started: list[RelayProcess] = []
+    yield started
+    for p in started:
+        if p.proc is not None and p.proc.returncode is None:
+            p.proc.kill()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -18,7 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 from payorders.localstack import postgres as embedded
 from payorders.service import events
 
-from ..event_receiver import SECRET, EventReceiver, RelayProcess
+from ..event_receiver import EventReceiver, RelayProcess
 from ..http_stack import HttpStack, http_stack
 
 pytestmark = pytest.mark.slow
@@ -37,23 +37,6 @@ async def web(dev_env: WorkflowEnvironment, events_db: str) -> AsyncIterator[Htt
         yield stack
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[EventReceiver]:
-    r = EventReceiver(SECRET)
-    await r.start()
-    yield r
-    await r.stop()
-
-
-@pytest.fixture
-def relays() -> Iterator[list[RelayProcess]]:
-    started: list[RelayProcess] = []
-    yield started
-    for p in started:
-        if p.proc is not None and p.proc.returncode is None:
-            p.proc.kill()
-
-
 async def feed(web: HttpStack, **params: Any) -> httpx.Response:
     async with httpx.AsyncClient(base_url=web.settings.api_url) as http:
         return await http.get(
@@ -62,10 +45,10 @@ async def feed(web: HttpStack, **params: Any) -> httpx.Response:
 
 
 async def test_every_outcome_reaches_the_order_service_once_and_the_feed_has_the_same(
-    web: HttpStack, events_db: str, receiver: EventReceiver, relays: list[RelayProcess]
+    web: HttpStack, events_db: str, receiver: EventReceiver, relay_processes: list[RelayProcess]
 ) -> None:
     relay = RelayProcess(events_db, receiver.url)
-    relays.append(relay)
+    relay_processes.append(relay)
     await relay.start()
     tag = uuid.uuid4().hex[:8]
     paid = (await web.service.create(order_no=f"ev-paid-{tag}", amount=1999, currency="USD"))[

@@ -15,7 +15,7 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,7 +28,12 @@ from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
 from payorders.core import store as store_mod
 from payorders.core.domain import RefundReason
-from payorders.core.models import CreatePayOrder, PaymentNotification, RecordPayment
+from payorders.core.models import (
+    CreatePayOrder,
+    PaymentNotification,
+    RecordedPayment,
+    RecordPayment,
+)
 from payorders.localstack import postgres as embedded
 from payorders.service import events
 from payorders.service.relay import Relay, RelayConfig, RelayMetrics
@@ -56,14 +61,6 @@ async def pool(relay_db: str) -> AsyncIterator[asyncpg.Pool]:
     p = await store_mod.create_pool(relay_db)
     yield p
     await p.close()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[EventReceiver]:
-    r = EventReceiver(SECRET)
-    await r.start()
-    yield r
-    await r.stop()
 
 
 def config(url: str, **overrides: Any) -> RelayConfig:
@@ -113,22 +110,25 @@ class Orders:
         return row.pay_order_no
 
     async def settle(self, no: str, amount: int = 1999) -> str:
-        txn = f"txn-{uuid.uuid4().hex[:10]}"
-        recorded = await self.store.record_payment(
-            RecordPayment(
-                pay_order_no=no,
-                payment=PaymentNotification(
-                    txn_id=txn, amount=amount, currency="USD", paid_at=datetime.now(UTC)
-                ),
-                refund_reason=None,
-                expected_lock_version=0,
-            )
-        )
+        txn, recorded = await self._pay(no, amount, None, expected_lock_version=0)
         assert recorded.settled
         return txn
 
     async def refund(self, no: str, reason: RefundReason, amount: int = 1999) -> str:
         """A payment the order does not keep, recorded and refunded: ``refund.succeeded``."""
+        txn, recorded = await self._pay(no, amount, reason, expected_lock_version=None)
+        assert recorded.refund_key is not None
+        assert await self.store.confirm_refund(recorded.refund_key, f"rf_{txn}")
+        return txn
+
+    async def _pay(
+        self,
+        no: str,
+        amount: int,
+        reason: RefundReason | None,
+        *,
+        expected_lock_version: int | None,
+    ) -> tuple[str, RecordedPayment]:
         txn = f"txn-{uuid.uuid4().hex[:10]}"
         recorded = await self.store.record_payment(
             RecordPayment(
@@ -137,12 +137,10 @@ class Orders:
                     txn_id=txn, amount=amount, currency="USD", paid_at=datetime.now(UTC)
                 ),
                 refund_reason=reason,
-                expected_lock_version=None,
+                expected_lock_version=expected_lock_version,
             )
         )
-        assert recorded.refund_key is not None
-        assert await self.store.confirm_refund(recorded.refund_key, f"rf_{txn}")
-        return txn
+        return txn, recorded
 
     async def expire(self, no: str) -> None:
         assert (await self.store.expire(no, 0)).changed
@@ -410,15 +408,6 @@ async def test_an_endpoint_answering_503_then_refusing_then_back_gets_every_even
 
 
 # --- a relay killed, two relays ------------------------------------------------------------------
-
-
-@pytest.fixture
-def relay_processes() -> Iterator[list[RelayProcess]]:
-    started: list[RelayProcess] = []
-    yield started
-    for p in started:
-        if p.proc is not None and p.proc.returncode is None:
-            p.proc.kill()
 
 
 @pytest.mark.slow
