@@ -32,6 +32,7 @@ from payorders.core.settings import Settings
 from payorders.localstack.stack import DevStack, GatewayKind
 from payorders.localstack.stackinfo import check_processes
 from payorders.runtime import database_url
+from payorders.service import relay
 from payorders.tools.http_clients import (
     GatewayMoney,
     ServiceClient,
@@ -617,9 +618,6 @@ class ChaosPlan:
     """SIGKILL the worker whose relay holds a claim: mid-delivery of an order event."""
 
 
-CLAIM_MARK = "FOR UPDATE OF o SKIP LOCKED"
-"""In the relay's claim (``relay.SQL_CLAIM_HEAD``), the last query of a session that holds
-one while it POSTs the event."""
 IN_FLIGHT_WAIT_S = 10.0
 """How long a relay kill waits for a delivery in flight before it strikes anyway, saying
 so."""
@@ -655,7 +653,8 @@ async def _claiming_worker(
                 holders = await conn.fetch(
                     "SELECT application_name FROM pg_stat_activity"
                     " WHERE state = 'idle in transaction' AND position($1 in query) > 0",
-                    CLAIM_MARK,
+                    # The relay's claim is the last statement of a session holding one.
+                    relay.SQL_CLAIM_HEAD,
                 )
             for row in holders:
                 if row["application_name"] in names:
