@@ -12,6 +12,7 @@ from pydantic import AliasChoices, Field, PositiveInt, SecretStr, field_validato
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from payorders.core.models import ReconcileInput, RetryConfig, Timeouts
+from payorders.core.tokens import TokenSpec
 
 TASK_QUEUE = "pay-orders"
 
@@ -63,8 +64,12 @@ class Settings(BaseSettings):
 
     api_url: str = "http://127.0.0.1:8000"
     """Where the service API listens (checkout, reads, the gateway webhook)."""
-    api_token: SecretStr = SecretStr("dev-api-token")
-    """Bearer token for checkout and reads; the default is for the local stack only."""
+    api_tokens: list[TokenSpec] = []
+    """The API's bearer tokens, JSON: ``[{"name", "scopes", "sha256" | "token"}]`` (see
+    ``payorders.core.tokens``); no default: the API refuses to start without one."""
+    api_token: SecretStr | None = None
+    """Deprecated: one token with the ``admin`` scope (use ``api_tokens``). Clients (the
+    CLI, the tools) send this one."""
     gateway: Literal["sandbox", "stripe"] = "sandbox"
     """Which gateway adapter the worker and the API use."""
     gateway_url: str | None = None
@@ -80,8 +85,9 @@ class Settings(BaseSettings):
     """Where the Stripe SDK sends its calls (the local stack points it at localstripe)."""
     webhook_url: str = "http://127.0.0.1:8000/v1/webhooks/gateway"
     """Where the (sandbox) gateway delivers its webhooks."""
-    webhook_secrets: list[SecretStr] = [SecretStr("whsec_dev_only")]
-    """Accepted webhook signing secrets, JSON list; the first one signs (rotation)."""
+    webhook_secrets: list[SecretStr] = []
+    """Accepted webhook signing secrets of the sandbox gateway, JSON list; the first one
+    signs (rotation). No default: the API and the sandbox refuse to start without one."""
     webhook_tolerance_s: PositiveInt = 300
     max_body_bytes: PositiveInt = 65_536
     reconcile_every_s: PositiveInt = 300
@@ -106,9 +112,9 @@ class Settings(BaseSettings):
     order_events_url: str | None = None
     """Where the relay POSTs order events (the order service's endpoint); unset or empty:
     no relay runs (the events stay readable from ``GET /v1/events``)."""
-    order_events_secret: SecretStr = SecretStr("whsec_order_events_dev_only")
-    """Signs each delivery (``Payorders-Event-Signature``); the default is for the local
-    stack only."""
+    order_events_secret: SecretStr | None = None
+    """Signs each delivery (``Payorders-Event-Signature``); no default: a worker with
+    ``order_events_url`` refuses to start without it."""
     order_events_retry_initial_ms: PositiveInt = 500
     """First retry interval of an unacknowledged event (doubles each attempt)."""
     order_events_retry_max_ms: PositiveInt = 60_000
