@@ -36,7 +36,7 @@ from payorders.core.reconcile import ReconcileStore
 from payorders.core.settings import Settings
 from payorders.gateways.factory import GatewayNotConfigured
 from payorders.localstack import postgres as embedded
-from payorders.runtime import Resources, open_resources
+from payorders.runtime import Resources, open_resources, settings_or_exit
 from payorders.service import relay as order_events
 from workflows.late_refund import LateRefundWorkflow
 from workflows.operator_refund import OperatorRefundWorkflow
@@ -201,8 +201,9 @@ async def _wait_for_database(url: str, stop: asyncio.Event, within_s: float = 12
 
 def main() -> None:
     logs.configure(logging.INFO)
+    settings = settings_or_exit("worker")
     try:
-        asyncio.run(run(Settings()))
+        asyncio.run(run(settings))
     except GatewayNotConfigured as e:
         log.error("cannot start: %s", e)
         sys.exit(2)

@@ -159,7 +159,7 @@ async def edge_of(b: Bench, concurrency: int) -> AsyncIterator[Edge]:
             http=http,
             api_url=b.stack.api_url,
             gateway_url=b.stack.gateway_url,
-            token=b.settings.api_token.get_secret_value(),
+            token=b.stack.secrets["PAYORDERS_API_TOKEN"],
         )
 
 

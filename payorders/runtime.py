@@ -3,17 +3,43 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import NoReturn
 
 import asyncpg
+from pydantic import ValidationError
 
-from payorders.core import store
+from payorders.core import secrets, store
 from payorders.core.settings import Settings
 from payorders.gateways.factory import open_gateway
 from payorders.gateways.port import Gateway
 from payorders.localstack import stackinfo
+
+
+def settings_or_exit(role: secrets.Role) -> Settings:
+    """The settings of an entry point (``role``) from the environment; when they are not
+    valid, or a secret it needs is missing or weak, one line on stderr naming the variable
+    (never its value) and exit 2."""
+    try:
+        settings = Settings()
+        secrets.require(settings, role)
+    except ValidationError as e:
+        first = e.errors(include_input=False, include_url=False)[0]
+        loc = [str(part) for part in first["loc"]]
+        variable = f"PAYORDERS_{loc[0].upper()}" if loc else "the settings"
+        where = "".join(f"[{part}]" for part in loc[1:])
+        _refuse(role, f"{variable}{where}: {first['msg']}")
+    except secrets.SecretRefused as e:
+        _refuse(role, str(e))
+    return settings
+
+
+def _refuse(role: str, why: str) -> NoReturn:
+    print(f"payorders {role}: cannot start: {why}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 class StackNotRunning(RuntimeError):
@@ -61,14 +87,14 @@ def with_stack_defaults(settings: Settings) -> Settings:
             updates[field] = getattr(info, field)
     if "gateway" not in settings.model_fields_set:
         updates["gateway"] = info.gateway
-        if info.gateway == "stripe":
-            # The stack's own dev-only key and its wire proxy, unless this shell sets them.
-            if "stripe_api_base" not in settings.model_fields_set and info.stripe_api_base:
-                updates["stripe_api_base"] = info.stripe_api_base
-            if "stripe_api_key" not in settings.model_fields_set:
-                updates["stripe_api_key"] = stackinfo.DEV_STRIPE_API_KEY
-            if "stripe_webhook_secret" not in settings.model_fields_set:
-                updates["stripe_webhook_secret"] = [stackinfo.DEV_STRIPE_WEBHOOK_SECRET]
+        # The stack's wire proxy in front of localstripe, unless this shell sets one.
+        if info.gateway == "stripe" and "stripe_api_base" not in settings.model_fields_set:
+            updates["stripe_api_base"] = info.stripe_api_base
+    # The stack's generated secrets (its API token among them), unless this shell sets them.
+    for env_name, value in (info.secrets or {}).items():
+        field = env_name.removeprefix("PAYORDERS_").lower()
+        if field in Settings.model_fields and field not in settings.model_fields_set:
+            updates[field] = value
     # Validate again, so tuning strings become the fields' types.
     return Settings(**{**settings.model_dump(), **updates})
 

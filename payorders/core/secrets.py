@@ -25,6 +25,11 @@ PLACEHOLDERS = frozenset(
         "evsec_payorders_dev_only",
         "whsec_payorders_dev_only",
         "test-token",
+        "change-me",
+        "changeme",
+        "secret",
+        "password",
+        "token",
     }
 )
 # Words that mark a value as an example to replace.

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     """Where the Stripe SDK sends its calls (the local stack points it at localstripe)."""
     webhook_url: str = "http://127.0.0.1:8000/v1/webhooks/gateway"
     """Where the (sandbox) gateway delivers its webhooks."""
-    webhook_secrets: list[SecretStr] = []
+    webhook_secrets: Annotated[list[SecretStr], NoDecode] = []
     """Accepted webhook signing secrets of the sandbox gateway, JSON list; the first one
     signs (rotation). No default: the API and the sandbox refuse to start without one."""
     webhook_tolerance_s: PositiveInt = 300
@@ -124,7 +124,7 @@ class Settings(BaseSettings):
     order_events_alert_after_s: PositiveInt = 900
     """An event undelivered longer than this is a reconciliation exception."""
 
-    @field_validator("stripe_webhook_secret", mode="before")
+    @field_validator("stripe_webhook_secret", "webhook_secrets", mode="before")
     @classmethod
     def _one_or_many(cls, v: object) -> object:
         if isinstance(v, str):

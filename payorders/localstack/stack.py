@@ -15,6 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
+import hashlib
+import json
 import os
 import signal
 import socket
@@ -31,16 +34,13 @@ import httpx
 from temporalio.client import Client
 
 from payorders.core import search_attributes as sa
+from payorders.core import secrets
 from payorders.core.settings import Settings
 from payorders.localstack import postgres as embedded
 from payorders.localstack import stackinfo
 from payorders.localstack.binaries import find_binary
 from payorders.localstack.localstripe import LocalStripe, LocalStripeError
-from payorders.localstack.stackinfo import (
-    DEV_STRIPE_API_KEY,
-    DEV_STRIPE_WEBHOOK_SECRET,
-    check_processes,
-)
+from payorders.localstack.stackinfo import check_processes
 from payorders.localstack.stripe_wire import RELAY_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,15 +84,26 @@ DEV_WORKER_DEFAULTS = {
 GatewayKind = Literal["sandbox", "stripe"]
 GATEWAYS: tuple[GatewayKind, ...] = ("sandbox", "stripe")
 
-# The Stripe stack's credentials: dev-only values, printed in the banner. localstripe takes
-# any secret key that starts with ``sk_`` and is longer than 5 characters; the webhook
-# secret is the one the stack registers at localstripe and gives the API to verify with.
 STRIPE_WEBHOOK_ID = "payorders-dev"
 """localstripe's id for the stack's webhook endpoint (registering it again replaces it)."""
 
-DEV_ORDER_EVENTS_SECRET = "evsec_payorders_dev_only"
-"""The signing secret of the order events between the worker and the example order service:
-a dev-only value, printed in the banner."""
+SECRETS_FILE = "secrets.json"
+"""The stack's own secrets, generated at its first start in its data directory (mode 0600),
+so a restart keeps them and no two machines share one."""
+LOCAL_ADMIN = "local-admin"
+"""The name of the stack's one API token (scope admin), as the API logs and records it."""
+# Each secret: the variable it is given as, and the prefix of a generated one. localstripe
+# takes any secret key that starts with ``sk_``; the Stripe webhook secret is the one the
+# stack registers at localstripe and gives the API to verify with.
+_SECRET_PREFIXES = {
+    "PAYORDERS_API_TOKEN": "pot_",
+    "PAYORDERS_WEBHOOK_SECRETS": "whsec_",
+    "PAYORDERS_ORDER_EVENTS_SECRET": "evsec_",
+    "PAYORDERS_STRIPE_API_KEY": "sk_test_",
+    "PAYORDERS_STRIPE_WEBHOOK_SECRET": "whsec_",
+}
+SECRET_VARIABLES = (*_SECRET_PREFIXES, "PAYORDERS_API_TOKENS")
+"""Never inherited by a child from the environment: the stack gives each its own."""
 ORDER_SERVICE_PREFIX = "order service | "
 """How the order service's output reads on the stack's console."""
 UVICORN_SERVING = "Uvicorn running on"
@@ -154,6 +165,11 @@ class DevOptions:
     stripe_port: int = 8420
     orders_port: int = 8002
     """The example order service, where the worker delivers the order events."""
+    order_events_url: str | None = None
+    """Where every relay delivers the order events instead (the shop's own receiver); the
+    example order service is then not started."""
+    order_events_secret: str | None = None
+    """The secret those deliveries are signed with (default: the stack's generated one)."""
     gateway: GatewayKind = "sandbox"
     ip: str = "127.0.0.1"
     workers: int = 1
@@ -164,6 +180,13 @@ class DevOptions:
     def __post_init__(self) -> None:
         check_processes("workers", self.workers)
         check_processes("api_processes", self.api_processes)
+        if self.order_events_url is not None:
+            check_events_url(self.order_events_url)
+        if self.order_events_secret is not None:
+            try:
+                secrets.check("--order-events-secret", self.order_events_secret)
+            except secrets.SecretRefused as e:
+                raise ValueError(str(e)) from None
 
     @classmethod
     def free_ports(
@@ -188,6 +211,46 @@ class DevOptions:
             workers=workers,
             api_processes=api_processes,
         )
+
+
+def check_events_url(url: str) -> str:
+    """``url`` if the relay can deliver to it: ``http(s)://host[:port]/...``.
+
+    Raises:
+        ValueError: anything else, in one line.
+    """
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        parts, port_ok = None, False
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ValueError(
+            f"--order-events-url {url!r} is not an http(s) URL with a host, e.g."
+            " http://127.0.0.1:9000/payorders/events"
+        )
+    return url
+
+
+def load_secrets(data_dir: Path) -> dict[str, str]:
+    """The stack's secrets, by variable: read from its data directory, and any that are
+    missing generated and saved there first (readable by its owner only)."""
+    path = data_dir / SECRETS_FILE
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        kept = json.loads(path.read_text())
+    except FileNotFoundError:
+        kept = {}
+    missing = {k: secrets.generate(p) for k, p in _SECRET_PREFIXES.items() if k not in kept}
+    if missing:
+        kept = {**kept, **missing}
+        tmp = path.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(kept, f, indent=2)
+        tmp.replace(path)
+    return {k: str(kept[k]) for k in _SECRET_PREFIXES}
 
 
 def _env_field(name: str) -> str:
@@ -311,9 +374,15 @@ class DevStack:
             self.gateway_url = f"http://{options.ip}:{options.gateway_port}"
         self.worker_metrics_address = f"{options.ip}:{options.worker_metrics_port}"
         self.worker_metrics_url = f"http://{self.worker_metrics_address}/metrics"
-        self.orders_url = f"http://{options.ip}:{options.orders_port}"
-        self.order_events_url = f"{self.orders_url}/events"
-        """Where the worker delivers the order events (``GET`` there: what was received)."""
+        self.orders_url: str | None = None
+        """The example order service, when the stack runs it (no ``order_events_url``)."""
+        if options.order_events_url is None:
+            self.orders_url = f"http://{options.ip}:{options.orders_port}"
+            self.order_events_url = f"{self.orders_url}/events"
+        else:
+            self.order_events_url = options.order_events_url
+        """Where every relay delivers the order events (the example's: ``GET`` it for what
+        it received)."""
         self._stopping = False
         self._restarting_temporal = False
         self._api_socket: socket.socket | None = None
@@ -337,25 +406,37 @@ class DevStack:
                 child_names("worker", options.workers), self.worker_metrics_addresses, strict=True
             )
         }
+        # Run by module path: the local stack imports nothing of the sandbox.
+        orders = (
+            {}
+            if self.orders_url is None
+            else {
+                "orders": Child(
+                    "orders",
+                    [
+                        *uvicorn,
+                        "--port",
+                        str(options.orders_port),
+                        *quiet,
+                        "payorders.sandbox.order_service:app",
+                    ],
+                    f"{self.orders_url}/healthz",
+                    echo=ORDER_SERVICE_PREFIX,
+                )
+            }
+        )
         self.children = {
             **api,
             # Named for its role whatever it is, so chaos (``pause("gateway")``) works on both.
             "gateway": self._gateway_child(uvicorn, quiet),
-            # Run by module path: the local stack imports nothing of the sandbox.
-            "orders": Child(
-                "orders",
-                [
-                    *uvicorn,
-                    "--port",
-                    str(options.orders_port),
-                    *quiet,
-                    "payorders.sandbox.order_service:app",
-                ],
-                f"{self.orders_url}/healthz",
-                echo=ORDER_SERVICE_PREFIX,
-            ),
+            **orders,
             **workers,
         }
+
+    @functools.cached_property
+    def secrets(self) -> dict[str, str]:
+        """The stack's secrets by variable (``load_secrets``: made at its first start)."""
+        return load_secrets(self.data_dir)
 
     def _worker_metrics_addresses(self) -> list[str]:
         ports = [self.options.worker_metrics_port]
@@ -432,7 +513,9 @@ class DevStack:
         tuning, as its own worker and API read them; the starter's settings travel in each
         workflow's input, so they must agree with the worker's."""
         env = self.child_env()
-        values: dict[str, Any] = {_env_field(k): env[k] for k in (*self.tuning, *self._addresses())}
+        names = (*self.tuning, *self._addresses(), *self._client_secrets())
+        values: dict[str, Any] = {_env_field(k): env[k] for k in names}
+        values["api_token"] = self.secrets["PAYORDERS_API_TOKEN"]
         if self.isolated:
             return _settings_without_environment(values)
         return Settings(**values)
@@ -453,7 +536,8 @@ class DevStack:
         for address in self.worker_metrics_addresses:
             port = int(address.rpartition(":")[2])
             _check_port_free(self.options.ip, port, "worker metrics")
-        _check_port_free(self.options.ip, self.options.orders_port, "orders")
+        if self.orders_url is not None:
+            _check_port_free(self.options.ip, self.options.orders_port, "orders")
         self._open_api_socket()
         say("starting PostgreSQL")
         await self._start_postgres()
@@ -464,7 +548,7 @@ class DevStack:
             await self._start_localstripe()
         # The gateway answers first: the API and the worker try the Stripe key as they start;
         # so does the order service, or the worker's first deliveries would back off.
-        first = [self.children["gateway"], self.children["orders"]]
+        first = [self.children[name] for name in ("gateway", "orders") if name in self.children]
         others = [c for c in self.children.values() if c not in first]
         for child in first:
             say(f"starting the {self._child_label(child)}")
@@ -491,6 +575,8 @@ class DevStack:
                 stripe_api_base=self.stripe_url,
                 localstripe_url=self.localstripe_url,
                 order_events_url=self.order_events_url,
+                order_service_url=self.orders_url,
+                secrets=self.client_variables(),
                 workers=self.options.workers,
                 api_processes=self.options.api_processes,
                 worker_metrics_urls=[f"http://{a}/metrics" for a in self.worker_metrics_addresses],
@@ -548,7 +634,9 @@ class DevStack:
         try:
             await self._localstripe.start()
             await self._localstripe.register_webhook(
-                f"{self.stripe_url}{RELAY_PATH}", DEV_STRIPE_WEBHOOK_SECRET, id=STRIPE_WEBHOOK_ID
+                f"{self.stripe_url}{RELAY_PATH}",
+                self.secrets["PAYORDERS_STRIPE_WEBHOOK_SECRET"],
+                id=STRIPE_WEBHOOK_ID,
             )
         except LocalStripeError as e:
             raise StackError(str(e)) from None
@@ -615,9 +703,35 @@ class DevStack:
             "PAYORDERS_WEBHOOK_URL": f"{self.api_url}/v1/webhooks/gateway",
             "PAYORDERS_WORKER_METRICS_ADDRESS": self.worker_metrics_address,
             "PAYORDERS_ORDER_EVENTS_URL": self.order_events_url,
-            "PAYORDERS_ORDER_EVENTS_SECRET": DEV_ORDER_EVENTS_SECRET,
             **self._gateway_variables(),
         }
+
+    def _client_secrets(self) -> dict[str, str]:
+        """The secrets a part of this stack needs, besides the API's tokens: the webhook and
+        order-events signing secrets, and with Stripe its key and webhook secret."""
+        out = {
+            "PAYORDERS_WEBHOOK_SECRETS": json.dumps([self.secrets["PAYORDERS_WEBHOOK_SECRETS"]]),
+            "PAYORDERS_ORDER_EVENTS_SECRET": self.options.order_events_secret
+            or self.secrets["PAYORDERS_ORDER_EVENTS_SECRET"],
+        }
+        if self.gateway == "stripe":
+            for k in ("PAYORDERS_STRIPE_API_KEY", "PAYORDERS_STRIPE_WEBHOOK_SECRET"):
+                out[k] = self.secrets[k]
+        return out
+
+    def client_variables(self) -> dict[str, str]:
+        """What a client of this stack needs to be let in, as variables (the banner's
+        ``export`` lines, ``stack.json``): the API token in clear and the other secrets."""
+        return {
+            "PAYORDERS_API_TOKEN": self.secrets["PAYORDERS_API_TOKEN"],
+            **self._client_secrets(),
+        }
+
+    def _server_secrets(self) -> dict[str, str]:
+        """The children's secrets: the API knows its token by hash only."""
+        digest = hashlib.sha256(self.secrets["PAYORDERS_API_TOKEN"].encode()).hexdigest()
+        token = {"name": LOCAL_ADMIN, "scopes": ["admin"], "sha256": digest}
+        return {"PAYORDERS_API_TOKENS": json.dumps([token]), **self._client_secrets()}
 
     def _gateway_variables(self) -> dict[str, str]:
         """The gateway choice, stated even for the sandbox: a shell may hold another
@@ -625,12 +739,7 @@ class DevStack:
         if self.gateway == "sandbox":
             return {"PAYORDERS_GATEWAY": "sandbox"}
         assert self.stripe_url is not None
-        return {
-            "PAYORDERS_GATEWAY": "stripe",
-            "PAYORDERS_STRIPE_API_BASE": self.stripe_url,
-            "PAYORDERS_STRIPE_API_KEY": DEV_STRIPE_API_KEY,
-            "PAYORDERS_STRIPE_WEBHOOK_SECRET": DEV_STRIPE_WEBHOOK_SECRET,
-        }
+        return {"PAYORDERS_GATEWAY": "stripe", "PAYORDERS_STRIPE_API_BASE": self.stripe_url}
 
     def _effective_tuning(self) -> dict[str, str]:
         env = self.child_env()
@@ -639,13 +748,17 @@ class DevStack:
     def child_env(self) -> dict[str, str]:
         """The environment of every child: the stack's addresses over its tuning, over the
         environment (``payorders dev``: a tuning variable set there wins) or over what is
-        left of it without our variables (a private stack)."""
+        left of it without our variables (a private stack). Secrets are never inherited: the
+        stack gives each child its own."""
         if self.isolated:
             inherited = {k: v for k, v in os.environ.items() if not k.startswith(SETTINGS_PREFIXES)}
             env = {**inherited, **self.tuning}
         else:
             env = {**self.tuning, **os.environ}
+        for k in SECRET_VARIABLES:
+            env.pop(k, None)
         env.update(self._addresses())
+        env.update(self._server_secrets())
         return env
 
     def _spawn(self, child: Child) -> None:
@@ -840,7 +953,7 @@ class DevStack:
                 )
             ],
             *self._gateway_rows(),
-            ("order service", f"{self.order_events_url}  (the example shop: GET it for its lines)"),
+            self._order_events_row(),
             ("PostgreSQL", self.database_url),
             ("task queue", self.settings.task_queue),
             ("data directory", str(self.data_dir)),
@@ -859,18 +972,34 @@ class DevStack:
             f"    export PAYORDERS_GATEWAY_URL={self.gateway_url}",
             *(f"    export {k}={v}" for k, v in self._gateway_variables().items()),
             f"    export PAYORDERS_ORDER_EVENTS_URL={self.order_events_url}",
-            f"    export PAYORDERS_ORDER_EVENTS_SECRET={DEV_ORDER_EVENTS_SECRET}",
+            *(f"    export {k}='{v}'" for k, v in self.client_variables().items()),
             "",
-            "  The order events' secret above is a dev-only value of this stack, shared by the",
-            "  worker and the example order service; never reuse it for a real shop.",
+            f"  The secrets above were generated for this stack (kept in {self.data_dir}/"
+            f"{SECRETS_FILE});",
+            f"  PAYORDERS_API_TOKEN is its one API token ({LOCAL_ADMIN}, scope admin). Never"
+            " reuse them elsewhere.",
         ]
+        if self.orders_url is None:
+            lines += [
+                "",
+                f"  Order events go to {self.order_events_url}, signed with"
+                " PAYORDERS_ORDER_EVENTS_SECRET",
+                "  (header Payorders-Event-Signature); a receiver that does not answer is retried.",
+            ]
         if self.gateway == "stripe":
             lines += [
                 "",
-                "  The Stripe key and webhook secret above are dev-only values of this stack:",
-                "  localstripe accepts any sk_ key; never put a real key here.",
+                "  localstripe accepts any sk_ key: never put a real Stripe key here.",
             ]
         return "\n".join(lines)
+
+    def _order_events_row(self) -> tuple[str, str]:
+        if self.orders_url is None:
+            return ("order events", f"{self.order_events_url}  (yours: --order-events-url)")
+        return (
+            "order service",
+            f"{self.order_events_url}  (the example shop: GET it for its lines)",
+        )
 
     def _api_processes_text(self) -> str:
         n = self.options.api_processes

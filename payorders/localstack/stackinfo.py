@@ -10,11 +10,6 @@ from pathlib import Path
 
 FILENAME = "stack.json"
 
-# The Stripe stack's dev-only credentials (localstripe takes any sk_ key): its clients
-# read them here, without importing the stack itself.
-DEV_STRIPE_API_KEY = "sk_test_payorders_dev_only"
-DEV_STRIPE_WEBHOOK_SECRET = "whsec_payorders_dev_only"
-
 MAX_PROCESSES = 16
 """The most workers, and the most API processes, one stack runs."""
 
@@ -52,8 +47,13 @@ class StackInfo:
     localstripe_url: str | None = None
     """With ``stripe``: localstripe itself, behind the proxy."""
     order_events_url: str | None = None
-    """Where the worker delivers the order events: the example order service's ``/events``
-    (``PAYORDERS_ORDER_EVENTS_URL``), whose ``GET`` shows what it received."""
+    """Where the worker delivers the order events (``PAYORDERS_ORDER_EVENTS_URL``): the
+    example order service's ``/events``, or the shop's own (``--order-events-url``)."""
+    order_service_url: str | None = None
+    """The example order service, when the stack runs it (``GET /events``: what it received)."""
+    secrets: dict[str, str] | None = None
+    """What a client needs to be let in, by variable (``PAYORDERS_API_TOKEN`` and the
+    signing secrets): the stack's generated secrets, as its banner prints them."""
     workers: int = 1
     """How many pay-order workers the stack runs (each with an order-events relay)."""
     api_processes: int = 1
@@ -63,8 +63,12 @@ class StackInfo:
 
 
 def write(data_dir: Path, info: StackInfo) -> None:
+    """Write the file, readable by its owner only: it holds the stack's secrets."""
     tmp = data_dir / f".{FILENAME}.tmp"
-    tmp.write_text(json.dumps(asdict(info), indent=2) + "\n")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(asdict(info), indent=2) + "\n")
     tmp.replace(data_dir / FILENAME)
 
 

@@ -117,7 +117,7 @@ def create_sandbox_app(settings: Settings) -> FastAPI:
 def app() -> FastAPI:
     """For ``uvicorn --factory payorders.sandbox.app:app``: settings from the environment."""
     logs.configure(logging.WARNING)  # expected faults in one line, tracebacks for bugs
-    return create_sandbox_app(Settings())
+    return create_sandbox_app(runtime.settings_or_exit("gateway"))
 
 
 async def _deliver_forever(

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from payorders.core.settings import Settings
+from payorders.runtime import settings_or_exit
 from payorders.service.webhook import DEFAULT_TOLERANCE_S, WebhookRejected, verify
 
 SIGNATURE_HEADER = "Payorders-Event-Signature"
@@ -218,4 +218,6 @@ def create_order_service(
 def app() -> Starlette:
     """For ``uvicorn --factory payorders.sandbox.order_service:app``: the secret from
     ``PAYORDERS_ORDER_EVENTS_SECRET``, the one the relay signs with."""
-    return create_order_service(Settings().order_events_secret.get_secret_value())
+    secret = settings_or_exit("orders").order_events_secret
+    assert secret is not None  # required for the role
+    return create_order_service(secret.get_secret_value())

@@ -51,7 +51,7 @@ from payorders.pay_orders import (
     UnknownPayOrder,
     UnknownTransaction,
 )
-from payorders.runtime import database_url, open_resources
+from payorders.runtime import database_url, open_resources, settings_or_exit
 from payorders.service import events, stripe_webhook, webhook
 from payorders.service import metrics as api_metrics
 from payorders.service.errors import ApiError
@@ -832,4 +832,4 @@ def _operator_refund_routes(app: FastAPI, auth: list[Any]) -> None:
 def app() -> FastAPI:
     """Factory for ``uvicorn --factory payorders.service.app:app``."""
     logs.configure(logging.WARNING)  # expected faults in one line, tracebacks for bugs
-    return create_app(Settings())
+    return create_app(settings_or_exit("api"))

@@ -65,6 +65,7 @@ import httpx
 from temporalio.common import MetricMeter
 
 from payorders import logs
+from payorders.core import secrets
 from payorders.core.settings import Settings
 from payorders.core.store import PooledConnection
 from payorders.service import events
@@ -158,9 +159,15 @@ class RelayConfig:
     def from_settings(cls, settings: Settings) -> RelayConfig:
         if settings.order_events_url is None:
             raise ValueError("PAYORDERS_ORDER_EVENTS_URL is not set: no relay to run")
+        secret = secrets.check(
+            "PAYORDERS_ORDER_EVENTS_SECRET",
+            None
+            if settings.order_events_secret is None
+            else settings.order_events_secret.get_secret_value(),
+        )
         return cls(
             url=settings.order_events_url,
-            secret=settings.order_events_secret.get_secret_value(),
+            secret=secret,
             retry_initial_s=settings.order_events_retry_initial_ms / 1000,
             retry_max_s=settings.order_events_retry_max_ms / 1000,
             concurrency=settings.order_events_concurrency,

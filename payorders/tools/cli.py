@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from temporalio.service import RPCError
 
 from payorders import logs
-from payorders.core import domain
+from payorders.core import domain, secrets
 from payorders.core.models import ReconcileReport
 from payorders.core.settings import Settings
 from payorders.localstack import stackinfo
@@ -150,6 +150,22 @@ def _processes(what: str) -> Any:
             ) from None
 
     return parse
+
+
+def _events_url(text: str) -> str:
+    from payorders.localstack.stack import check_events_url
+
+    try:
+        return check_events_url(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--order-events-url ")) from None
+
+
+def _secret(text: str) -> str:
+    why = secrets.why_weak(text)
+    if why is not None:
+        raise argparse.ArgumentTypeError(f"the secret {why}")
+    return text
 
 
 def _currency(text: str) -> str:
@@ -676,6 +692,8 @@ async def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
         worker_metrics_port=args.worker_metrics_port,
         stripe_port=args.stripe_port,
         orders_port=args.orders_port,
+        order_events_url=args.order_events_url,
+        order_events_secret=args.order_events_secret,
         gateway=args.gateway,
         workers=args.workers,
         api_processes=args.api_processes,
@@ -754,6 +772,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_count,
         default=8002,
         help="the example order service, where the worker delivers the order events",
+    )
+    c.add_argument(
+        "--order-events-url",
+        type=_events_url,
+        help="deliver the order events to your own receiver instead (http(s) URL; the example"
+        " order service is then not started); one that does not answer is retried",
+    )
+    c.add_argument(
+        "--order-events-secret",
+        type=_secret,
+        help="the secret the deliveries are signed with (default: the stack's generated one,"
+        " printed in the banner)",
     )
     _scale_arguments(c, "", default=1)
 

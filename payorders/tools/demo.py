@@ -299,12 +299,13 @@ def _scenario_table(rows: list[Outcome], settings: Settings) -> str:
 # --- the order service's side --------------------------------------------------------------
 
 
-def _order_events_url(settings: Settings) -> str | None:
-    """The example order service of the stack the demo drives, if that stack runs one."""
+def _order_service_url(settings: Settings) -> str | None:
+    """The example order service's ``/events`` of the stack the demo drives, if that
+    stack runs one (not with ``--order-events-url``)."""
     info = stackinfo.read(settings.data_dir)
-    if info is None or info.api_url != settings.api_url:
+    if info is None or info.api_url != settings.api_url or info.order_service_url is None:
         return None
-    return info.order_events_url
+    return f"{info.order_service_url}/events"
 
 
 async def _expected_events(c: Ctx, nos: list[str]) -> Counter[tuple[str, str]]:
@@ -330,9 +331,12 @@ def _heard(events: list[dict[str, Any]], nos: set[str]) -> Counter[tuple[str, st
 async def _order_service_side(c: Ctx, driven: list[list[str]], out: Callable[[str], None]) -> bool:
     """Wait (bounded) until the order service has received every terminal event and refund
     of the demo's orders, then print its lines for them. False if some never arrived."""
-    url = _order_events_url(c.settings)
+    url = _order_service_url(c.settings)
     if url is None:
-        out("(this stack runs no example order service: its side is not shown)\n")
+        out(
+            "(the order service's side needs the example order service, which this stack does"
+            " not run: its events go to your --order-events-url; not shown)\n"
+        )
         return True
     every = [no for orders in driven for no in orders]
     want = await _expected_events(c, every)

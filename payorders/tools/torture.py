@@ -800,7 +800,7 @@ async def run_chaos_torture(
             settle_within_s=settle_within_s,
             out=out,
             chaos=lambda torture, span: _chaos(stack, plan, torture, span, seed),
-            order_service_url=stack.orders_url,
+            order_service_url=stack.orders_url,  # a private stack always runs it
         )
 
 

@@ -24,7 +24,6 @@ from temporalio.testing import WorkflowEnvironment
 from payorders.core.settings import Settings
 from payorders.localstack import stackinfo
 from payorders.localstack.binaries import find_binary
-from payorders.localstack.stack import DEV_STRIPE_API_KEY
 from payorders.tools import cli
 
 from ..http_stack import HttpStack, http_stack
@@ -278,8 +277,16 @@ def _running_stack(data_dir: Path, gateway: str) -> None:
             tuning={},
             gateway=gateway,
             stripe_api_base="http://127.0.0.1:8420" if stripe else None,
+            secrets={
+                "PAYORDERS_API_TOKEN": STACK_TOKEN,
+                **({"PAYORDERS_STRIPE_API_KEY": STACK_STRIPE_KEY} if stripe else {}),
+            },
         ),
     )
+
+
+STACK_TOKEN = "pot_" + "t" * 40
+STACK_STRIPE_KEY = "sk_test_" + "s" * 30
 
 
 def test_the_cli_takes_the_gateway_of_the_running_stack(tmp_path: Path) -> None:
@@ -291,13 +298,17 @@ def test_the_cli_takes_the_gateway_of_the_running_stack(tmp_path: Path) -> None:
         "http://127.0.0.1:8101",
     )
     assert s.stripe_api_key is not None and s.stripe_api_key.get_secret_value() == (
-        DEV_STRIPE_API_KEY
+        STACK_STRIPE_KEY
     )
+    assert s.api_token is not None and s.api_token.get_secret_value() == STACK_TOKEN
     assert cli.stack_settings(Settings(data_dir=tmp_path), gateway="stripe").gateway == "stripe"
-    # A key set in the environment wins over the stack's dev key.
-    own = cli.stack_settings(Settings(data_dir=tmp_path, stripe_api_key="sk_test_mine"))
-    assert own.stripe_api_key is not None
+    # A key or token set in the environment wins over the stack's.
+    own = cli.stack_settings(
+        Settings(data_dir=tmp_path, stripe_api_key="sk_test_mine", api_token="mine-" + "m" * 30)
+    )
+    assert own.stripe_api_key is not None and own.api_token is not None
     assert own.stripe_api_key.get_secret_value() == "sk_test_mine"
+    assert own.api_token.get_secret_value() == "mine-" + "m" * 30
 
 
 def test_a_gateway_the_running_stack_does_not_run_is_refused(tmp_path: Path) -> None:

@@ -28,12 +28,7 @@ import stripe
 from payorders.core.settings import Settings
 from payorders.localstack import stackinfo
 from payorders.localstack.binaries import find_binary
-from payorders.localstack.stack import (
-    DEV_STRIPE_API_KEY,
-    DEV_STRIPE_WEBHOOK_SECRET,
-    DevOptions,
-    DevStack,
-)
+from payorders.localstack.stack import DevOptions, DevStack
 from payorders.localstack.stripe_wire import DELIVERIES_PATH
 
 CLI = find_binary("payorders")
@@ -63,10 +58,11 @@ def test_the_stripe_stack_gives_its_children_and_clients_the_stripe_variables(
         Settings(data_dir=tmp_path), DevOptions(stripe_port=8520, api_port=8100, gateway="stripe")
     )
     env = stack.child_env()
+    key, secret = (stack.secrets[f"PAYORDERS_STRIPE_{k}"] for k in ("API_KEY", "WEBHOOK_SECRET"))
     assert env["PAYORDERS_GATEWAY"] == "stripe"
     assert env["PAYORDERS_STRIPE_API_BASE"] == "http://127.0.0.1:8520" == stack.stripe_url
-    assert env["PAYORDERS_STRIPE_API_KEY"] == DEV_STRIPE_API_KEY
-    assert env["PAYORDERS_STRIPE_WEBHOOK_SECRET"] == DEV_STRIPE_WEBHOOK_SECRET
+    assert env["PAYORDERS_STRIPE_API_KEY"] == key
+    assert env["PAYORDERS_STRIPE_WEBHOOK_SECRET"] == secret
     assert env["PAYORDERS_GATEWAY_URL"] == stack.stripe_url  # the faults API of the wire
     wire = stack.children["gateway"].args
     assert wire[wire.index("--host") + 1] == "127.0.0.1"
@@ -78,14 +74,15 @@ def test_the_stripe_stack_gives_its_children_and_clients_the_stripe_variables(
     } == {
         "PAYORDERS_GATEWAY": "stripe",
         "PAYORDERS_STRIPE_API_BASE": "http://127.0.0.1:8520",
-        "PAYORDERS_STRIPE_API_KEY": DEV_STRIPE_API_KEY,
-        "PAYORDERS_STRIPE_WEBHOOK_SECRET": DEV_STRIPE_WEBHOOK_SECRET,
+        "PAYORDERS_STRIPE_API_KEY": key,
+        "PAYORDERS_STRIPE_WEBHOOK_SECRET": secret,
     }
-    assert "dev-only" in banner and stack.localstripe_url is not None
+    assert "never put a real Stripe key here" in banner and stack.localstripe_url is not None
     assert stack.localstripe_url in banner
-    assert DEV_STRIPE_API_KEY.startswith("sk_test_") and DEV_STRIPE_WEBHOOK_SECRET.startswith(
-        "whsec_"
-    )
+    # Generated for this stack: another data directory, other values.
+    assert key.startswith("sk_test_") and secret.startswith("whsec_")
+    other = DevStack(Settings(data_dir=tmp_path / "other"), DevOptions(gateway="stripe"))
+    assert other.secrets["PAYORDERS_STRIPE_API_KEY"] != key
 
 
 def test_a_private_stripe_stack_s_clients_use_stripe(tmp_path: Path) -> None:
@@ -97,8 +94,10 @@ def test_a_private_stripe_stack_s_clients_use_stripe(tmp_path: Path) -> None:
         stack.stripe_url,
     )
     assert s.stripe_api_key is not None
-    assert s.stripe_api_key.get_secret_value() == DEV_STRIPE_API_KEY
-    assert [w.get_secret_value() for w in s.stripe_webhook_secret] == [DEV_STRIPE_WEBHOOK_SECRET]
+    assert s.stripe_api_key.get_secret_value() == stack.secrets["PAYORDERS_STRIPE_API_KEY"]
+    assert [w.get_secret_value() for w in s.stripe_webhook_secret] == [
+        stack.secrets["PAYORDERS_STRIPE_WEBHOOK_SECRET"]
+    ]
 
 
 def test_the_sandbox_stack_says_it_is_the_sandbox(
@@ -218,7 +217,7 @@ def test_payorders_dev_runs_localstripe_behind_the_wire_and_leaves_nothing(
     assert info.localstripe_url is not None and info.localstripe_url != wire_url
     localstripe_port = int(info.localstripe_url.rsplit(":", 1)[1])
 
-    # The banner: the variables for another shell, the secrets said to be dev-only.
+    # The banner: the variables for another shell, the secrets said to be this stack's.
     banner = stripe_dev.banner()
     exported = exports(banner)
     assert exported["PAYORDERS_GATEWAY"] == "stripe"
@@ -226,7 +225,11 @@ def test_payorders_dev_runs_localstripe_behind_the_wire_and_leaves_nothing(
     assert exported["PAYORDERS_STRIPE_API_KEY"].startswith("sk_test_")
     assert exported["PAYORDERS_STRIPE_WEBHOOK_SECRET"].startswith("whsec_")
     assert exported["PAYORDERS_API_URL"] == f"http://127.0.0.1:{stripe_dev.api_port}"
-    assert "dev-only" in banner
+    assert "generated for this stack" in banner
+    assert (
+        info.secrets is not None
+        and info.secrets["PAYORDERS_STRIPE_API_KEY"] == (exported["PAYORDERS_STRIPE_API_KEY"])
+    )
 
     # Loopback only, both of them.
     pids = set()

@@ -56,7 +56,10 @@ def test_a_private_stack_ignores_another_stacks_variables(
     assert s.webhook_url == f"{stack.api_url}/v1/webhooks/gateway"
     assert s.worker_metrics_address == stack.worker_metrics_address
     assert s.data_dir == tmp_path / "data"
-    assert s.api_token.get_secret_value() == "dev-api-token"  # what its API expects
+    # Its own generated token, the one its API knows by hash.
+    assert s.api_token is not None
+    assert s.api_token.get_secret_value() == stack.secrets["PAYORDERS_API_TOKEN"]
+    assert stack.secrets["PAYORDERS_API_TOKEN"] not in stack.child_env().values()
     assert s.gateway_client_timeout_ms == int(
         DEV_WORKER_DEFAULTS["PAYORDERS_GATEWAY_CLIENT_TIMEOUT_MS"]
     )

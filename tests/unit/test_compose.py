@@ -15,6 +15,7 @@ import yaml
 from pydantic import AliasChoices
 
 from payorders.core import search_attributes as sa
+from payorders.core import secrets
 from payorders.core.settings import TASK_QUEUE, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,17 +30,34 @@ def services() -> dict[str, dict[str, Any]]:
     return result
 
 
-def interpolate(value: object) -> str:
-    """Resolve Compose's ``${VAR:-default}`` (and ``$$``) the way it runs with no .env."""
+# What an operator sets for the variables Compose requires (``${VAR:?message}``).
+REQUIRED = {
+    "APP_DB_PASSWORD": "app-db-" + "p" * 24,
+    "TEMPORAL_DB_PASSWORD": "temporal-db-" + "p" * 24,
+    "PAYORDERS_API_TOKENS": json.dumps(
+        [{"name": "checkout", "scopes": ["checkout"], "sha256": "ab" * 32}]
+    ),
+    "PAYORDERS_WEBHOOK_SECRETS": json.dumps(["whsec_" + "w" * 32]),
+}
+_VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?:(:?-)([^}]*)|(:?\?)([^}]*))?\}")
 
-    def default(match: re.Match[str]) -> str:
+
+def interpolate(value: object, given: dict[str, str] = REQUIRED) -> str:
+    """Resolve Compose's ``${VAR:-default}``, ``${VAR:?message}`` (from ``given``: Compose
+    itself refuses to start without it) and ``$$``, the way it runs with no .env."""
+
+    def resolve(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
+        name = match.group(1)
+        if match.group(4) is not None:
+            assert name in given, f"{match.group(0)} is required: add {name} to REQUIRED"
+            return given[name]
         if match.group(2) is None:
             raise AssertionError(f"{match.group(0)} has no default; give one (${{VAR:-x}})")
-        return match.group(2)
+        return str(match.group(3))
 
-    return re.sub(r"\$\$|\$\{(\w+)(?::?-([^}]*))?\}", default, str(value))
+    return _VARIABLE.sub(resolve, str(value))
 
 
 def environment(name: str) -> dict[str, str]:
@@ -184,7 +202,8 @@ def test_app_services_get_only_settings_variables(
         assert host in services(), f"{name} connects to {host}, which is not a service"
         assert services()[name]["depends_on"][host]["condition"] == "service_healthy"
     assert settings.temporal_namespace == environment("temporal")["DEFAULT_NAMESPACE"]
-    assert settings.api_token.get_secret_value() != "dev-api-token", "set a real API token"
+    if name == "api":
+        secrets.require(settings, "api")  # the operator's values pass the API's own checks
 
 
 def test_the_api_and_gateway_run_the_project_apps() -> None:
@@ -247,3 +266,24 @@ def test_workers_and_api_processes_scale_out() -> None:
     processes = cmd[cmd.index("--workers") + 1]
     assert "${API_PROCESSES:-" in processes, "the count comes from API_PROCESSES"
     assert int(interpolate(processes)) >= 1
+
+
+SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "PWD", "API_KEY")
+
+
+def test_no_secret_has_a_default_compose_refuses_without_it() -> None:
+    """Every variable that carries a secret is ``${VAR:?message}`` (Compose refuses to
+    start, naming it) or, for an optional one, empty by default: none has a value."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    for match in _VARIABLE.finditer(text):
+        name = match.group(1)
+        if name is None or not any(word in name for word in SECRET_WORDS):
+            continue
+        if match.group(4) is not None:
+            assert name in (match.group(5) or ""), f"{match.group(0)}: the message names it"
+        else:
+            assert match.group(2) is not None and match.group(3) == "", (
+                f"{match.group(0)} gives a secret a default"
+            )
+    for name in ("APP_DB_PASSWORD", "TEMPORAL_DB_PASSWORD", "PAYORDERS_API_TOKENS"):
+        assert f"${{{name}:?" in text, f"{name} must be required"
