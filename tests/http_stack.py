@@ -53,6 +53,11 @@ def payment_event(pay_order_no: str, txn_id: str, **data: Any) -> bytes:
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The stacks' API token: the deprecated PAYORDERS_API_TOKEN (one admin token named
+# api-token), which is the one ServiceClient sends.
+API_TOKEN = "tok-tests-admin-" + "k" * 24
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+
 
 def worker_process(
     settings: Settings, temporal_address: str, db_url: str, **env: str
@@ -166,7 +171,7 @@ async def http_stack(
         "gateway_url": f"http://127.0.0.1:{gateway_port}",
         "webhook_url": f"http://127.0.0.1:{api_port}/v1/webhooks/gateway",
         "sandbox_schema": schema,
-        "api_token": "test-token",
+        "api_token": API_TOKEN,
         "webhook_secrets": ["whsec_test_new", "whsec_test_old"],
         "sandbox_webhook_retry_initial_ms": 200,
         "settlement_window_s": 2,

@@ -30,7 +30,7 @@ from payorders.tools.http_clients import ServiceClient
 from worker import build_worker
 
 from .conftest import make_settings
-from .http_stack import free_port, serve
+from .http_stack import API_TOKEN, free_port, serve
 
 API_KEY = "sk_test_payorders_e2e"
 WEBHOOK_SECRET = "whsec_test_stripe_e2e"
@@ -120,7 +120,7 @@ async def stripe_stack(
         "temporal_address": temporal_address,
         "database_url": db_url,
         "api_url": f"http://127.0.0.1:{api_port}",
-        "api_token": "test-token",
+        "api_token": API_TOKEN,
         "gateway": "stripe",
         "stripe_api_key": API_KEY,
         "stripe_webhook_secret": [WEBHOOK_SECRET, "whsec_test_stripe_old"],

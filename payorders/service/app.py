@@ -1,13 +1,16 @@
 """The service API (FastAPI): checkout, reads, and the gateway webhook adapter.
 
-- ``POST /v1/pay-orders``, ``GET /v1/pay-orders/{no}`` and ``POST /v1/pay-orders/{no}/cancel``
-  need the bearer token, as do ``POST /v1/operator-refunds`` and
-  ``GET /v1/operator-refunds/{txn_id}`` (an operator refunds money captured for a pay order
-  we never had).
+Every ``/v1`` route but the webhooks needs a bearer token holding one of its scopes
+(``payorders.service.auth``; ``admin`` may do everything):
+
+- ``POST /v1/pay-orders`` and ``POST /v1/pay-orders/{no}/cancel``: ``checkout``;
+  ``GET /v1/pay-orders/{no}``: ``checkout`` or ``read``.
+- ``POST /v1/operator-refunds``: ``refund``; ``GET /v1/operator-refunds/{txn_id}``: ``read``
+  or ``refund`` (an operator refunds money captured for a pay order we never had).
 - ``POST /v1/webhooks/gateway`` is authenticated by its signature instead. It answers 2xx
   only once Temporal has accepted the payment, 4xx for what must never be retried, and
   503 while Temporal (or the gateway, to verify against) cannot be reached.
-- ``GET /v1/events`` (bearer token) is the order events' pull feed (``service.events``).
+- ``GET /v1/events`` (``read``) is the order events' pull feed (``service.events``).
 - ``/healthz`` is liveness; ``/readyz`` is ready only when Temporal and PostgreSQL answer.
 - ``/metrics`` is Prometheus's (no token; see ``payorders.service.metrics``).
 
@@ -16,7 +19,6 @@ Run with ``uvicorn --factory payorders.service.app:app``.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,20 +30,21 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Send
+from starlette.types import Scope as ASGIScope
 from temporalio.client import Client
 from temporalio.service import RPCError
 
 from payorders import logs
 from payorders import pay_orders as payorders_api
-from payorders.core import domain
+from payorders.core import domain, secrets
 from payorders.core.domain import RefundStatus
 from payorders.core.models import OperatorRefund
 from payorders.core.settings import Settings
 from payorders.core.store import NotRefundable, PayOrderStore
+from payorders.core.tokens import Caller, Scope
 from payorders.gateways.port import Capture, Gateway, GatewayError
 from payorders.pay_orders import (
     CancelPending,
@@ -54,6 +57,7 @@ from payorders.pay_orders import (
 from payorders.runtime import database_url, open_resources, settings_or_exit
 from payorders.service import events, stripe_webhook, webhook
 from payorders.service import metrics as api_metrics
+from payorders.service.auth import guard, requires
 from payorders.service.errors import ApiError
 
 log = logging.getLogger("payorders.pay_orders")
@@ -221,7 +225,7 @@ class BodyLimit:
         self.app = app
         self.limit = limit
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -267,19 +271,6 @@ async def _deps(request: Request) -> Deps:
 DepsDep = Annotated[Deps, Depends(_deps)]
 
 
-_bearer = HTTPBearer(auto_error=False, description="the service's API token")
-
-
-async def require_token(
-    deps: DepsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    expected = deps.settings.api_token.get_secret_value().encode()
-    given = b"" if credentials is None else credentials.credentials.encode()
-    if not hmac.compare_digest(given, expected):
-        raise ApiError(401, "unauthorized", "a valid bearer token is required")
-
-
 async def require_json(content_type: Annotated[str | None, Header()] = None) -> None:
     if (content_type or "").split(";")[0].strip().lower() != "application/json":
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
@@ -311,10 +302,32 @@ def _signed_body(header: str) -> dict[str, Any]:
     }
 
 
+def _by(request: Request) -> str:
+    """`` by <token name>`` for the log line of a request made with a known token."""
+    caller: Caller | None = getattr(request.state, "caller", None)
+    return "" if caller is None else f" by {caller.name}"
+
+
 # --- the app ---------------------------------------------------------------------------------
+
+# The routes that prove themselves by a signature instead of a bearer token.
+SIGNED_ROUTES = (WEBHOOK_ROUTE, STRIPE_WEBHOOK_ROUTE)
 
 
 def create_app(settings: Settings) -> FastAPI:
+    """The service API.
+
+    Raises:
+        SecretRefused: no API token, or a weak one (``secrets.token_book``).
+        RuntimeError: a ``/v1`` route declares no scope (``auth.guard``).
+    """
+    token_book = secrets.token_book(settings)
+    if settings.api_token is not None:
+        log.warning(
+            "PAYORDERS_API_TOKEN is deprecated, use PAYORDERS_API_TOKENS: it is taken as one"
+            " token named api-token with the scope admin"
+        )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_resources(settings, database_url(settings)) as res:
@@ -335,6 +348,7 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Pay orders safe against the expiry/payment race",
         lifespan=lifespan,
     )
+    app.state.token_book = token_book
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     # Added last, so outermost: it also times and counts what BodyLimit refuses.
     app.add_middleware(
@@ -345,7 +359,14 @@ def create_app(settings: Settings) -> FastAPI:
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         api_metrics.note_error(request.scope, exc.code)
         if exc.status < 500:
-            log.info("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.code)
+            log.info(
+                "%s %s -> %d %s%s",
+                request.method,
+                request.url.path,
+                exc.status,
+                exc.code,
+                _by(request),
+            )
         return _error(exc.status, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
@@ -353,18 +374,17 @@ def create_app(settings: Settings) -> FastAPI:
         errors = [
             {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()
         ]
-        log.info("%s %s -> 422 invalid_request", request.method, request.url.path)
+        log.info("%s %s -> 422 invalid_request%s", request.method, request.url.path, _by(request))
         api_metrics.note_error(request.scope, "invalid_request")
         message = "; ".join(_problem(e) for e in exc.errors()) or "the request is not valid"
         return _error(422, "invalid_request", message, details=errors)
-
-    auth = [Depends(require_token)]
 
     @app.post(
         "/v1/pay-orders",
         response_model=PayOrderOut,
         status_code=201,
-        dependencies=[Depends(require_json), *auth],
+        # The token first: a caller without one learns nothing else about the request.
+        dependencies=[requires(Scope.CHECKOUT), Depends(require_json)],
         responses={
             200: {"model": PayOrderOut, "description": "the existing pay order"},
             409: {"description": "the order has a pay order for another amount"},
@@ -420,7 +440,11 @@ def create_app(settings: Settings) -> FastAPI:
             out.model_dump(mode="json"), status_code=201 if started.created else 200
         )
 
-    @app.get("/v1/pay-orders/{pay_order_no}", response_model=PayOrderDetailsOut, dependencies=auth)
+    @app.get(
+        "/v1/pay-orders/{pay_order_no}",
+        response_model=PayOrderDetailsOut,
+        dependencies=[requires(Scope.CHECKOUT, Scope.READ)],
+    )
     async def get_pay_order(
         pay_order_no: Annotated[str, Path(pattern=PAY_ORDER_NO)], deps: DepsDep
     ) -> PayOrderDetailsOut:
@@ -508,9 +532,9 @@ def create_app(settings: Settings) -> FastAPI:
             return _accepted("IGNORED", event_duplicate=False, txn_known=False)
         return await _accept_payment(deps, event, STRIPE_FIELDS)
 
-    _operator_refund_routes(app, auth)
-    _cancel_route(app, auth)
-    events.add_routes(app, auth)
+    _operator_refund_routes(app)
+    _cancel_route(app)
+    events.add_routes(app)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -538,6 +562,7 @@ def create_app(settings: Settings) -> FastAPI:
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
+    guard(app.routes, public=SIGNED_ROUTES)
     return app
 
 
@@ -667,13 +692,12 @@ async def require_no_body(request: Request) -> None:
         raise ApiError(422, "invalid_request", "body: a cancel takes no fields; send no body or {}")
 
 
-def _cancel_route(app: FastAPI, auth: list[Any]) -> None:
-    """``POST /v1/pay-orders/{pay_order_no}/cancel`` (bearer token)."""
+def _cancel_route(app: FastAPI) -> None:
+    """``POST /v1/pay-orders/{pay_order_no}/cancel`` (``checkout``)."""
 
     @app.post(
         "/v1/pay-orders/{pay_order_no}/cancel",
         response_model=CancelOut,
-        dependencies=[*auth, Depends(require_no_body)],
         openapi_extra={
             "requestBody": {
                 "required": False,
@@ -690,7 +714,11 @@ def _cancel_route(app: FastAPI, auth: list[Any]) -> None:
         },
     )
     async def cancel_pay_order(
-        pay_order_no: Annotated[str, Path(pattern=PAY_ORDER_NO)], deps: DepsDep
+        # The token first: a caller without one learns nothing else about the request.
+        caller: Annotated[Caller, requires(Scope.CHECKOUT)],
+        _no_body: Annotated[None, Depends(require_no_body)],
+        pay_order_no: Annotated[str, Path(pattern=PAY_ORDER_NO)],
+        deps: DepsDep,
     ) -> CancelOut:
         """Checkout cancels a pay order: its workflow closes it now, by the expiry's path
         (the trade is closed at the gateway first). Answered once the outcome is durable:
@@ -704,11 +732,12 @@ def _cancel_route(app: FastAPI, auth: list[Any]) -> None:
         except CancelPending as e:
             raise ApiError(503, "cancel_pending", str(e)) from None
         log.info(
-            "cancel %s: %s%s (%s)",
+            "cancel %s: %s%s (%s) by %s",
             pay_order_no,
             result.status.value,
             f"/{result.close_reason.value}" if result.close_reason else "",
             "closed now" if result.closed else "closed before",
+            caller.name,
         )
         return CancelOut(
             pay_order_no=result.pay_order_no,
@@ -765,14 +794,14 @@ def _operator_refund_out(refund: OperatorRefund, created: bool | None = None) ->
     )
 
 
-def _operator_refund_routes(app: FastAPI, auth: list[Any]) -> None:
-    """``POST /v1/operator-refunds`` and ``GET /v1/operator-refunds/{txn_id}`` (bearer token)."""
+def _operator_refund_routes(app: FastAPI) -> None:
+    """``POST /v1/operator-refunds`` (``refund``) and ``GET /v1/operator-refunds/{txn_id}``
+    (``read`` or ``refund``)."""
 
     @app.post(
         "/v1/operator-refunds",
         response_model=OperatorRefundOut,
         status_code=202,
-        dependencies=[Depends(require_json), *auth],
         responses={
             200: {"model": OperatorRefundOut, "description": "already confirmed or rejected"},
             404: {"description": "the gateway has no such transaction"},
@@ -780,7 +809,12 @@ def _operator_refund_routes(app: FastAPI, auth: list[Any]) -> None:
             503: {"description": "the gateway or Temporal cannot be reached; retry"},
         },
     )
-    async def create_operator_refund(body: OperatorRefundRequest, deps: DepsDep) -> JSONResponse:
+    async def create_operator_refund(
+        caller: Annotated[Caller, requires(Scope.REFUND)],
+        _json: Annotated[None, Depends(require_json)],
+        body: OperatorRefundRequest,
+        deps: DepsDep,
+    ) -> JSONResponse:
         """An operator refunds money the gateway captured for a pay order we never had
         (reconciliation's ``money_without_order``). Amount, currency and pay order come from
         the gateway's capture. 202 while the refund runs, 200 once it is confirmed or
@@ -804,10 +838,11 @@ def _operator_refund_routes(app: FastAPI, auth: list[Any]) -> None:
             ) from e
         OPERATOR_REFUNDS.labels("opened" if started.created else "existing").inc()
         log.info(
-            "operator refund %s: %s (%s)",
+            "operator refund %s: %s (%s) by %s",
             started.refund.refund_key,
             started.refund.status.value,
             "opened" if started.created else "asked before",
+            caller.name,
         )
         out = _operator_refund_out(started.refund, started.created)
         pending = started.refund.status is RefundStatus.PENDING
@@ -816,7 +851,7 @@ def _operator_refund_routes(app: FastAPI, auth: list[Any]) -> None:
     @app.get(
         "/v1/operator-refunds/{txn_id}",
         response_model=OperatorRefundOut,
-        dependencies=auth,
+        dependencies=[requires(Scope.READ, Scope.REFUND)],
         responses={404: {"description": "no operator refund of that transaction"}},
     )
     async def get_operator_refund(

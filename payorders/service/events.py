@@ -27,6 +27,9 @@ import asyncpg
 from fastapi import FastAPI, Query, Request
 from pydantic import AfterValidator, BaseModel, Field
 
+from payorders.core.tokens import Scope
+from payorders.service.auth import requires
+
 EVENT_ID_PREFIX = "evt_"
 EVENT_ID_PATTERN = r"^evt_[0-9]{16}$"
 _EVENT_ID = re.compile(EVENT_ID_PATTERN)
@@ -150,11 +153,11 @@ class EventFeedOut(BaseModel):
     )
 
 
-def add_routes(app: FastAPI, auth: list[Any]) -> None:
-    """``GET /v1/events`` (``auth``: the bearer token): the pull feed of order events. The
-    app's lifespan puts an ``EventFeed`` at ``app.state.event_feed``."""
+def add_routes(app: FastAPI) -> None:
+    """``GET /v1/events`` (scope ``read``): the pull feed of order events. The app's
+    lifespan puts an ``EventFeed`` at ``app.state.event_feed``."""
 
-    @app.get("/v1/events", response_model=EventFeedOut, dependencies=auth)
+    @app.get("/v1/events", response_model=EventFeedOut, dependencies=[requires(Scope.READ)])
     async def list_events(
         request: Request,
         after: Annotated[

@@ -26,7 +26,7 @@ from payorders.service import webhook
 from payorders.service.app import Deps, create_app
 
 from ..conftest import make_settings
-from ..http_stack import HttpStack, http_stack
+from ..http_stack import API_TOKEN, AUTH, HttpStack, http_stack
 from ..http_stack import payment_event as event
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -131,7 +131,7 @@ async def test_checkout_and_reads_are_counted_once_under_their_route_template(
 @pytest.mark.slow
 async def test_a_raw_path_is_never_a_label(web: HttpStack, http: httpx.AsyncClient) -> None:
     marker = uuid.uuid4().hex[:12]
-    auth = {"Authorization": "Bearer test-token"}
+    auth = AUTH
     before = await scrape(http)
     assert (await http.get(f"/v1/pay-orders/po_x{marker}", headers=auth)).status_code == 404
     assert (await http.get(f"/v1/pay-orders/po_y{marker}")).status_code == 401
@@ -319,7 +319,7 @@ def _capture(txn_id: str) -> Capture:
 async def test_refusals_after_the_checks_are_counted_by_their_error_code(
     stand_ins: dict[str, Any], status: int, reason: str
 ) -> None:
-    settings = make_settings(webhook_secrets=[SECRET], api_token="t")
+    settings = make_settings(webhook_secrets=[SECRET], api_token=API_TOKEN)
     app = create_app(settings)  # no lifespan: the stand-ins replace Temporal, the DB, the gateway
     app.state.deps = Deps(settings=settings, client=cast(Any, None), **_stand_ins(**stand_ins))
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)

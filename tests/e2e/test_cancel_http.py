@@ -25,12 +25,10 @@ from payorders.tools import cli
 from payorders.tools.http_clients import ServiceError
 
 from ..conftest import make_settings
-from ..http_stack import HttpStack, free_port, http_stack, serve
+from ..http_stack import API_TOKEN, AUTH, HttpStack, free_port, http_stack, serve
 from ..stripe_stack import stripe_stack
 
 pytestmark = pytest.mark.slow
-
-AUTH = {"Authorization": "Bearer test-token"}
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +266,7 @@ async def test_a_cancel_while_temporal_cannot_be_reached_answers_503(db_url: str
         database_url=db_url,
         api_url=f"http://127.0.0.1:{api_port}",
         gateway_url=f"http://127.0.0.1:{free_port()}",
-        api_token="test-token",
+        api_token=API_TOKEN,
     )
     async with (
         serve(create_app(settings), api_port),

@@ -19,7 +19,7 @@ from payorders.localstack import postgres as embedded
 from payorders.service import events
 
 from ..event_receiver import EventReceiver, RelayProcess
-from ..http_stack import HttpStack, http_stack
+from ..http_stack import AUTH, HttpStack, http_stack
 
 pytestmark = pytest.mark.slow
 
@@ -39,9 +39,7 @@ async def web(dev_env: WorkflowEnvironment, events_db: str) -> AsyncIterator[Htt
 
 async def feed(web: HttpStack, **params: Any) -> httpx.Response:
     async with httpx.AsyncClient(base_url=web.settings.api_url) as http:
-        return await http.get(
-            "/v1/events", params=params, headers={"Authorization": "Bearer test-token"}
-        )
+        return await http.get("/v1/events", params=params, headers=AUTH)
 
 
 async def test_every_outcome_reaches_the_order_service_once_and_the_feed_has_the_same(

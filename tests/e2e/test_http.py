@@ -22,7 +22,7 @@ from payorders.core import domain
 from payorders.service import webhook
 from payorders.tools.http_clients import ServiceError
 
-from ..http_stack import HttpStack, http_stack, payment_event
+from ..http_stack import API_TOKEN, AUTH, HttpStack, http_stack, payment_event
 
 pytestmark = pytest.mark.slow
 
@@ -342,14 +342,14 @@ async def test_every_attack_gets_a_clear_4xx_changes_nothing_and_logs_no_secret(
             answers.append((name, resp.status_code))
             assert resp.status_code == status, (name, resp.text)
             assert resp.json()["error"]["message"], name
-        for name, method, path, kwargs, status in _api_attacks("test-token"):
+        for name, method, path, kwargs, status in _api_attacks(API_TOKEN):
             resp = await http.request(method, path, **kwargs)
             answers.append((name, resp.status_code))
             assert resp.status_code == status, (name, resp.text)
     assert len(answers) >= 40
     assert await web.counts() == before
     logged = caplog.text
-    for secret in ("whsec_test_new", "whsec_test_old", "test-token"):
+    for secret in ("whsec_test_new", "whsec_test_old", API_TOKEN):
         assert secret not in logged
     assert "webhook rejected" in logged
 
@@ -394,9 +394,7 @@ async def test_every_checkout_refusal_names_the_field_and_the_rule_and_starts_no
     async with httpx.AsyncClient(base_url=web.settings.api_url, timeout=10) as http:
         for name, overrides, field, rule in CHECKOUT_REFUSALS:
             body = {"order_no": new_order(), "amount": 100, "currency": "USD", **overrides}
-            resp = await http.post(
-                "/v1/pay-orders", json=body, headers={"Authorization": "Bearer test-token"}
-            )
+            resp = await http.post("/v1/pay-orders", json=body, headers=AUTH)
             assert resp.status_code == 422, (name, resp.text)
             message = resp.json()["error"]["message"]
             assert field in message and rule in message, (name, message)
@@ -409,7 +407,7 @@ async def test_every_checkout_refusal_names_the_field_and_the_rule_and_starts_no
         malformed = await http.post(
             "/v1/pay-orders",
             content=b'{"order_no": ',
-            headers={"Authorization": "Bearer test-token", "Content-Type": "application/json"},
+            headers={**AUTH, "Content-Type": "application/json"},
         )
     assert malformed.status_code == 422
     assert malformed.json()["error"]["message"].startswith("body: not valid JSON")
@@ -424,7 +422,7 @@ async def test_checkout_takes_an_absolute_deadline_and_the_order_expires_then(
     tokyo = deadline.astimezone(timezone(timedelta(hours=9))).isoformat()  # any zone will do
     async with httpx.AsyncClient(base_url=web.settings.api_url, timeout=10) as http:
         sent = {"order_no": no, "amount": 250, "currency": "USD", "expires_at": tokyo}
-        auth = {"Authorization": "Bearer test-token"}
+        auth = AUTH
         first = await http.post("/v1/pay-orders", json=sent, headers=auth)
         again = await http.post("/v1/pay-orders", json=sent, headers=auth)
     assert (first.status_code, again.status_code) == (201, 200), (first.text, again.text)

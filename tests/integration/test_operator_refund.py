@@ -45,7 +45,7 @@ from workflows.operator_refund import OperatorRefundWorkflow
 from workflows.reconcile import ReconcileWorkflow
 
 from ..conftest import order_no
-from ..http_stack import HttpStack, http_stack
+from ..http_stack import AUTH, HttpStack, http_stack
 
 HISTORIES = Path(__file__).resolve().parents[1] / "operator_refund_histories"
 HISTORY = HISTORIES / "refunded_after_failures.json"
@@ -249,7 +249,7 @@ async def http(web: HttpStack) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-TOKEN = {"Authorization": "Bearer test-token"}
+TOKEN = AUTH
 
 
 async def reconcile(
