@@ -266,6 +266,13 @@ async def connected(settings: Settings, *, gateway: str | None = None) -> AsyncI
     except ServiceError as e:
         if e.status == 422:
             raise domain.InvalidInput(e.message) from None
+        if e.status == 401:
+            hint = (
+                "PAYORDERS_API_TOKEN is not set"
+                if settings.api_token is None
+                else "the service does not know PAYORDERS_API_TOKEN"
+            )
+            raise CliError(f"{e.message} ({hint}; the local stack prints its own)") from None
         raise CliError(e.message) from None
     finally:
         await service.aclose()
