@@ -348,13 +348,17 @@ class PayOrders:
         row = await self._store.get_pay_order(pay_order_no)
         return f"pay order {pay_order_no} is {row.status.value if row else 'closed'}"
 
-    async def cancel_pay_order(self, pay_order_no: str) -> CancelResult:
+    async def cancel_pay_order(
+        self, pay_order_no: str, *, requested_by: str | None = None
+    ) -> CancelResult:
         """Checkout cancels: close the pay order now, by the expiry's path (the workflow's
         ``cancel`` update). Returns once the outcome is durable: ``PAY_EXPIRED`` with
         ``CANCELLED``, or ``PAY_SUCCESS`` when the gateway says it was already paid.
         Idempotent: a repeat, or a cancel of a closed order, answers the current status
         (``closed`` False) and changes nothing. Once the workflow has completed (its
-        settlement window is over) the row answers.
+        settlement window is over) the row answers. ``requested_by`` (the API token's name)
+        is kept on the row as ``cancel_requested_by`` when the order is ``PAYING`` and
+        nobody asked before, whatever the outcome.
 
         Raises:
             InvalidInput: not a pay order number; nothing was asked.
@@ -363,6 +367,10 @@ class PayOrders:
             RPCError: Temporal cannot be reached.
         """
         domain.check_identifier(pay_order_no.removeprefix("po_"), "pay_order_no")
+        if requested_by is not None:
+            # Before the update: once it has run the order is terminal and the guarded
+            # write would find nothing to note. A row not written yet notes nobody.
+            await self._store.note_cancel_requested(pay_order_no, requested_by)
         handle = self._client.get_workflow_handle(domain.workflow_id_for(pay_order_no))
         try:
             async with asyncio.timeout(self._settings.cancel_wait_ms / 1000):
@@ -486,14 +494,15 @@ class PayOrders:
         )
 
     async def refund_orphan_payment(
-        self, txn_id: str, *, gateway: Gateway
+        self, txn_id: str, *, gateway: Gateway, requested_by: str | None = None
     ) -> OperatorRefundStarted:
         """An operator's refund of money the gateway captured for a pay order we never had.
 
         Believes only the gateway: amount, currency and pay order number are those of its
         capture. Opens the ``operator_refund`` row, then runs ``OperatorRefundWorkflow``
         (``operator-refund-{txn_id}``), which refunds under ``refund-{pay_order_no}-{txn_id}``
-        until the gateway confirms. Idempotent by ``txn_id``: asked again, it answers with the
+        until the gateway confirms; ``requested_by`` (the API token's name) is kept on the
+        row it opens. Idempotent by ``txn_id``: asked again, it answers with the
         same refund and moves nothing (and restarts the workflow only if it was terminated
         before the gateway answered).
 
@@ -510,7 +519,9 @@ class PayOrders:
         capture = await gateway.query_capture(txn_id)
         if capture is None:
             raise UnknownTransaction(f"the gateway has no transaction {txn_id}")
-        refund, created = await self._store.operator_refunds.open(capture)
+        refund, created = await self._store.operator_refunds.open(
+            capture, requested_by=requested_by
+        )
         workflow_id = operator_refund_workflow_id(txn_id)
         if refund.status is not RefundStatus.PENDING:
             return OperatorRefundStarted(refund=refund, created=created, workflow_id=workflow_id)

@@ -159,6 +159,9 @@ class PayOrderRow(_Model):
     """The gateway's id of the pay order's trade, once the workflow opened it (version 3)."""
     close_reason: CloseReason | None = None
     """Why it closed unpaid: set with ``PAY_EXPIRED`` only (migration 0007)."""
+    cancel_requested_by: str | None = None
+    """The API token's name of the first caller that asked to cancel it while it was
+    ``PAYING`` (migration 0008); None when nobody did."""
 
 
 class RecordPayment(_Model):
@@ -330,6 +333,9 @@ class OperatorRefund(_Model):
     created_at: datetime
     updated_at: datetime
     succeeded_at: datetime | None
+    requested_by: str | None = None
+    """The API token's name of who asked for it (migration 0008); None for refunds asked
+    for before names were recorded, or through the Python API without one."""
 
 
 class OperatorRefundInput(_Model):

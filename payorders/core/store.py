@@ -100,6 +100,11 @@ WITH expired AS (
     ON CONFLICT (dedupe_key) DO NOTHING
 )
 SELECT * FROM expired"""
+# Who asked to cancel (migration 0008): written by the API before it asks the workflow, while
+# the order is PAYING, and only by the first caller; it moves no status and no lock_version.
+SQL_NOTE_CANCEL_REQUESTED = """
+UPDATE pay_order SET cancel_requested_by = $2
+ WHERE pay_order_no = $1 AND status = 'PAYING' AND cancel_requested_by IS NULL"""
 SQL_ADD_PAID = """
 UPDATE pay_order SET paid_amount = paid_amount + $2 WHERE pay_order_no = $1 RETURNING *"""
 SQL_ADD_REFUNDED = """
@@ -158,8 +163,9 @@ SQL_PAYMENT_AND_REFUND = """
 SELECT p.pay_order_no, p.settled, r.refund_key, r.status AS refund_status
   FROM payment p LEFT JOIN refund r USING (txn_id) WHERE p.txn_id = $1"""
 SQL_INSERT_OPERATOR_REFUND = """
-INSERT INTO operator_refund (refund_key, txn_id, pay_order_no, amount, currency, captured_at)
-VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO operator_refund
+       (refund_key, txn_id, pay_order_no, amount, currency, captured_at, requested_by)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT DO NOTHING
 RETURNING *"""
 SQL_OPERATOR_REFUND_STATUS = "SELECT status FROM operator_refund WHERE refund_key = $1"
@@ -406,6 +412,13 @@ class PayOrderStore:
             lock_version=order["lock_version"],
         )
 
+    async def note_cancel_requested(self, pay_order_no: str, requested_by: str) -> bool:
+        """Keep ``requested_by`` as who asked to cancel, if the order is ``PAYING`` and nobody
+        asked before; whether this call wrote it."""
+        async with self._pool.acquire() as conn:
+            done = await conn.execute(SQL_NOTE_CANCEL_REQUESTED, pay_order_no, requested_by)
+        return done == "UPDATE 1"
+
     async def record_trade(self, pay_order_no: str, gateway: str, trade_ref: str) -> str:
         """Remember the trade the gateway opened for the pay order; returns the one kept.
 
@@ -574,10 +587,14 @@ class OperatorRefunds:
             rec = await conn.fetchrow(SQL_GET_OPERATOR_REFUND, txn_id)
         return None if rec is None else OperatorRefund.model_validate(dict(rec))
 
-    async def open(self, capture: Capture) -> tuple[OperatorRefund, bool]:
-        """The operator refund of the gateway's ``capture``, and whether this call opened it.
+    async def open(
+        self, capture: Capture, *, requested_by: str | None = None
+    ) -> tuple[OperatorRefund, bool]:
+        """The operator refund of the gateway's ``capture``, and whether this call opened it;
+        ``requested_by`` (the API token's name) is kept on the row it opens.
 
-        Idempotent by ``txn_id``: the same transaction again returns its refund as it is now.
+        Idempotent by ``txn_id``: the same transaction again returns its refund as it is now
+        (its requester is the one who opened it).
 
         Raises:
             NotRefundable: one of our pay orders holds the transaction, or its pay order is
@@ -596,6 +613,7 @@ class OperatorRefunds:
                     capture.amount,
                     capture.currency,
                     capture.captured_at,
+                    requested_by,
                 )
                 if rec is not None:
                     return OperatorRefund.model_validate(dict(rec)), True

@@ -184,6 +184,11 @@ class PayOrderDetailsOut(BaseModel):
         description="why it closed unpaid (PAY_EXPIRED only): EXPIRED (its payment window ran"
         " out) or CANCELLED (checkout cancelled it); null while PAYING and on PAY_SUCCESS"
     )
+    cancel_requested_by: str | None = Field(
+        default=None,
+        description="the name of the API token (never the token) of the first caller that"
+        " asked to cancel it while it was PAYING, whatever the outcome; null when nobody did",
+    )
     expires_at: datetime
     paid_amount: int
     refunded_amount: int
@@ -724,9 +729,12 @@ def _cancel_route(app: FastAPI) -> None:
         (the trade is closed at the gateway first). Answered once the outcome is durable:
         ``PAY_EXPIRED`` with reason ``CANCELLED``, or ``PAY_SUCCESS`` when the gateway says
         the customer had paid already. A repeat, or a cancel of a closed order, answers the
-        current status with ``closed`` false and changes nothing."""
+        current status with ``closed`` false and changes nothing. The first caller to ask
+        while the order is ``PAYING`` is kept as its ``cancel_requested_by``."""
         try:
-            result = await _temporal(lambda: deps.orders.cancel_pay_order(pay_order_no))
+            result = await _temporal(
+                lambda: deps.orders.cancel_pay_order(pay_order_no, requested_by=caller.name)
+            )
         except UnknownPayOrder:
             raise ApiError(404, "not_found", f"no pay order {pay_order_no}") from None
         except CancelPending as e:
@@ -781,6 +789,11 @@ class OperatorRefundOut(BaseModel):
     created: bool | None = Field(
         default=None, description="on POST: false when this transaction was asked for before"
     )
+    requested_by: str | None = Field(
+        default=None,
+        description="the name of the API token (never the token) that asked for it; null for"
+        " refunds asked for before names were recorded",
+    )
     workflow_id: str
 
 
@@ -823,7 +836,9 @@ def _operator_refund_routes(app: FastAPI) -> None:
         refunds (409), or that the gateway does not know (404)."""
         try:
             started = await _temporal(
-                lambda: deps.orders.refund_orphan_payment(body.txn_id, gateway=deps.gateway)
+                lambda: deps.orders.refund_orphan_payment(
+                    body.txn_id, gateway=deps.gateway, requested_by=caller.name
+                )
             )
         except UnknownTransaction as e:
             OPERATOR_REFUNDS.labels("unknown_transaction").inc()

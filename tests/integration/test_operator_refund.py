@@ -91,6 +91,18 @@ async def test_opening_twice_returns_the_same_refund_and_the_database_refuses_a_
     assert await rows(svc, c.txn_id) == {"payment": 0, "refund": 0, "operator_refund": 1}
 
 
+async def test_the_refund_keeps_who_opened_it_and_a_repeat_does_not_change_it(
+    svc: Resources,
+) -> None:
+    c = await ghost_capture(svc)
+    first, _ = await svc.store.operator_refunds.open(c, requested_by="support-tool")
+    again, created = await svc.store.operator_refunds.open(c, requested_by="ops")
+    assert not created and first.requested_by == again.requested_by == "support-tool"
+    assert (await svc.store.operator_refunds.get(c.txn_id)) == first
+    nameless, _ = await svc.store.operator_refunds.open(await ghost_capture(svc))
+    assert nameless.requested_by is None
+
+
 async def test_a_transaction_refunded_by_an_operator_can_never_become_a_pay_orders_payment(
     svc: Resources,
 ) -> None:

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from payorders.core import store
-from payorders.core.domain import PayOrderStatus, RefundReason
+from payorders.core.domain import CloseReason, PayOrderStatus, RefundReason
 from payorders.core.models import CreatePayOrder, PaymentNotification, RecordPayment
 from payorders.gateways.port import GatewayRejected, RefundRequest
 from payorders.sandbox.ledger import InProcessResources
@@ -317,3 +317,28 @@ async def test_the_sandbox_refunds_a_key_once_whatever_the_concurrency(
     )
     with pytest.raises(GatewayRejected, match="exceeds"):
         await svc.sandbox.refund(other_key)
+
+
+async def test_who_asked_to_cancel_is_noted_once_while_paying_and_moves_nothing(
+    svc: InProcessResources,
+) -> None:
+    no = await new_order(svc)
+    assert await svc.store.note_cancel_requested(no, "checkout-eu")
+    assert not await svc.store.note_cancel_requested(no, "checkout-us")  # the first wins
+    row = await svc.store.get_pay_order(no)
+    assert row is not None and row.cancel_requested_by == "checkout-eu"
+    assert (row.status, row.lock_version) == (PayOrderStatus.PAYING, 0)
+    # A closed order notes nobody: a cancel of it changes nothing.
+    closed = await new_order(svc)
+    assert (await svc.store.expire(closed, 0, CloseReason.EXPIRED)).changed
+    assert not await svc.store.note_cancel_requested(closed, "checkout-eu")
+    after = await svc.store.get_pay_order(closed)
+    assert after is not None and after.cancel_requested_by is None
+    assert not await svc.store.note_cancel_requested("po_never-created", "checkout-eu")
+    # Only a token's name: the database refuses anything else.
+    async with svc.pool.acquire() as conn:
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(
+                "UPDATE pay_order SET cancel_requested_by = 'not a name' WHERE pay_order_no = $1",
+                no,
+            )
