@@ -27,7 +27,7 @@ from payorders.service.relay import SIGNATURE_HEADER
 from .http_stack import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-SECRET = "whsec_order_events_test"
+SECRET = "whsec_order_events_test_receiver"
 
 
 @dataclass

@@ -882,4 +882,6 @@ def _operator_refund_routes(app: FastAPI) -> None:
 def app() -> FastAPI:
     """Factory for ``uvicorn --factory payorders.service.app:app``."""
     logs.configure(logging.WARNING)  # expected faults in one line, tracebacks for bugs
+    # The access log, one line per request with a token: who (its name) did what.
+    logging.getLogger("payorders.access").setLevel(logging.INFO)
     return create_app(settings_or_exit("api"))
