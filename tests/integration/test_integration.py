@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
@@ -215,7 +216,11 @@ async def test_a_worker_killed_in_the_middle_of_a_refund_refunds_once_after_rest
     # would reach any gateway; its webhooks go nowhere (this test reports payments itself).
     gateway_port = free_port()
     sandbox_settings = settings.model_copy(
-        update={"database_url": db_url, "webhook_url": "http://127.0.0.1:9/closed"}
+        update={
+            "database_url": db_url,
+            "webhook_url": "http://127.0.0.1:9/closed",
+            "webhook_secrets": [SecretStr("whsec_" + "n" * 32)],
+        }
     )
     async with serve(create_sandbox_app(sandbox_settings), gateway_port):
         gateway_url = f"http://127.0.0.1:{gateway_port}"
