@@ -71,6 +71,23 @@ class RefundStatus(StrEnum):
     REJECTED = "REJECTED"
 
 
+class MerchantRefundStatus(StrEnum):
+    """A refund the shop asked for after ``PAY_SUCCESS``; both ends are final."""
+
+    REFUNDING = "REFUNDING"
+    REFUND_SUCCESS = "REFUND_SUCCESS"
+    REFUND_FAILED = "REFUND_FAILED"
+
+
+class RefundSource(StrEnum):
+    API = "api"  # asked through our API (or the CLI)
+    GATEWAY = "gateway"  # made at the gateway's dashboard, recorded when we learn of it
+
+
+DEFAULT_REFUND_WINDOW = timedelta(days=365)
+_REFUND_NO = re.compile(r"[A-Za-z0-9_-]{1,48}")
+
+
 class InvalidInput(ValueError):
     """Bad input from a caller: nothing was started or written."""
 
@@ -164,6 +181,49 @@ def fund_check(
 def refund_key(pay_order_no: str, txn_id: str) -> str:
     """The idempotency key of the one refund a payment can ever have."""
     return f"refund-{pay_order_no}-{txn_id}"
+
+
+def merchant_refund_key(refund_no: str) -> str:
+    """The gateway's idempotency key of a merchant refund: one per ``refund_no``, ever (at
+    most 56 characters, inside the 64 Alipay and WeChat Pay take)."""
+    return f"mrefund-{refund_no}"
+
+
+def merchant_refund_workflow_id(refund_no: str) -> str:
+    return f"merchant-refund-{refund_no}"
+
+
+def check_refund_no(value: object) -> str:
+    if not isinstance(value, str) or not _REFUND_NO.fullmatch(value):
+        raise InvalidInput("refund_no must be 1-48 characters of A-Z, a-z, 0-9, '_' or '-'")
+    return value
+
+
+@dataclass(frozen=True)
+class MerchantRefunds:
+    """What a paid pay order's merchant refunds add up to (DESIGN.md, "The fund identity").
+
+    ``refunded`` is confirmed by the gateway, ``in_flight`` asked for and not yet
+    confirmed; ``refundable`` is what may still be asked for. ``0 <= refunded + in_flight
+    <= amount`` always; the customer finally keeps ``amount - refunded``.
+    """
+
+    amount: int
+    refunded: int
+    in_flight: int
+
+    @property
+    def refundable(self) -> int:
+        return self.amount - self.refunded - self.in_flight
+
+    @property
+    def holds(self) -> bool:
+        return self.refunded >= 0 and self.in_flight >= 0 and self.refundable >= 0
+
+
+def refund_window_closed(*, paid_at: datetime, now: datetime, window: timedelta) -> bool:
+    """Whether a merchant refund of a payment made at ``paid_at`` comes too late."""
+    return now > paid_at + window
 
 
 def open_trade_key(pay_order_no: str) -> str:

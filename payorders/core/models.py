@@ -7,7 +7,14 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, StrictInt
 
-from payorders.core.domain import CloseReason, PayOrderStatus, RefundReason, RefundStatus
+from payorders.core.domain import (
+    CloseReason,
+    MerchantRefundStatus,
+    PayOrderStatus,
+    RefundReason,
+    RefundSource,
+    RefundStatus,
+)
 
 
 class _Model(BaseModel):
@@ -242,6 +249,51 @@ class RefundOutcome(_Model):
     refund_key: str
     status: RefundStatus
     gateway_refund_id: str | None
+
+
+# --- merchant refunds -----------------------------------------------------------------------
+
+
+class MerchantRefund(_Model):
+    """A refund the shop asked for after ``PAY_SUCCESS`` (row ``merchant_refund``)."""
+
+    refund_no: str
+    pay_order_no: str
+    txn_id: str
+    amount: int
+    currency: str
+    reason: str | None
+    requested_by: str | None
+    source: RefundSource
+    idempotency_key: str
+    status: MerchantRefundStatus
+    attempts: int
+    gateway_refund_id: str | None
+    failure_reason: str | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+class MerchantRefundInput(_Model):
+    """``MerchantRefundWorkflow``: give this money back by the original route, retried until
+    the gateway confirms it or finally refuses it."""
+
+    refund_no: str
+    pay_order_no: str
+    txn_id: str
+    amount: int
+    currency: str
+    refund_retry: RetryConfig = RetryConfig()
+    timeouts: Timeouts = Timeouts()
+
+
+class MerchantRefundResult(_Model):
+    refund_no: str
+    status: MerchantRefundStatus
+    gateway_refund_id: str | None = None
+    failure_reason: str | None = None
 
 
 # --- reconciliation ------------------------------------------------------------------------

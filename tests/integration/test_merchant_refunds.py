@@ -1,0 +1,184 @@
+"""Merchant refunds' one writer on a real PostgreSQL: what opens, what is refused with
+nothing written, and refunds racing for the last money (migration 0009)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from payorders.core.domain import MerchantRefundStatus, RefundSource
+from payorders.core.merchant_refunds import MerchantRefunds, RefundRefused, Refusal
+from payorders.core.models import RecordPayment
+from payorders.sandbox.ledger import InProcessResources
+
+from ..conftest import order_no
+from .test_store import new_order, payment
+
+NOW = datetime.now(UTC)
+
+
+async def paid_order(svc: InProcessResources, amount: int = 1000) -> tuple[str, str]:
+    no = await new_order(svc, amount)
+    txn = order_no("t")
+    await svc.store.record_payment(
+        RecordPayment(
+            pay_order_no=no,
+            payment=payment(txn, amount),
+            refund_reason=None,
+            expected_lock_version=0,
+        )
+    )
+    return no, txn
+
+
+def refunds(svc: InProcessResources) -> MerchantRefunds:
+    return MerchantRefunds(svc.pool)
+
+
+async def open_(svc: InProcessResources, no: str, refund_no: str, amount: int, **kw: object):  # type: ignore[no-untyped-def]
+    return await refunds(svc).open(
+        pay_order_no=no,
+        refund_no=refund_no,
+        amount=amount,
+        reason=kw.pop("reason", "return"),  # type: ignore[arg-type]
+        requested_by=kw.pop("requested_by", "support"),  # type: ignore[arg-type]
+        now=kw.pop("now", NOW),  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def count(svc: InProcessResources, no: str) -> tuple[int, int]:
+    async with svc.pool.acquire() as conn:
+        rows = await conn.fetchval("SELECT count(*) FROM merchant_refund WHERE pay_order_no=$1", no)
+        events = await conn.fetchval("SELECT count(*) FROM outbox WHERE pay_order_no=$1", no)
+    return rows, events
+
+
+async def test_a_partial_refund_opens_and_the_same_key_again_answers_it(
+    svc: InProcessResources,
+) -> None:
+    no, txn = await paid_order(svc)
+    key = order_no("r")
+    first = await open_(svc, no, key, 300)
+    assert first.created and first.refund.status is MerchantRefundStatus.REFUNDING
+    assert (first.refund.txn_id, first.refund.amount, first.refund.currency) == (txn, 300, "USD")
+    assert first.refund.idempotency_key == f"mrefund-{key}"
+    assert first.refund.requested_by == "support" and first.refund.source is RefundSource.API
+    assert (first.totals.refunded, first.totals.in_flight, first.totals.refundable) == (0, 300, 700)
+    again = await open_(svc, no, key, 300, requested_by="admin")
+    assert not again.created and again.refund == first.refund
+    with pytest.raises(RefundRefused) as e:
+        await open_(svc, no, key, 301)
+    assert e.value.refusal is Refusal.CONFLICT
+    other, _ = await paid_order(svc)
+    with pytest.raises(RefundRefused) as e:
+        await open_(svc, other, key, 300)
+    assert e.value.refusal is Refusal.CONFLICT
+    assert await count(svc, other) == (0, 1)  # its pay_order.succeeded only
+
+
+async def test_what_cannot_be_refunded_is_refused_with_nothing_written(
+    svc: InProcessResources,
+) -> None:
+    no, _ = await paid_order(svc, 1000)
+    cases = [
+        (dict(amount=1001), Refusal.EXCEEDS, "at most 1000"),
+        (dict(now=NOW + timedelta(days=366)), Refusal.WINDOW_CLOSED, "365 days"),
+        (
+            dict(window=timedelta(days=30), now=NOW + timedelta(days=31)),
+            Refusal.WINDOW_CLOSED,
+            "30",
+        ),
+    ]
+    for kw, refusal, says in cases:
+        with pytest.raises(RefundRefused) as e:
+            await open_(svc, no, order_no("r"), **{"amount": 10, **kw})  # type: ignore[arg-type]
+        assert e.value.refusal is refusal and says in str(e.value)
+    with pytest.raises(RefundRefused) as e:
+        await open_(svc, "po_nobody-here", order_no("r"), 10)
+    assert e.value.refusal is Refusal.NOT_FOUND
+    paying = await new_order(svc)
+    with pytest.raises(RefundRefused) as e:
+        await open_(svc, paying, order_no("r"), 10)
+    assert e.value.refusal is Refusal.NOT_PAID and "PAYING" in str(e.value)
+    assert await count(svc, no) == (0, 1) and await count(svc, paying) == (0, 0)
+
+
+async def test_refunds_racing_for_the_last_money_never_exceed_the_capture(
+    svc: InProcessResources,
+) -> None:
+    """Twenty requests with keys of their own, each for 300 of 1000, at once: exactly
+    three open (900), the others are refused naming what is left, and the fourth that
+    fits (100) still can."""
+    no, _ = await paid_order(svc, 1000)
+    results = await asyncio.gather(
+        *(open_(svc, no, order_no("r"), 300) for _ in range(20)), return_exceptions=True
+    )
+    opened = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, RefundRefused)]
+    assert len(opened) == 3 and len(refused) == 17, results
+    assert all(r.refusal is Refusal.EXCEEDS for r in refused)
+    last = await open_(svc, no, order_no("r"), 100)
+    assert last.totals.refundable == 0
+    with pytest.raises(RefundRefused, match="at most 0"):
+        await open_(svc, no, order_no("r"), 1)
+    assert (await refunds(svc).totals(no, 1000)).in_flight == 1000
+
+
+async def test_the_database_itself_refuses_a_refund_past_the_amount(
+    svc: InProcessResources,
+) -> None:
+    """Whatever writes: a raw insert past the amount, or on an unpaid order, is refused."""
+    no, txn = await paid_order(svc, 500)
+    sql = """INSERT INTO merchant_refund (refund_no, pay_order_no, txn_id, amount, currency,
+             idempotency_key) VALUES ($1, $2, $3, $4, 'USD', 'mrefund-' || $1)"""
+    async with svc.pool.acquire() as conn:
+        await conn.execute(sql, order_no("r"), no, txn, 400)
+        with pytest.raises(asyncpg.CheckViolationError, match="past its amount"):
+            await conn.execute(sql, order_no("r"), no, txn, 101)
+        paying = await new_order(svc)
+        with pytest.raises(asyncpg.CheckViolationError, match="only a paid order"):
+            await conn.execute(sql, order_no("r"), paying, txn, 1)
+
+
+async def test_success_and_failure_are_final_and_announced_once(svc: InProcessResources) -> None:
+    no, _ = await paid_order(svc, 1000)
+    ok, bad = order_no("r"), order_no("r")
+    await open_(svc, no, ok, 400)
+    await open_(svc, no, bad, 600)
+    assert await refunds(svc).succeed(ok, "gw_1") is True
+    assert await refunds(svc).succeed(ok, "gw_1") is False
+    assert await refunds(svc).fail(bad, "charge too old") is True
+    assert await refunds(svc).fail(bad, "again") is False
+    got = {r.refund_no: r for r in await refunds(svc).of_pay_order(no)}
+    assert got[ok].status is MerchantRefundStatus.REFUND_SUCCESS and got[ok].finished_at
+    assert got[bad].status is MerchantRefundStatus.REFUND_FAILED
+    assert got[bad].failure_reason == "charge too old"
+    totals = await refunds(svc).totals(no, 1000)
+    # A failed refund gives its amount back to what may still be refunded.
+    assert (totals.refunded, totals.in_flight, totals.refundable) == (400, 0, 600)
+    events = await svc.store.outbox_of(no)
+    mine = [e for e in events if e["event_type"].startswith("refund.")]
+    assert [e["event_type"] for e in mine] == ["refund.succeeded", "refund.failed"]
+    succeeded, failed = (json.loads(e["payload"]) for e in mine)
+    # What may still be refunded when each was announced: 600 in flight, then given back.
+    assert (succeeded["refund_no"], succeeded["refundable"]) == (ok, 0)
+    assert (failed["refund_no"], failed["refundable"], failed["failure_reason"]) == (
+        bad,
+        600,
+        "charge too old",
+    )
+    async with svc.pool.acquire() as conn:
+        with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="terminal"):
+            await conn.execute(
+                "UPDATE merchant_refund SET status = 'REFUNDING' WHERE refund_no = $1", ok
+            )
+        # The compensations' column never counts them.
+        assert (
+            await conn.fetchval("SELECT refunded_amount FROM pay_order WHERE pay_order_no = $1", no)
+            == 0
+        )
