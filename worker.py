@@ -39,6 +39,7 @@ from payorders.localstack import postgres as embedded
 from payorders.runtime import Resources, open_resources, settings_or_exit
 from payorders.service import relay as order_events
 from workflows.late_refund import LateRefundWorkflow
+from workflows.merchant_refund import MerchantRefundWorkflow
 from workflows.operator_refund import OperatorRefundWorkflow
 from workflows.pay_order import PayOrderWorkflow
 from workflows.reconcile import ReconcileWorkflow
@@ -97,6 +98,7 @@ def build_worker(client: Client, res: Resources, *, task_queue: str) -> Worker:
             ReconcileWorkflow,
             RedriveWorkflow,
             OperatorRefundWorkflow,
+            MerchantRefundWorkflow,
         ],
         activities=[
             acts.create_pay_order,
@@ -107,6 +109,7 @@ def build_worker(client: Client, res: Resources, *, task_queue: str) -> Worker:
             acts.close_trade,
             acts.refund_payment,
             acts.refund_operator_payment,
+            acts.refund_merchant,
             recon.start,
             recon.page,
             recon.statement,

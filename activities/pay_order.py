@@ -13,13 +13,16 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from payorders.core import domain, metrics
-from payorders.core.domain import RefundReason, RefundStatus
+from payorders.core.domain import MerchantRefundStatus, RefundReason, RefundStatus
 from payorders.core.models import (
     Checkout,
     CloseTrade,
     CloseTradeResult,
     CreatePayOrder,
     ExpirePayOrder,
+    MerchantRefund,
+    MerchantRefundInput,
+    MerchantRefundResult,
     OpenTradeCmd,
     PaymentNotification,
     PayOrderRow,
@@ -41,6 +44,15 @@ from payorders.gateways.port import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _merchant_result(row: MerchantRefund) -> MerchantRefundResult:
+    return MerchantRefundResult(
+        refund_no=row.refund_no,
+        status=row.status,
+        gateway_refund_id=row.gateway_refund_id,
+        failure_reason=row.failure_reason,
+    )
 
 
 class RefundLedger(Protocol):
@@ -179,6 +191,49 @@ class PayOrderActivities:
                 non_retryable=True,
             )
         return await self._refund(cmd, ledger)
+
+    @activity.defn(name="refund_merchant")
+    async def refund_merchant(self, cmd: MerchantRefundInput) -> MerchantRefundResult:
+        """A merchant refund (after ``PAY_SUCCESS``) at the gateway, under its key: confirmed
+        -> ``REFUND_SUCCESS``; refused for good (a documented decline, never a timeout) ->
+        ``REFUND_FAILED``; anything ambiguous is asked about, then retried."""
+        refunds = self._store.merchant_refunds
+        row = await refunds.get(cmd.refund_no)
+        if row is None:
+            # Never move money that no row of ours will account for.
+            raise ApplicationError(
+                f"no merchant refund {cmd.refund_no}",
+                type="MerchantRefundNotFound",
+                non_retryable=True,
+            )
+        if row.status is not MerchantRefundStatus.REFUNDING:
+            return _merchant_result(row)
+        attempt = activity.info().attempt
+        if attempt > self._alert_after:
+            log.error(
+                "merchant refund %s still not confirmed after %d attempts", row.refund_no, attempt
+            )
+        request = RefundRequest(
+            idempotency_key=row.idempotency_key,
+            pay_order_no=row.pay_order_no,
+            txn_id=row.txn_id,
+            amount=row.amount,
+            currency=row.currency,
+        )
+        try:
+            refund = await self._refund_or_resolve(request)
+        except GatewayRejected as e:
+            await refunds.fail(row.refund_no, str(e))
+            log.error("merchant refund %s refused by the gateway: %s", row.refund_no, e)
+            return _merchant_result(await refunds.get(row.refund_no) or row)
+        except (GatewayUnavailable, GatewayAmbiguous) as e:
+            await refunds.note_attempt(row.refund_no, attempt, str(e))
+            raise
+        await refunds.note_attempt(row.refund_no, attempt, None)
+        if refund.status is RefundStatus.PENDING:
+            raise ApplicationError("refund accepted, not yet confirmed", type="RefundPending")
+        await refunds.succeed(row.refund_no, refund.gateway_refund_id)
+        return _merchant_result(await refunds.get(row.refund_no) or row)
 
     async def _refund(self, cmd: RefundPayment, ledger: RefundLedger) -> RefundOutcome:
         attempt = activity.info().attempt

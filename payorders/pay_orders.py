@@ -45,12 +45,14 @@ from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 
 from payorders.core import domain
 from payorders.core import search_attributes as sa
-from payorders.core.domain import PayOrderStatus, RefundStatus
+from payorders.core.domain import MerchantRefundStatus, PayOrderStatus, RefundStatus
+from payorders.core.merchant_refunds import Opened
 from payorders.core.models import (
     PAY_ORDER_VERSION,
     CancelResult,
     Checkout,
     LateRefundInput,
+    MerchantRefundInput,
     OperatorRefund,
     OperatorRefundInput,
     PaymentNotification,
@@ -492,6 +494,70 @@ class PayOrders:
             workflow_status=wf_status,
             view=view,
         )
+
+    async def refund_pay_order(
+        self,
+        pay_order_no: str,
+        *,
+        refund_no: str,
+        amount: int,
+        reason: str | None = None,
+        requested_by: str | None = None,
+        now: datetime | None = None,
+    ) -> Opened:
+        """The shop refunds (part of) a paid pay order by the original route.
+
+        Opens the ``merchant_refund`` row under the pay order's lock (the one writer: it
+        decides whether the amount still fits), then runs ``MerchantRefundWorkflow``
+        (``merchant-refund-{refund_no}``), which refunds under ``mrefund-{refund_no}`` until
+        the gateway confirms or finally refuses. Idempotent by ``refund_no``: the same
+        request again answers the same refund and moves nothing (it starts the workflow
+        again only if the first request died between the row and the start).
+
+        Raises:
+            InvalidInput: a bad ``refund_no`` or amount; nothing was written.
+            RefundRefused: not refundable (not paid, past the window, more than is left,
+                ``refund_no`` taken by another refund); nothing was written.
+            RPCError: Temporal cannot be reached after the row was opened; asking again
+                starts the refund.
+        """
+        domain.check_refund_no(refund_no)
+        domain.check_amount(amount)
+        opened = await self._store.merchant_refunds.open(
+            pay_order_no=pay_order_no,
+            refund_no=refund_no,
+            amount=amount,
+            reason=reason,
+            requested_by=requested_by,
+            now=now or datetime.now(UTC),
+            window=timedelta(days=self._settings.refund_window_days),
+        )
+        r = opened.refund
+        if r.status is not MerchantRefundStatus.REFUNDING:
+            return opened
+        # It completed between our read and the start: the row says how.
+        with contextlib.suppress(WorkflowAlreadyStartedError):
+            await self._client.start_workflow(
+                "MerchantRefundWorkflow",
+                MerchantRefundInput(
+                    refund_no=r.refund_no,
+                    pay_order_no=r.pay_order_no,
+                    txn_id=r.txn_id,
+                    amount=r.amount,
+                    currency=r.currency,
+                    refund_retry=self._settings.refund_retry(),
+                    timeouts=self._settings.timeouts(),
+                ),
+                id=domain.merchant_refund_workflow_id(r.refund_no),
+                task_queue=self._settings.task_queue,
+                # A request repeated while it runs joins it; after it completed, the row
+                # answers; a run terminated mid-way may be started again (same key).
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+                static_summary=f"merchant refund {r.refund_no}: {r.amount} {r.currency} of"
+                f" {r.pay_order_no}" + (f", asked by {requested_by}" if requested_by else ""),
+            )
+        return opened
 
     async def refund_orphan_payment(
         self, txn_id: str, *, gateway: Gateway, requested_by: str | None = None

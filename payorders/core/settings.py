@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     refund_retry_initial_ms: PositiveInt = 1_000
     refund_retry_max_ms: PositiveInt = 300_000
     refund_alert_after_attempts: PositiveInt = 10
+    refund_window_days: PositiveInt = 365
+    """How long after its payment a paid pay order may still be refunded by the shop."""
 
     sandbox_schema: str = "sandbox_gateway"
 

@@ -16,6 +16,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from payorders.core import domain
 from payorders.core.domain import CloseReason, PayOrderStatus, RefundReason, RefundStatus
+from payorders.core.merchant_refunds import MerchantRefunds
 from payorders.core.models import (
     CreatePayOrder,
     OperatorRefund,
@@ -280,6 +281,7 @@ class PayOrderStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self.operator_refunds = OperatorRefunds(pool)
+        self.merchant_refunds = MerchantRefunds(pool)
 
     async def create_pay_order(self, cmd: CreatePayOrder) -> PayOrderRow:
         """Insert the row, or return the one already there (checkout retried)."""

@@ -9,13 +9,20 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
+from temporalio.testing import WorkflowEnvironment
 
-from payorders.core.domain import MerchantRefundStatus, RefundSource
+from payorders.core.domain import (
+    MerchantRefundStatus,
+    PayOrderStatus,
+    RefundSource,
+    merchant_refund_workflow_id,
+)
 from payorders.core.merchant_refunds import MerchantRefunds, RefundRefused, Refusal
-from payorders.core.models import RecordPayment
+from payorders.core.models import MerchantRefundResult, RecordPayment
+from payorders.gateways.port import RefundRequest
 from payorders.sandbox.ledger import InProcessResources
 
-from ..conftest import order_no
+from ..conftest import Stack, order_no, pay, running_stack
 from .test_store import new_order, payment
 
 NOW = datetime.now(UTC)
@@ -182,3 +189,82 @@ async def test_success_and_failure_are_final_and_announced_once(svc: InProcessRe
             await conn.fetchval("SELECT refunded_amount FROM pay_order WHERE pay_order_no = $1", no)
             == 0
         )
+
+
+# --- through the workflow, on the dev server --------------------------------------------
+
+
+async def _paid_through_the_saga(stack: Stack, amount: int) -> str:
+    started = await stack.api.start_pay_order(
+        order_no=order_no("mr"), amount=amount, currency="USD", expires_in=timedelta(minutes=5)
+    )
+    await pay(stack, started.pay_order_no, amount)
+    deadline = asyncio.get_running_loop().time() + 30
+    while (row := await stack.svc.store.get_pay_order(started.pay_order_no)) is None or (
+        row.status is not PayOrderStatus.PAY_SUCCESS
+    ):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    return started.pay_order_no
+
+
+async def _finished(stack: Stack, refund_no: str) -> MerchantRefundResult:
+    handle = stack.client.get_workflow_handle(
+        merchant_refund_workflow_id(refund_no), result_type=MerchantRefundResult
+    )
+    return await asyncio.wait_for(handle.result(), 60)
+
+
+async def test_a_merchant_refund_goes_back_once_by_the_original_route_whatever_fails(
+    dev_env: WorkflowEnvironment, svc: InProcessResources
+) -> None:
+    """Counted in the sandbox's own ledger: a refund whose answer is lost after the gateway
+    did it, and one failing three times, each end REFUND_SUCCESS with one refund at the
+    gateway; one for more than the gateway still holds ends REFUND_FAILED with its reason."""
+    async with running_stack(dev_env, svc, settlement_window_s=2) as stack:
+        no = await _paid_through_the_saga(stack, 1000)
+        lost, failing = order_no("r"), order_no("r")
+        await svc.sandbox.set_faults(no, timeout_after_success_next=1)
+        first = await stack.api.refund_pay_order(
+            no, refund_no=lost, amount=300, requested_by="shop"
+        )
+        assert first.created and first.refund.status is MerchantRefundStatus.REFUNDING
+        assert (await _finished(stack, lost)).status is MerchantRefundStatus.REFUND_SUCCESS
+        await svc.sandbox.set_faults(no, fail_next_refunds=3)
+        await stack.api.refund_pay_order(no, refund_no=failing, amount=200)
+        done = await _finished(stack, failing)
+        assert done.status is MerchantRefundStatus.REFUND_SUCCESS and done.gateway_refund_id
+        again = await stack.api.refund_pay_order(no, refund_no=failing, amount=200)
+        assert not again.created and again.refund.status is MerchantRefundStatus.REFUND_SUCCESS
+        ledger = await svc.sandbox.ledger_of(no)
+        keys = sorted(r.idempotency_key for r in ledger["refunds"])
+        assert (
+            keys == sorted([f"mrefund-{lost}", f"mrefund-{failing}"]) and ledger["refunded"] == 500
+        )
+        row = await svc.store.merchant_refunds.get(failing)
+        assert row is not None and row.attempts >= 4
+
+        # The gateway gives back less than we asked (an outside refund took the rest): its
+        # documented refusal ends the refund, and what it held is refundable again.
+        outside = RefundRequest(
+            idempotency_key=f"dash-{no}", pay_order_no=no, txn_id=row.txn_id, amount=400,
+            currency="USD",
+        )  # fmt: skip
+        await svc.sandbox.refund(outside)
+        refused = order_no("r")
+        await stack.api.refund_pay_order(no, refund_no=refused, amount=500)
+        final = await _finished(stack, refused)
+        assert final.status is MerchantRefundStatus.REFUND_FAILED
+        assert final.failure_reason and "exceeds" in final.failure_reason
+        totals = await svc.store.merchant_refunds.totals(no, 1000)
+        assert (totals.refunded, totals.in_flight, totals.refundable) == (500, 0, 500)
+        kinds = [e["event_type"] for e in await svc.store.outbox_of(no)]
+        assert kinds == [
+            "pay_order.succeeded",
+            "refund.succeeded",
+            "refund.succeeded",
+            "refund.failed",
+        ]
+        # The saga's own identity is untouched: these are not compensations.
+        details = await stack.api.get_pay_order(no)
+        assert details.fund.holds and details.row.refunded_amount == 0
