@@ -55,10 +55,11 @@ from payorders.pay_orders import (
     UnknownTransaction,
 )
 from payorders.runtime import database_url, open_resources, settings_or_exit
-from payorders.service import events, stripe_webhook, webhook
 from payorders.service import metrics as api_metrics
+from payorders.service import stripe_webhook, webhook
 from payorders.service.auth import guard, requires
 from payorders.service.errors import ApiError
+from payorders.service.events import feed
 
 log = logging.getLogger("payorders.pay_orders")
 
@@ -344,7 +345,7 @@ def create_app(settings: Settings) -> FastAPI:
                 gateway=res.gateway,
                 orders=PayOrders(client, res.store, settings),
             )
-            app.state.event_feed = events.EventFeed(res.pool)
+            app.state.event_feed = feed.EventFeed(res.pool)
             yield
 
     app = FastAPI(
@@ -539,7 +540,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     _operator_refund_routes(app)
     _cancel_route(app)
-    events.add_routes(app)
+    feed.add_routes(app)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -68,7 +68,7 @@ from payorders import logs
 from payorders.core import secrets
 from payorders.core.settings import Settings
 from payorders.core.store import PooledConnection
-from payorders.service import events
+from payorders.service.events import feed
 from payorders.service.webhook import sign_header
 
 log = logging.getLogger("payorders.relay")
@@ -101,7 +101,7 @@ _HEAD = """
                     WHERE e.pay_order_no = o.pay_order_no AND e.delivered_at IS NULL
                       AND e.sequence < o.sequence)"""
 SQL_CLAIM_HEAD = f"""
-SELECT {events.EVENT_COLUMNS}, o.attempts
+SELECT {feed.EVENT_COLUMNS}, o.attempts
   FROM outbox o JOIN pay_order p USING (pay_order_no)
  WHERE o.pay_order_no = $1 AND o.delivered_at IS NULL AND o.next_attempt_at <= now(){_HEAD}
  ORDER BY o.sequence
@@ -454,7 +454,7 @@ class Relay:
             if row is None:
                 return _Claim.NONE
             attempts = row["attempts"] + 1
-            outcome, error = await self._post(events.body(events.render(row)))
+            outcome, error = await self._post(feed.body(feed.render(row)))
             if outcome is Outcome.ACKNOWLEDGED:
                 await conn.execute(SQL_DELIVERED, row["id"], attempts)
             else:
@@ -462,7 +462,7 @@ class Relay:
                 await conn.execute(SQL_RETRY_LATER, row["id"], attempts, error, wait_s)
                 log.info(
                     "relay: %s (%s #%d of %s) not acknowledged (%s); attempt %d, next in %.1f s",
-                    events.event_id(row["id"]),
+                    feed.event_id(row["id"]),
                     row["event_type"],
                     row["sequence"],
                     pay_order_no,

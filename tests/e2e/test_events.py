@@ -16,7 +16,7 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from payorders.localstack import postgres as embedded
-from payorders.service import events
+from payorders.service.events import feed as events
 
 from ..event_receiver import EventReceiver, RelayProcess
 from ..http_stack import AUTH, HttpStack, http_stack

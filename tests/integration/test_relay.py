@@ -35,7 +35,7 @@ from payorders.core.models import (
     RecordPayment,
 )
 from payorders.localstack import postgres as embedded
-from payorders.service import events
+from payorders.service.events import feed as events
 from payorders.service.relay import Relay, RelayConfig, RelayMetrics
 
 from ..event_receiver import SECRET, EventReceiver, RelayProcess
