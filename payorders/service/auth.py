@@ -6,6 +6,12 @@ OpenAPI operation carries them (``security: [{"HTTPBearer": ["checkout", "admin"
 ``guard`` runs once the app has its routes: it refuses to build an app with a ``/v1`` route
 that declares none, and writes each route's scopes into its description and answers.
 
+FastAPI (0.137 and later) includes a router lazily: the app's ``routes`` hold the router,
+not copies of its routes, and the copies it serves are made from the router's routes the
+first time they are needed. So ``guard`` walks the routes the app serves
+(``fastapi.routing.iter_route_contexts``), and a router's routes say their scopes as they
+are made (``APIRouter(route_class=ScopedRoute)``), before any copy of them exists.
+
 - No token, a malformed ``Authorization`` header (not ``Bearer <token>``, or given twice)
   or a token we do not know: 401 ``unauthorized``, one answer for every case (it never
   says whether a token exists).
@@ -21,7 +27,7 @@ from collections.abc import Collection, Iterable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.routing import BaseRoute
 
@@ -94,7 +100,7 @@ def requires(*scopes: Scope) -> Any:
     return Security(Requires(scopes), scopes=[s.value for s in _with_admin(scopes)])
 
 
-def scopes_of(route: APIRoute) -> tuple[Scope, ...] | None:
+def scopes_of(route: APIRoute | RouteContext) -> tuple[Scope, ...] | None:
     """The scopes a route requires (through ``requires``), or None when it requires none."""
     pending = list(route.dependant.dependencies)
     while pending:
@@ -105,16 +111,46 @@ def scopes_of(route: APIRoute) -> tuple[Scope, ...] | None:
     return None
 
 
+def api_routes(routes: Iterable[BaseRoute]) -> list[RouteContext]:
+    """Every path operation ``routes`` serve, included routers' too: each as FastAPI serves
+    it (its ``path``, ``methods``, ``dependant``, ``description`` and ``responses``)."""
+    return [r for r in iter_route_contexts(list(routes)) if isinstance(r.original_route, APIRoute)]
+
+
 def unguarded(routes: Iterable[BaseRoute], *, public: Collection[str]) -> list[str]:
     """``METHOD path`` of every ``/v1`` route that requires no scope and is not ``public``."""
     return [
         f"{','.join(sorted(route.methods or ()))} {route.path}"
-        for route in routes
-        if isinstance(route, APIRoute)
+        for route in api_routes(routes)
+        if route.path is not None
         and route.path.startswith("/v1/")
         and route.path not in public
         and scopes_of(route) is None
     ]
+
+
+def describe(route: APIRoute) -> None:
+    """Say the scopes ``route`` requires in its OpenAPI description and answers (401, 403);
+    nothing for a route that requires none. Once is enough: again changes nothing."""
+    needed = scopes_of(route)
+    if needed is None:
+        return
+    line = _listed(needed)
+    if line not in route.description:
+        route.description = f"{route.description}\n\n{line}".strip()
+    route.responses.setdefault(401, {"description": f"unauthorized: {UNAUTHORIZED}"})
+    route.responses.setdefault(
+        403, {"description": f"forbidden: the token does not hold {_needs(needed)}"}
+    )
+
+
+class ScopedRoute(APIRoute):
+    """The route class of a router whose routes need scopes: each says them (``describe``)
+    as it is made, since the app serves copies of an included router's routes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        describe(self)
 
 
 def guard(routes: Iterable[BaseRoute], *, public: Collection[str]) -> None:
@@ -122,7 +158,9 @@ def guard(routes: Iterable[BaseRoute], *, public: Collection[str]) -> None:
 
     Raises:
         RuntimeError: a ``/v1`` route, not one of ``public``, requires no scope: every
-            route must say who may call it.
+            route must say who may call it; or an included router's route requires scopes
+            its OpenAPI does not say: declare that router with
+            ``APIRouter(route_class=ScopedRoute)``.
     """
     routes = list(routes)
     missing = unguarded(routes, public=public)
@@ -132,13 +170,16 @@ def guard(routes: Iterable[BaseRoute], *, public: Collection[str]) -> None:
             " dependencies=[auth.requires(Scope...)]"
         )
     for route in routes:
-        needed = scopes_of(route) if isinstance(route, APIRoute) else None
-        if not isinstance(route, APIRoute) or needed is None:
-            continue
-        line = _listed(needed)
-        if line not in route.description:
-            route.description = f"{route.description}\n\n{line}".strip()
-        route.responses.setdefault(401, {"description": f"unauthorized: {UNAUTHORIZED}"})
-        route.responses.setdefault(
-            403, {"description": f"forbidden: the token does not hold {_needs(needed)}"}
+        if isinstance(route, APIRoute):  # the app's own: served as it is
+            describe(route)
+    unsaid = [
+        f"{','.join(sorted(route.methods or ()))} {route.path}"
+        for route in api_routes(routes)
+        if (needed := scopes_of(route)) is not None
+        and (_listed(needed) not in route.description or not {401, 403} <= set(route.responses))
+    ]
+    if unsaid:
+        raise RuntimeError(
+            f"routes that do not say their scopes: {', '.join(unsaid)}; include them from an"
+            " APIRouter(route_class=auth.ScopedRoute)"
         )

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterable
 from typing import Final
 
+from fastapi.routing import iter_route_contexts
 from prometheus_client import Counter, Histogram
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -115,7 +116,8 @@ def route_of(scope: Scope, routes: Iterable[BaseRoute]) -> str:
     """The template of the route that served (or would serve) the request."""
     route = scope.get("route")
     if route is None:  # answered before routing (e.g. 413 by BodyLimit), or no route
-        for candidate in routes:
+        # Each route as served: an included router's too (FastAPI 0.137+ keeps it whole).
+        for candidate in iter_route_contexts(list(routes)):
             match, _ = candidate.matches(scope)
             if match is not Match.NONE:
                 route = candidate

@@ -10,9 +10,9 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 
 from payorders.core.settings import Settings
 from payorders.core.tokens import Caller, Scope, TokenBook, TokenSpec
@@ -53,8 +53,9 @@ def test_every_v1_route_but_the_webhooks_declares_its_scopes() -> None:
     """The rule that makes a forgotten scope a failure: a route added under /v1 without
     ``requires`` fails here (and ``create_app`` refuses to build the app)."""
     found: dict[tuple[str, str], tuple[Scope, ...] | None] = {}
-    for route in service_app().routes:
-        if isinstance(route, APIRoute) and route.path.startswith("/v1/"):
+    # As served: FastAPI (0.137+) keeps an included router whole in app.routes.
+    for route in iter_route_contexts(service_app().routes):
+        if isinstance(route.original_route, APIRoute) and route.path.startswith("/v1/"):
             for method in route.methods:
                 found[(method, route.path)] = auth.scopes_of(route)
     open_routes = {k: v for k, v in found.items() if v is None}
@@ -84,6 +85,45 @@ def test_an_app_with_a_v1_route_without_scopes_is_refused() -> None:
     assert auth.unguarded(app.routes, public=["/v1/webhooks/gateway"]) == ["GET /v1/forgotten"]
     with pytest.raises(RuntimeError, match="GET /v1/forgotten"):
         auth.guard(app.routes, public=["/v1/webhooks/gateway"])
+
+
+def test_an_included_routers_route_without_scopes_is_refused_too() -> None:
+    router = APIRouter()
+
+    @router.get("/v1/forgotten")
+    async def forgotten() -> dict[str, str]:
+        return {}
+
+    app = FastAPI()
+    app.include_router(router)
+    with pytest.raises(RuntimeError, match="GET /v1/forgotten"):
+        auth.guard(app.routes, public=())
+
+
+def test_an_included_router_says_its_scopes_when_its_routes_are_scoped_routes() -> None:
+    """The app serves copies of an included router's routes, made before ``guard`` runs: a
+    router says its routes' scopes only as ``ScopedRoute``s, and one that does not is
+    refused rather than served without them in its OpenAPI."""
+    scoped, plain = APIRouter(route_class=auth.ScopedRoute), APIRouter()
+
+    @scoped.get("/v1/scoped", dependencies=[auth.requires(Scope.READ)])
+    async def read_scoped() -> dict[str, str]:
+        """Scoped."""
+        return {}
+
+    @plain.get("/v1/plain", dependencies=[auth.requires(Scope.READ)])
+    async def read_plain() -> dict[str, str]:
+        return {}
+
+    app = FastAPI()
+    app.include_router(scoped)
+    auth.guard(app.routes, public=())
+    op = app.openapi()["paths"]["/v1/scoped"]["get"]
+    assert op["description"] == "Scoped.\n\nScopes: `read` or `admin`."
+    assert {"401", "403"} <= set(op["responses"])
+    app.include_router(plain)
+    with pytest.raises(RuntimeError, match="GET /v1/plain"):
+        auth.guard(app.routes, public=())
 
 
 def test_openapi_names_each_operations_scopes_and_says_them_in_its_description() -> None:
