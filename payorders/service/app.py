@@ -21,21 +21,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Path, Request
+from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
-from starlette.types import ASGIApp, Message, Receive, Send
-from starlette.types import Scope as ASGIScope
-from temporalio.client import Client
-from temporalio.service import RPCError
 
 from payorders import logs
 from payorders import pay_orders as payorders_api
@@ -43,7 +39,7 @@ from payorders.core import domain, secrets
 from payorders.core.domain import RefundStatus
 from payorders.core.models import OperatorRefund
 from payorders.core.settings import Settings
-from payorders.core.store import NotRefundable, PayOrderStore
+from payorders.core.store import NotRefundable
 from payorders.core.tokens import Caller, Scope
 from payorders.gateways.port import Capture, Gateway, GatewayError
 from payorders.pay_orders import (
@@ -58,21 +54,16 @@ from payorders.runtime import database_url, open_resources, settings_or_exit
 from payorders.service import metrics as api_metrics
 from payorders.service import stripe_webhook, webhook
 from payorders.service.auth import guard, requires
+from payorders.service.deps import Deps, DepsDep, call_temporal, require_json
 from payorders.service.errors import ApiError
 from payorders.service.events import feed
+from payorders.service.http import BodyLimit, error_response
 
 log = logging.getLogger("payorders.pay_orders")
 
 PAY_ORDER_NO = r"^po_[A-Za-z0-9_-]{1,64}$"
 WEBHOOK_ROUTE = "/v1/webhooks/gateway"
 STRIPE_WEBHOOK_ROUTE = "/v1/webhooks/stripe"
-
-
-def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 and code == "unauthorized" else None
-    return JSONResponse(
-        {"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers
-    )
 
 
 # --- request and response models ---------------------------------------------------------
@@ -221,79 +212,6 @@ class WebhookAccepted(BaseModel):
     duplicate: bool = Field(deprecated=True, description="the same as event_duplicate")
 
 
-# --- the body limit --------------------------------------------------------------------------
-
-
-class BodyLimit:
-    """Refuse bodies over ``limit`` bytes with 413, before the application reads them."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
-                api_metrics.note_error(scope, "too_large")
-                await _error(413, "too_large", f"body over {self.limit} bytes")(
-                    scope, receive, send
-                )
-                return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise ApiError(413, "too_large", f"body over {self.limit} bytes")
-            return message
-
-        await self.app(scope, limited, send)
-
-
-# --- dependencies ----------------------------------------------------------------------------
-
-
-@dataclass
-class Deps:
-    settings: Settings
-    client: Client
-    store: PayOrderStore
-    gateway: Gateway
-    orders: PayOrders
-
-
-# The dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in a thread
-# pool, a thread hand-off per dependency per request (about a tenth of the API's CPU).
-async def _deps(request: Request) -> Deps:
-    deps: Deps = request.app.state.deps
-    return deps
-
-
-DepsDep = Annotated[Deps, Depends(_deps)]
-
-
-async def require_json(content_type: Annotated[str | None, Header()] = None) -> None:
-    if (content_type or "").split(";")[0].strip().lower() != "application/json":
-        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
-
-
-async def _temporal(call: Callable[[], Awaitable[Any]]) -> Any:
-    """Run a Temporal call; an unreachable Temporal is a 503 the caller may retry."""
-    try:
-        return await call()
-    except RPCError as e:
-        log.warning("temporal unavailable: %s", e.status.name if e.status else e)
-        raise ApiError(503, "temporal_unavailable", "Temporal cannot be reached; retry") from e
-    except RuntimeError as e:  # a lazy client that cannot connect
-        log.warning("temporal unavailable: %s", e)
-        raise ApiError(503, "temporal_unavailable", "Temporal cannot be reached; retry") from e
-
-
 def _signed_body(header: str) -> dict[str, Any]:
     """OpenAPI of a webhook route: its signature header and a raw JSON body, read as bytes
     (the signature covers the exact bytes, so no model parses it first)."""
@@ -373,7 +291,7 @@ def create_app(settings: Settings) -> FastAPI:
                 exc.code,
                 _by(request),
             )
-        return _error(exc.status, exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -383,7 +301,7 @@ def create_app(settings: Settings) -> FastAPI:
         log.info("%s %s -> 422 invalid_request%s", request.method, request.url.path, _by(request))
         api_metrics.note_error(request.scope, "invalid_request")
         message = "; ".join(_problem(e) for e in exc.errors()) or "the request is not valid"
-        return _error(422, "invalid_request", message, details=errors)
+        return error_response(422, "invalid_request", message, details=errors)
 
     @app.post(
         "/v1/pay-orders",
@@ -416,7 +334,7 @@ def create_app(settings: Settings) -> FastAPI:
                 expires_in=expires_in,
                 window_field="expires_in_s",
             )
-            started = await _temporal(
+            started = await call_temporal(
                 lambda: deps.orders.start_pay_order(
                     order_no=body.order_no,
                     amount=body.amount,
@@ -592,7 +510,7 @@ async def _accept_payment(
         return _accepted(seen, event_duplicate=True, txn_known=txn_known)
     capture = await _verify_with_gateway(deps.gateway, event, fields)
     try:
-        outcome = await _temporal(
+        outcome = await call_temporal(
             lambda: deps.orders.notify_payment(
                 pay_order_no=event.pay_order_no,
                 txn_id=event.txn_id,
@@ -733,7 +651,7 @@ def _cancel_route(app: FastAPI) -> None:
         current status with ``closed`` false and changes nothing. The first caller to ask
         while the order is ``PAYING`` is kept as its ``cancel_requested_by``."""
         try:
-            result = await _temporal(
+            result = await call_temporal(
                 lambda: deps.orders.cancel_pay_order(pay_order_no, requested_by=caller.name)
             )
         except UnknownPayOrder:
@@ -836,7 +754,7 @@ def _operator_refund_routes(app: FastAPI) -> None:
         twice. Refused, with nothing moved, for a transaction a pay order here settled or
         refunds (409), or that the gateway does not know (404)."""
         try:
-            started = await _temporal(
+            started = await call_temporal(
                 lambda: deps.orders.refund_orphan_payment(
                     body.txn_id, gateway=deps.gateway, requested_by=caller.name
                 )

@@ -23,7 +23,8 @@ from payorders.gateways.port import Capture, GatewayUnavailable
 from payorders.pay_orders import UnknownPayOrder
 from payorders.service import metrics as api_metrics
 from payorders.service import webhook
-from payorders.service.app import Deps, create_app
+from payorders.service.app import create_app
+from payorders.service.deps import Deps
 
 from ..conftest import make_settings
 from ..http_stack import API_TOKEN, AUTH, HttpStack, http_stack
