@@ -19,11 +19,9 @@ Run with ``uvicorn --factory payorders.service.app:app``.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -31,11 +29,11 @@ from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 
 from payorders import logs
 from payorders import pay_orders as payorders_api
-from payorders.core import domain, secrets
+from payorders.core import secrets
 from payorders.core.domain import RefundStatus
 from payorders.core.models import OperatorRefund
 from payorders.core.settings import Settings
@@ -43,9 +41,6 @@ from payorders.core.store import NotRefundable
 from payorders.core.tokens import Caller, Scope
 from payorders.gateways.port import Capture, Gateway, GatewayError
 from payorders.pay_orders import (
-    CancelPending,
-    CheckoutPending,
-    PayOrderConflict,
     PayOrders,
     UnknownPayOrder,
     UnknownTransaction,
@@ -58,10 +53,10 @@ from payorders.service.deps import Deps, DepsDep, call_temporal, require_json
 from payorders.service.errors import ApiError
 from payorders.service.events import feed
 from payorders.service.http import BodyLimit, error_response
+from payorders.service.pay_orders import endpoints as pay_orders
 
 log = logging.getLogger("payorders.pay_orders")
 
-PAY_ORDER_NO = r"^po_[A-Za-z0-9_-]{1,64}$"
 WEBHOOK_ROUTE = "/v1/webhooks/gateway"
 STRIPE_WEBHOOK_ROUTE = "/v1/webhooks/stripe"
 
@@ -81,120 +76,6 @@ def _problem(error: Any) -> str:
 
 
 _LOC_SOURCES = ("body", "query", "path", "header", "cookie")
-
-
-def _currency(value: str) -> str:
-    return domain.check_currency(value)
-
-
-Currency = Annotated[
-    str,
-    AfterValidator(_currency),
-    Field(json_schema_extra={"enum": sorted(domain.CURRENCIES)}, examples=["USD"]),
-]
-
-
-def _iso_time(value: object) -> object:
-    # Only ISO 8601 text: pydantic alone would also take 1700000000 (or "1700000000") as
-    # Unix seconds, and a bare date as midnight. The zone and range rules are the domain's.
-    if value is None or isinstance(value, datetime):
-        return value
-    try:
-        if isinstance(value, str) and ("T" in value or " " in value.strip()):
-            return datetime.fromisoformat(value)
-    except ValueError:
-        pass
-    raise ValueError("expires_at must be an ISO 8601 date and time, e.g. 2026-11-27T11:00:00Z")
-
-
-class CreatePayOrderRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    order_no: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", examples=["order-42"])
-    amount: StrictInt = Field(gt=0, le=domain.MAX_AMOUNT, description="minor units, e.g. 1999")
-    currency: Currency
-    expires_in_s: StrictInt | None = Field(
-        default=None,
-        gt=0,
-        le=int(domain.MAX_EXPIRES_IN.total_seconds()),
-        description="payment window in seconds; at most one of this and expires_at"
-        " (neither: the service's default, 1 h)",
-    )
-    expires_at: Annotated[datetime | None, BeforeValidator(_iso_time)] = Field(
-        default=None,
-        description="the deadline, ISO 8601 with a time zone, in the future and at most"
-        " 7 days away; at most one of this and expires_in_s",
-        examples=["2026-11-27T11:00:00Z"],
-    )
-
-
-class PayOrderOut(BaseModel):
-    pay_order_no: str
-    order_no: str
-    amount: int
-    currency: str
-    expires_at: datetime
-    created: bool
-    checkout: dict[str, str] | None = Field(
-        description="what the front end needs to let the customer pay, the same for every"
-        " retry: `gateway`, and for Stripe `payment_intent` and `client_secret` (confirm the"
-        " PaymentIntent with Stripe.js); for the sandbox `trade_no` and `pay_url`. Null when"
-        " the pay order can no longer be paid (`not_payable` says why)",
-        examples=[
-            {"gateway": "stripe", "payment_intent": "pi_123", "client_secret": "pi_123_secret_456"}
-        ],
-    )
-    not_payable: str | None = None
-
-
-class PaymentOut(BaseModel):
-    txn_id: str
-    amount: int
-    currency: str
-    paid_at: datetime
-    settled: bool
-    refund_reason: str | None
-    refund_key: str | None
-    refund_status: str | None
-    refund_attempts: int | None
-
-
-class FundOut(BaseModel):
-    holds: bool
-    expected_net: int
-    net: int
-    in_flight: int
-
-
-class PayOrderDetailsOut(BaseModel):
-    pay_order_no: str
-    order_no: str
-    amount: int
-    currency: str
-    status: str
-    reason: str | None = Field(
-        description="why it closed unpaid (PAY_EXPIRED only): EXPIRED (its payment window ran"
-        " out) or CANCELLED (checkout cancelled it); null while PAYING and on PAY_SUCCESS"
-    )
-    cancel_requested_by: str | None = Field(
-        default=None,
-        description="the name of the API token (never the token) of the first caller that"
-        " asked to cancel it while it was PAYING, whatever the outcome; null when nobody did",
-    )
-    expires_at: datetime
-    paid_amount: int
-    refunded_amount: int
-    lock_version: int
-    gateway: str | None = Field(description="the gateway that opened the pay order's trade")
-    trade_ref: str | None = Field(
-        description="the gateway's id of the trade (Stripe: the PaymentIntent)"
-    )
-    payments: list[PaymentOut]
-    fund_identity: FundOut
-    workflow_status: str | None
-    workflow: dict[str, Any] | None = Field(
-        default=None, description="the open workflow's own view (query status)"
-    )
 
 
 class WebhookAccepted(BaseModel):
@@ -303,105 +184,7 @@ def create_app(settings: Settings) -> FastAPI:
         message = "; ".join(_problem(e) for e in exc.errors()) or "the request is not valid"
         return error_response(422, "invalid_request", message, details=errors)
 
-    @app.post(
-        "/v1/pay-orders",
-        response_model=PayOrderOut,
-        status_code=201,
-        # The token first: a caller without one learns nothing else about the request.
-        dependencies=[requires(Scope.CHECKOUT), Depends(require_json)],
-        responses={
-            200: {"model": PayOrderOut, "description": "the existing pay order"},
-            409: {"description": "the order has a pay order for another amount"},
-            503: {
-                "description": "Temporal cannot be reached, or the gateway has not opened the"
-                " trade yet: retry the same request"
-            },
-        },
-    )
-    async def create_pay_order(body: CreatePayOrderRequest, deps: DepsDep) -> JSONResponse:
-        """Checkout: create the pay order of an order, expiring at ``expires_at`` or
-        ``expires_in_s`` from now (at most one; neither: the default window). The same
-        request again returns the same pay order (200); another amount or currency for the
-        order is a 409."""
-        expires_in = None if body.expires_in_s is None else timedelta(seconds=body.expires_in_s)
-        now = datetime.now(UTC)
-        try:
-            # Judged here, so that the messages use this API's field names.
-            expires_at = domain.pay_order_deadline(
-                now=now,
-                default=deps.settings.default_expires_in,
-                expires_at=body.expires_at,
-                expires_in=expires_in,
-                window_field="expires_in_s",
-            )
-            started = await call_temporal(
-                lambda: deps.orders.start_pay_order(
-                    order_no=body.order_no,
-                    amount=body.amount,
-                    currency=body.currency,
-                    expires_at=expires_at,
-                    now=now,
-                )
-            )
-        except domain.InvalidInput as e:
-            raise ApiError(422, "invalid_request", str(e)) from None
-        except PayOrderConflict as e:
-            raise ApiError(409, "conflict", str(e)) from None
-        except CheckoutPending as e:
-            raise ApiError(503, "checkout_pending", str(e)) from None
-        c = started.checkout
-        out = PayOrderOut(
-            pay_order_no=started.pay_order_no,
-            order_no=started.order_no,
-            amount=started.amount,
-            currency=started.currency,
-            expires_at=started.expires_at,
-            created=started.created,
-            checkout=None if c is None else {"gateway": c.gateway, **c.details},
-            not_payable=started.not_payable,
-        )
-        return JSONResponse(
-            out.model_dump(mode="json"), status_code=201 if started.created else 200
-        )
-
-    @app.get(
-        "/v1/pay-orders/{pay_order_no}",
-        response_model=PayOrderDetailsOut,
-        dependencies=[requires(Scope.CHECKOUT, Scope.READ)],
-    )
-    async def get_pay_order(
-        pay_order_no: Annotated[str, Path(pattern=PAY_ORDER_NO)], deps: DepsDep
-    ) -> PayOrderDetailsOut:
-        """The pay order with its payments, refunds and whether the fund identity holds."""
-        try:
-            d = await deps.orders.get_pay_order(pay_order_no)
-        except UnknownPayOrder:
-            raise ApiError(404, "not_found", f"no pay order {pay_order_no}") from None
-        row = d.row
-        return PayOrderDetailsOut(
-            **row.model_dump(exclude={"created_at", "updated_at", "status", "close_reason"}),
-            status=row.status.value,
-            reason=None if row.close_reason is None else row.close_reason.value,
-            payments=[
-                PaymentOut(
-                    txn_id=p["txn_id"],
-                    amount=p["amount"],
-                    currency=p["currency"].strip(),
-                    paid_at=p["paid_at"],
-                    settled=p["settled"],
-                    refund_reason=p["refund_reason"],
-                    refund_key=p["refund_key"],
-                    refund_status=p["refund_status"],
-                    refund_attempts=p["attempts"],
-                )
-                for p in d.payments
-            ],
-            fund_identity=FundOut(**asdict(d.fund)),
-            workflow_status=d.workflow_status,
-            workflow=None
-            if d.view is None
-            else d.view.model_dump(mode="json", exclude={"payments"}),
-        )
+    app.include_router(pay_orders.router)
 
     @app.post(
         WEBHOOK_ROUTE,
@@ -457,7 +240,6 @@ def create_app(settings: Settings) -> FastAPI:
         return await _accept_payment(deps, event, STRIPE_FIELDS)
 
     _operator_refund_routes(app)
-    _cancel_route(app)
     feed.add_routes(app)
 
     @app.get("/healthz")
@@ -581,97 +363,6 @@ async def _verify_with_gateway(
             f" transaction {event.txn_id}",
         )
     return capture
-
-
-# --- checkout cancels ------------------------------------------------------------------------
-
-
-class CancelOut(BaseModel):
-    pay_order_no: str
-    status: str = Field(
-        description="the terminal status, PAY_EXPIRED or PAY_SUCCESS (PAYING only when an"
-        " operator terminated its workflow: reconciliation re-drives it to expiry)"
-    )
-    reason: str | None = Field(
-        description="CANCELLED when a cancel closed it unpaid, EXPIRED when its payment window"
-        " had run out first; null on PAY_SUCCESS"
-    )
-    closed: bool = Field(
-        description="this call closed the pay order (PAY_EXPIRED/CANCELLED, or PAY_SUCCESS"
-        " when the gateway answered the close with an earlier payment); false when it was"
-        " closed already: a repeated cancel, a payment, the timer"
-    )
-
-
-async def require_no_body(request: Request) -> None:
-    """A cancel carries nothing to say: no body, or an empty JSON object."""
-    raw = await request.body()
-    if not raw.strip():
-        return
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        raise ApiError(422, "invalid_request", "body: not valid JSON") from None
-    if doc != {} or not isinstance(doc, dict):
-        raise ApiError(422, "invalid_request", "body: a cancel takes no fields; send no body or {}")
-
-
-def _cancel_route(app: FastAPI) -> None:
-    """``POST /v1/pay-orders/{pay_order_no}/cancel`` (``checkout``)."""
-
-    @app.post(
-        "/v1/pay-orders/{pay_order_no}/cancel",
-        response_model=CancelOut,
-        openapi_extra={
-            "requestBody": {
-                "required": False,
-                "content": {"application/json": {"schema": {"type": "object", "maxProperties": 0}}},
-            }
-        },
-        responses={
-            404: {"description": "no such pay order"},
-            422: {"description": "a body other than none or {}"},
-            503: {
-                "description": "Temporal cannot be reached, or the gateway has not closed the"
-                " trade yet: the cancel stands; retry the same request"
-            },
-        },
-    )
-    async def cancel_pay_order(
-        # The token first: a caller without one learns nothing else about the request.
-        caller: Annotated[Caller, requires(Scope.CHECKOUT)],
-        _no_body: Annotated[None, Depends(require_no_body)],
-        pay_order_no: Annotated[str, Path(pattern=PAY_ORDER_NO)],
-        deps: DepsDep,
-    ) -> CancelOut:
-        """Checkout cancels a pay order: its workflow closes it now, by the expiry's path
-        (the trade is closed at the gateway first). Answered once the outcome is durable:
-        ``PAY_EXPIRED`` with reason ``CANCELLED``, or ``PAY_SUCCESS`` when the gateway says
-        the customer had paid already. A repeat, or a cancel of a closed order, answers the
-        current status with ``closed`` false and changes nothing. The first caller to ask
-        while the order is ``PAYING`` is kept as its ``cancel_requested_by``."""
-        try:
-            result = await call_temporal(
-                lambda: deps.orders.cancel_pay_order(pay_order_no, requested_by=caller.name)
-            )
-        except UnknownPayOrder:
-            raise ApiError(404, "not_found", f"no pay order {pay_order_no}") from None
-        except CancelPending as e:
-            raise ApiError(503, "cancel_pending", str(e)) from None
-        log.info(
-            "cancel %s: %s%s (%s) by %s",
-            pay_order_no,
-            result.status.value,
-            f"/{result.close_reason.value}" if result.close_reason else "",
-            "closed now" if result.closed else "closed before",
-            caller.name,
-        )
-        return CancelOut(
-            pay_order_no=result.pay_order_no,
-            status=result.status.value,
-            reason=None if result.close_reason is None else result.close_reason.value,
-            closed=result.closed,
-        )
 
 
 # --- operator refunds ------------------------------------------------------------------------

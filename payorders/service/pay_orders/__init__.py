@@ -1,0 +1,1 @@
+"""Pay orders over HTTP: checkout creates one, reads it, cancels it."""
