@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Path, Request
@@ -39,26 +39,22 @@ from payorders.core.models import OperatorRefund
 from payorders.core.settings import Settings
 from payorders.core.store import NotRefundable
 from payorders.core.tokens import Caller, Scope
-from payorders.gateways.port import Capture, Gateway, GatewayError
+from payorders.gateways.port import GatewayError
 from payorders.pay_orders import (
     PayOrders,
-    UnknownPayOrder,
     UnknownTransaction,
 )
 from payorders.runtime import database_url, open_resources, settings_or_exit
 from payorders.service import metrics as api_metrics
-from payorders.service import stripe_webhook, webhook
 from payorders.service.auth import guard, requires
 from payorders.service.deps import Deps, DepsDep, call_temporal, require_json
 from payorders.service.errors import ApiError
 from payorders.service.events import feed
 from payorders.service.http import BodyLimit, error_response
 from payorders.service.pay_orders import endpoints as pay_orders
+from payorders.service.webhooks import endpoints as webhooks
 
 log = logging.getLogger("payorders.pay_orders")
-
-WEBHOOK_ROUTE = "/v1/webhooks/gateway"
-STRIPE_WEBHOOK_ROUTE = "/v1/webhooks/stripe"
 
 
 # --- request and response models ---------------------------------------------------------
@@ -78,35 +74,6 @@ def _problem(error: Any) -> str:
 _LOC_SOURCES = ("body", "query", "path", "header", "cookie")
 
 
-class WebhookAccepted(BaseModel):
-    received: bool
-    outcome: str
-    event_duplicate: bool = Field(
-        description="this webhook event (its id) was accepted before: answered with its"
-        " first outcome, nothing sent again"
-    )
-    txn_already_recorded: bool = Field(
-        description="the pay order had already recorded a payment with this txn_id when the"
-        " notification arrived: its workflow counts it as a duplicate notification and"
-        " nothing moves (false while an earlier notification of it is still being handled)"
-    )
-    duplicate: bool = Field(deprecated=True, description="the same as event_duplicate")
-
-
-def _signed_body(header: str) -> dict[str, Any]:
-    """OpenAPI of a webhook route: its signature header and a raw JSON body, read as bytes
-    (the signature covers the exact bytes, so no model parses it first)."""
-    return {
-        "parameters": [
-            {"in": "header", "name": header, "required": True, "schema": {"type": "string"}},
-        ],
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"type": "object"}}},
-        },
-    }
-
-
 def _by(request: Request) -> str:
     """`` by <token name>`` for the log line of a request made with a known token."""
     caller: Caller | None = getattr(request.state, "caller", None)
@@ -116,7 +83,7 @@ def _by(request: Request) -> str:
 # --- the app ---------------------------------------------------------------------------------
 
 # The routes that prove themselves by a signature instead of a bearer token.
-SIGNED_ROUTES = (WEBHOOK_ROUTE, STRIPE_WEBHOOK_ROUTE)
+SIGNED_ROUTES = (webhooks.WEBHOOK_ROUTE, webhooks.STRIPE_WEBHOOK_ROUTE)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -157,7 +124,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     # Added last, so outermost: it also times and counts what BodyLimit refuses.
     app.add_middleware(
-        api_metrics.RequestMetrics, routes=app.router.routes, webhook_route=WEBHOOK_ROUTE
+        api_metrics.RequestMetrics, routes=app.router.routes, webhook_route=webhooks.WEBHOOK_ROUTE
     )
 
     @app.exception_handler(ApiError)
@@ -185,60 +152,7 @@ def create_app(settings: Settings) -> FastAPI:
         return error_response(422, "invalid_request", message, details=errors)
 
     app.include_router(pay_orders.router)
-
-    @app.post(
-        WEBHOOK_ROUTE,
-        response_model=WebhookAccepted,
-        dependencies=[Depends(require_json)],
-        openapi_extra=_signed_body(webhook.HEADER),
-        responses={401: {"description": "bad signature"}, 503: {"description": "retry later"}},
-    )
-    async def gateway_webhook(request: Request, deps: DepsDep) -> WebhookAccepted:
-        """The gateway adapter: verify, deduplicate, then hand the payment to its workflow."""
-        body = await request.body()
-        try:
-            webhook.verify(
-                request.headers.get(webhook.HEADER),
-                body,
-                secrets=[s.get_secret_value() for s in deps.settings.webhook_secrets],
-                now=datetime.now(UTC),
-                tolerance_s=deps.settings.webhook_tolerance_s,
-            )
-            event = webhook.parse_payment_event(body)
-        except webhook.WebhookRejected as e:
-            log.warning("webhook rejected: %s", e.reason)
-            api_metrics.note_webhook_reason(request.scope, api_metrics.webhook_check_reason(e))
-            raise ApiError(e.status, "webhook_rejected", e.reason) from None
-        return await _accept_payment(deps, event)
-
-    @app.post(
-        STRIPE_WEBHOOK_ROUTE,
-        response_model=WebhookAccepted,
-        openapi_extra=_signed_body(stripe_webhook.HEADER),
-        responses={401: {"description": "bad signature"}, 503: {"description": "retry later"}},
-    )
-    async def stripe_webhook_route(request: Request, deps: DepsDep) -> WebhookAccepted:
-        """Stripe's webhook endpoint: verified with the Stripe SDK; ``payment_intent.succeeded``
-        is handed to its pay order like any gateway's payment; other types change nothing."""
-        if deps.settings.gateway != "stripe":
-            raise ApiError(404, "not_found", "this service does not use the Stripe gateway")
-        body = await request.body()
-        try:
-            event = stripe_webhook.read_event(
-                body,
-                request.headers.get(stripe_webhook.HEADER),
-                secrets=[s.get_secret_value() for s in deps.settings.stripe_webhook_secret],
-                tolerance_s=deps.settings.webhook_tolerance_s,
-            )
-        except webhook.WebhookRejected as e:
-            log.warning("stripe webhook rejected: %s", e.reason)
-            api_metrics.note_webhook_reason(request.scope, api_metrics.webhook_check_reason(e))
-            raise ApiError(e.status, "webhook_rejected", e.reason) from None
-        if isinstance(event, stripe_webhook.IgnoredEvent):
-            log.info("stripe webhook %s: %s ignored", event.event_id, event.type)
-            return _accepted("IGNORED", event_duplicate=False, txn_known=False)
-        return await _accept_payment(deps, event, STRIPE_FIELDS)
-
+    app.include_router(webhooks.router)
     _operator_refund_routes(app)
     feed.add_routes(app)
 
@@ -270,99 +184,6 @@ def create_app(settings: Settings) -> FastAPI:
 
     guard(app.routes, public=SIGNED_ROUTES)
     return app
-
-
-SANDBOX_FIELDS = ("data.pay_order_no", "data.amount", "data.currency")
-STRIPE_FIELDS = (
-    "data.object.metadata.pay_order_no",
-    "data.object.amount_received",
-    "data.object.currency",
-)
-
-
-async def _accept_payment(
-    deps: Deps, event: webhook.PaymentEvent, fields: tuple[str, str, str] = SANDBOX_FIELDS
-) -> WebhookAccepted:
-    """Deduplicate by event id, check against the gateway, then signal the pay order (or
-    start its late refund): the same path for every gateway's notification."""
-    seen, txn_known = await deps.store.webhook_seen(
-        event.event_id, pay_order_no=event.pay_order_no, txn_id=event.txn_id
-    )
-    if seen is not None:
-        return _accepted(seen, event_duplicate=True, txn_known=txn_known)
-    capture = await _verify_with_gateway(deps.gateway, event, fields)
-    try:
-        outcome = await call_temporal(
-            lambda: deps.orders.notify_payment(
-                pay_order_no=event.pay_order_no,
-                txn_id=event.txn_id,
-                amount=event.amount,
-                currency=event.currency,
-                paid_at=capture.captured_at,
-            )
-        )
-    except UnknownPayOrder:
-        log.warning("webhook %s for unknown pay order %s", event.event_id, event.pay_order_no)
-        raise ApiError(404, "unknown_pay_order", f"no pay order {event.pay_order_no}") from None
-    await deps.store.record_webhook(
-        event.event_id,
-        pay_order_no=event.pay_order_no,
-        txn_id=event.txn_id,
-        outcome=outcome.value,
-    )
-    return _accepted(outcome.value, event_duplicate=False, txn_known=txn_known)
-
-
-def _accepted(outcome: str, *, event_duplicate: bool, txn_known: bool) -> WebhookAccepted:
-    return WebhookAccepted(
-        received=True,
-        outcome=outcome,
-        event_duplicate=event_duplicate,
-        txn_already_recorded=txn_known,
-        duplicate=event_duplicate,
-    )
-
-
-async def _verify_with_gateway(
-    gateway: Gateway, event: webhook.PaymentEvent, fields: tuple[str, str, str]
-) -> Capture:
-    """Believe a notification only as far as the gateway's own record of the capture.
-
-    A signed notification that disagrees with the gateway is refused (nothing changes);
-    one that agrees with the gateway but not with the order is real money: the workflow
-    records it and refunds it.
-    """
-    try:
-        capture = await gateway.query_capture(event.txn_id)
-    except GatewayError as e:
-        log.warning("cannot verify webhook %s with the gateway: %s", event.event_id, e)
-        raise ApiError(503, "gateway_unavailable", "cannot verify with the gateway; retry") from e
-    if capture is None:
-        log.warning("webhook %s: gateway has no transaction %s", event.event_id, event.txn_id)
-        raise ApiError(
-            422,
-            "unknown_transaction",
-            f"data.txn_id {event.txn_id}: the gateway has no such transaction",
-        )
-    differ = [
-        name
-        for name, ours, theirs in zip(
-            fields,
-            (event.pay_order_no, event.amount, event.currency),
-            (capture.pay_order_no, capture.amount, capture.currency),
-            strict=True,
-        )
-        if ours != theirs
-    ]
-    if differ:
-        log.warning("webhook %s does not match the gateway's capture", event.event_id)
-        raise ApiError(
-            422,
-            "mismatch",
-            f"{', '.join(differ)}: the notification must match the gateway's record of"
-            f" transaction {event.txn_id}",
-        )
-    return capture
 
 
 # --- operator refunds ------------------------------------------------------------------------

@@ -1,0 +1,97 @@
+"""``POST /v1/webhooks/gateway`` (the sandbox gateway's protocol) and
+``POST /v1/webhooks/stripe``: the gateways' payment notifications, authenticated by their
+signature instead of a bearer token. Each answers 2xx only once Temporal has accepted the
+payment, 4xx for what must never be retried, and 503 while Temporal (or the gateway, to
+verify against) cannot be reached."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from payorders.service import metrics as api_metrics
+from payorders.service import stripe_webhook, webhook
+from payorders.service.deps import DepsDep, require_json
+from payorders.service.errors import ApiError
+from payorders.service.webhooks.accept import STRIPE_FIELDS, accept_payment, accepted
+from payorders.service.webhooks.schemas import WebhookAccepted
+
+log = logging.getLogger("payorders.pay_orders")
+
+WEBHOOK_ROUTE = "/v1/webhooks/gateway"
+STRIPE_WEBHOOK_ROUTE = "/v1/webhooks/stripe"
+
+# No scopes: a plain router (auth.ScopedRoute is for routes that need a token).
+router = APIRouter()
+
+
+def _signed_body(header: str) -> dict[str, Any]:
+    """OpenAPI of a webhook route: its signature header and a raw JSON body, read as bytes
+    (the signature covers the exact bytes, so no model parses it first)."""
+    return {
+        "parameters": [
+            {"in": "header", "name": header, "required": True, "schema": {"type": "string"}},
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+    }
+
+
+@router.post(
+    WEBHOOK_ROUTE,
+    response_model=WebhookAccepted,
+    dependencies=[Depends(require_json)],
+    openapi_extra=_signed_body(webhook.HEADER),
+    responses={401: {"description": "bad signature"}, 503: {"description": "retry later"}},
+)
+async def gateway_webhook(request: Request, deps: DepsDep) -> WebhookAccepted:
+    """The gateway adapter: verify, deduplicate, then hand the payment to its workflow."""
+    body = await request.body()
+    try:
+        webhook.verify(
+            request.headers.get(webhook.HEADER),
+            body,
+            secrets=[s.get_secret_value() for s in deps.settings.webhook_secrets],
+            now=datetime.now(UTC),
+            tolerance_s=deps.settings.webhook_tolerance_s,
+        )
+        event = webhook.parse_payment_event(body)
+    except webhook.WebhookRejected as e:
+        log.warning("webhook rejected: %s", e.reason)
+        api_metrics.note_webhook_reason(request.scope, api_metrics.webhook_check_reason(e))
+        raise ApiError(e.status, "webhook_rejected", e.reason) from None
+    return await accept_payment(deps, event)
+
+
+@router.post(
+    STRIPE_WEBHOOK_ROUTE,
+    response_model=WebhookAccepted,
+    openapi_extra=_signed_body(stripe_webhook.HEADER),
+    responses={401: {"description": "bad signature"}, 503: {"description": "retry later"}},
+)
+async def stripe_webhook_route(request: Request, deps: DepsDep) -> WebhookAccepted:
+    """Stripe's webhook endpoint: verified with the Stripe SDK; ``payment_intent.succeeded``
+    is handed to its pay order like any gateway's payment; other types change nothing."""
+    if deps.settings.gateway != "stripe":
+        raise ApiError(404, "not_found", "this service does not use the Stripe gateway")
+    body = await request.body()
+    try:
+        event = stripe_webhook.read_event(
+            body,
+            request.headers.get(stripe_webhook.HEADER),
+            secrets=[s.get_secret_value() for s in deps.settings.stripe_webhook_secret],
+            tolerance_s=deps.settings.webhook_tolerance_s,
+        )
+    except webhook.WebhookRejected as e:
+        log.warning("stripe webhook rejected: %s", e.reason)
+        api_metrics.note_webhook_reason(request.scope, api_metrics.webhook_check_reason(e))
+        raise ApiError(e.status, "webhook_rejected", e.reason) from None
+    if isinstance(event, stripe_webhook.IgnoredEvent):
+        log.info("stripe webhook %s: %s ignored", event.event_id, event.type)
+        return accepted("IGNORED", event_duplicate=False, txn_known=False)
+    return await accept_payment(deps, event, STRIPE_FIELDS)
