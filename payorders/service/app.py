@@ -22,35 +22,30 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
-from typing import Annotated, Any
+from datetime import timedelta
+from typing import Any
 
-from fastapi import Depends, FastAPI, Path, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from payorders import logs
 from payorders import pay_orders as payorders_api
 from payorders.core import secrets
-from payorders.core.domain import RefundStatus
-from payorders.core.models import OperatorRefund
 from payorders.core.settings import Settings
-from payorders.core.store import NotRefundable
-from payorders.core.tokens import Caller, Scope
-from payorders.gateways.port import GatewayError
+from payorders.core.tokens import Caller
 from payorders.pay_orders import (
     PayOrders,
-    UnknownTransaction,
 )
 from payorders.runtime import database_url, open_resources, settings_or_exit
 from payorders.service import metrics as api_metrics
-from payorders.service.auth import guard, requires
-from payorders.service.deps import Deps, DepsDep, call_temporal, require_json
+from payorders.service.auth import guard
+from payorders.service.deps import Deps, DepsDep
 from payorders.service.errors import ApiError
 from payorders.service.events import feed
 from payorders.service.http import BodyLimit, error_response
+from payorders.service.operator_refunds import endpoints as operator_refunds
 from payorders.service.pay_orders import endpoints as pay_orders
 from payorders.service.webhooks import endpoints as webhooks
 
@@ -153,7 +148,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(pay_orders.router)
     app.include_router(webhooks.router)
-    _operator_refund_routes(app)
+    app.include_router(operator_refunds.router)
     feed.add_routes(app)
 
     @app.get("/healthz")
@@ -184,130 +179,6 @@ def create_app(settings: Settings) -> FastAPI:
 
     guard(app.routes, public=SIGNED_ROUTES)
     return app
-
-
-# --- operator refunds ------------------------------------------------------------------------
-
-TXN_ID = r"^[A-Za-z0-9_-]{1,64}$"
-
-OPERATOR_REFUNDS = Counter(
-    "payorders_api_operator_refunds_total",
-    "operator refund requests by outcome: opened, existing (asked before: nothing moved),"
-    " or why it was refused",
-    ["outcome"],
-)
-
-
-class OperatorRefundRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    txn_id: str = Field(pattern=TXN_ID, description="the gateway's transaction id")
-
-
-class OperatorRefundOut(BaseModel):
-    txn_id: str
-    pay_order_no: str = Field(description="the capture's pay order number at the gateway")
-    refund_key: str
-    amount: int
-    currency: str
-    captured_at: datetime
-    status: str = Field(description="PENDING until the gateway confirms; SUCCEEDED or REJECTED")
-    attempts: int
-    gateway_refund_id: str | None
-    last_error: str | None
-    created_at: datetime
-    succeeded_at: datetime | None
-    created: bool | None = Field(
-        default=None, description="on POST: false when this transaction was asked for before"
-    )
-    requested_by: str | None = Field(
-        default=None,
-        description="the name of the API token (never the token) that asked for it; null for"
-        " refunds asked for before names were recorded",
-    )
-    workflow_id: str
-
-
-def _operator_refund_out(refund: OperatorRefund, created: bool | None = None) -> OperatorRefundOut:
-    return OperatorRefundOut(
-        **refund.model_dump(include=set(OperatorRefundOut.model_fields) - {"status", "currency"}),
-        status=refund.status.value,
-        currency=refund.currency.strip(),
-        created=created,
-        workflow_id=payorders_api.operator_refund_workflow_id(refund.txn_id),
-    )
-
-
-def _operator_refund_routes(app: FastAPI) -> None:
-    """``POST /v1/operator-refunds`` (``refund``) and ``GET /v1/operator-refunds/{txn_id}``
-    (``read`` or ``refund``)."""
-
-    @app.post(
-        "/v1/operator-refunds",
-        response_model=OperatorRefundOut,
-        status_code=202,
-        responses={
-            200: {"model": OperatorRefundOut, "description": "already confirmed or rejected"},
-            404: {"description": "the gateway has no such transaction"},
-            409: {"description": "a pay order here settles or refunds it: refused"},
-            503: {"description": "the gateway or Temporal cannot be reached; retry"},
-        },
-    )
-    async def create_operator_refund(
-        caller: Annotated[Caller, requires(Scope.REFUND)],
-        _json: Annotated[None, Depends(require_json)],
-        body: OperatorRefundRequest,
-        deps: DepsDep,
-    ) -> JSONResponse:
-        """An operator refunds money the gateway captured for a pay order we never had
-        (reconciliation's ``money_without_order``). Amount, currency and pay order come from
-        the gateway's capture. 202 while the refund runs, 200 once it is confirmed or
-        rejected; the same request again answers with the same refund and refunds nothing
-        twice. Refused, with nothing moved, for a transaction a pay order here settled or
-        refunds (409), or that the gateway does not know (404)."""
-        try:
-            started = await call_temporal(
-                lambda: deps.orders.refund_orphan_payment(
-                    body.txn_id, gateway=deps.gateway, requested_by=caller.name
-                )
-            )
-        except UnknownTransaction as e:
-            OPERATOR_REFUNDS.labels("unknown_transaction").inc()
-            raise ApiError(404, "unknown_transaction", str(e)) from None
-        except NotRefundable as e:
-            OPERATOR_REFUNDS.labels(e.refusal.value).inc()
-            raise ApiError(409, e.refusal.value, str(e)) from None
-        except GatewayError as e:
-            log.warning("operator refund of %s: gateway unavailable: %s", body.txn_id, e)
-            raise ApiError(
-                503, "gateway_unavailable", "cannot ask the gateway for its capture; retry"
-            ) from e
-        OPERATOR_REFUNDS.labels("opened" if started.created else "existing").inc()
-        log.info(
-            "operator refund %s: %s (%s) by %s",
-            started.refund.refund_key,
-            started.refund.status.value,
-            "opened" if started.created else "asked before",
-            caller.name,
-        )
-        out = _operator_refund_out(started.refund, started.created)
-        pending = started.refund.status is RefundStatus.PENDING
-        return JSONResponse(out.model_dump(mode="json"), status_code=202 if pending else 200)
-
-    @app.get(
-        "/v1/operator-refunds/{txn_id}",
-        response_model=OperatorRefundOut,
-        dependencies=[requires(Scope.READ, Scope.REFUND)],
-        responses={404: {"description": "no operator refund of that transaction"}},
-    )
-    async def get_operator_refund(
-        txn_id: Annotated[str, Path(pattern=TXN_ID)], deps: DepsDep
-    ) -> OperatorRefundOut:
-        """An operator refund as it is now: its status, attempts and the gateway's refund id."""
-        refund = await deps.store.operator_refunds.get(txn_id)
-        if refund is None:
-            raise ApiError(404, "not_found", f"no operator refund of {txn_id}")
-        return _operator_refund_out(refund)
 
 
 def app() -> FastAPI:
