@@ -43,6 +43,7 @@ from payorders.service import metrics as api_metrics
 from payorders.service.auth import guard
 from payorders.service.deps import Deps, DepsDep
 from payorders.service.errors import ApiError
+from payorders.service.events import endpoints as events
 from payorders.service.events import feed
 from payorders.service.http import BodyLimit, error_response
 from payorders.service.operator_refunds import endpoints as operator_refunds
@@ -149,7 +150,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(pay_orders.router)
     app.include_router(webhooks.router)
     app.include_router(operator_refunds.router)
-    feed.add_routes(app)
+    app.include_router(events.router)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

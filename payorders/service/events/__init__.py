@@ -1,1 +1,2 @@
-"""Order events: their body (``feed``), pushed by the relay and read from the pull feed."""
+"""Order events: their body and the pull feed (``feed``, the relay pushes the same bodies),
+and the feed's route (``endpoints``)."""

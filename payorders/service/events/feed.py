@@ -21,14 +21,9 @@ import json
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
 import asyncpg
-from fastapi import FastAPI, Query, Request
-from pydantic import AfterValidator, BaseModel, Field
-
-from payorders.core.tokens import Scope
-from payorders.service.auth import requires
 
 EVENT_ID_PREFIX = "evt_"
 EVENT_ID_PATTERN = r"^evt_[0-9]{16}$"
@@ -131,44 +126,3 @@ class EventFeed:
             rows = await conn.fetch(SQL_FEED, start, limit)
         events = [render(r) for r in rows]
         return {"events": events, "next_after": events[-1]["id"] if events else after}
-
-
-# --- the route (``payorders.service.app`` adds it) ------------------------------------------
-
-
-def _event_id(value: str | None) -> str | None:
-    if value is not None:
-        outbox_id(value)  # raises ValueError naming the rule: a 422
-    return value
-
-
-class EventFeedOut(BaseModel):
-    events: list[dict[str, Any]] = Field(
-        description="the order events after `after`, in id order (commit order), with the"
-        " bodies the relay pushes"
-    )
-    next_after: str | None = Field(
-        description="the last event's id (the given `after` when there was none): pass it as"
-        " `after` next time"
-    )
-
-
-def add_routes(app: FastAPI) -> None:
-    """``GET /v1/events`` (scope ``read``): the pull feed of order events. The app's
-    lifespan puts an ``EventFeed`` at ``app.state.event_feed``."""
-
-    @app.get("/v1/events", response_model=EventFeedOut, dependencies=[requires(Scope.READ)])
-    async def list_events(
-        request: Request,
-        after: Annotated[
-            str | None,
-            Query(description="an event id, e.g. evt_0000000000000123; omitted: from the first"),
-            AfterValidator(_event_id),
-        ] = None,
-        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
-    ) -> EventFeedOut:
-        """Order events after ``after``, oldest first, at most ``limit``: the same bodies
-        the relay POSTs to the order service. Ids grow in commit order, so a reader that
-        passes back ``next_after`` misses none."""
-        feed: EventFeed = request.app.state.event_feed
-        return EventFeedOut.model_validate(await feed.after(after, limit))
