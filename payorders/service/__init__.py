@@ -1,2 +1,3 @@
-"""The service API: the FastAPI app checkout and the gateways call, webhook signature
-checks, its metrics and errors."""
+"""The service API: the FastAPI app checkout and the gateways call (``app`` assembles one
+router per resource), webhook signature checks, its metrics and errors; the order-events
+relay."""

@@ -1,18 +1,26 @@
-"""The service API (FastAPI): checkout, reads, and the gateway webhook adapter.
+"""The service API (FastAPI): the app, assembled from one router per resource.
 
 Every ``/v1`` route but the webhooks needs a bearer token holding one of its scopes
-(``payorders.service.auth``; ``admin`` may do everything):
+(``payorders.service.auth``; ``admin`` may do everything). Each resource is a package of
+its router (``endpoints``) and what it takes and answers (``schemas``):
 
-- ``POST /v1/pay-orders`` and ``POST /v1/pay-orders/{no}/cancel``: ``checkout``;
-  ``GET /v1/pay-orders/{no}``: ``checkout`` or ``read``.
-- ``POST /v1/operator-refunds``: ``refund``; ``GET /v1/operator-refunds/{txn_id}``: ``read``
-  or ``refund`` (an operator refunds money captured for a pay order we never had).
-- ``POST /v1/webhooks/gateway`` is authenticated by its signature instead. It answers 2xx
-  only once Temporal has accepted the payment, 4xx for what must never be retried, and
-  503 while Temporal (or the gateway, to verify against) cannot be reached.
-- ``GET /v1/events`` (``read``) is the order events' pull feed (``service.events``).
-- ``/healthz`` is liveness; ``/readyz`` is ready only when Temporal and PostgreSQL answer.
-- ``/metrics`` is Prometheus's (no token; see ``payorders.service.metrics``).
+- ``pay_orders``: ``POST /v1/pay-orders`` and ``POST /v1/pay-orders/{no}/cancel``:
+  ``checkout``; ``GET /v1/pay-orders/{no}``: ``checkout`` or ``read``.
+- ``operator_refunds``: ``POST /v1/operator-refunds``: ``refund``;
+  ``GET /v1/operator-refunds/{txn_id}``: ``read`` or ``refund`` (an operator refunds money
+  captured for a pay order we never had).
+- ``webhooks``: ``POST /v1/webhooks/gateway`` and ``POST /v1/webhooks/stripe``,
+  authenticated by their signature instead. Each answers 2xx only once Temporal has
+  accepted the payment, 4xx for what must never be retried, and 503 while Temporal (or the
+  gateway, to verify against) cannot be reached.
+- ``events``: ``GET /v1/events`` (``read``), the order events' pull feed.
+- ``system``: ``/healthz`` (liveness), ``/readyz`` (ready only when Temporal and PostgreSQL
+  answer) and ``/metrics`` (Prometheus's), without a token.
+
+Beneath them: ``deps`` (what a route depends on), ``http`` (the error answer, the body
+limit) and ``auth``. Another resource is one more such package, its router an
+``APIRouter(route_class=auth.ScopedRoute)``, and one more ``include_router`` here:
+``guard`` refuses to build the app while one of its ``/v1`` routes declares no scope.
 
 Run with ``uvicorn --factory payorders.service.app:app``.
 """
@@ -22,26 +30,23 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.responses import JSONResponse
 
 from payorders import logs
 from payorders import pay_orders as payorders_api
 from payorders.core import secrets
 from payorders.core.settings import Settings
 from payorders.core.tokens import Caller
-from payorders.pay_orders import (
-    PayOrders,
-)
+from payorders.pay_orders import PayOrders
 from payorders.runtime import database_url, open_resources, settings_or_exit
 from payorders.service import metrics as api_metrics
+from payorders.service import system
 from payorders.service.auth import guard
-from payorders.service.deps import Deps, DepsDep
+from payorders.service.deps import Deps
 from payorders.service.errors import ApiError
 from payorders.service.events import endpoints as events
 from payorders.service.events import feed
@@ -53,7 +58,7 @@ from payorders.service.webhooks import endpoints as webhooks
 log = logging.getLogger("payorders.pay_orders")
 
 
-# --- request and response models ---------------------------------------------------------
+# --- what the exception handlers say --------------------------------------------------------
 
 
 def _problem(error: Any) -> str:
@@ -87,7 +92,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     Raises:
         SecretRefused: no API token, or a weak one (``secrets.token_book``).
-        RuntimeError: a ``/v1`` route declares no scope (``auth.guard``).
+        RuntimeError: a ``/v1`` route declares no scope, or an included router's route
+            does not say its scopes in its OpenAPI (``auth.guard``).
     """
     token_book = secrets.token_book(settings)
     if settings.api_token is not None:
@@ -151,32 +157,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(operator_refunds.router)
     app.include_router(events.router)
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        """Prometheus exposition of the default registry (``payorders_api_*``,
-        ``payorders_gateway_*``, the process); not itself counted in the request metrics."""
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/readyz", responses={503: {"description": "not ready"}})
-    async def readyz(deps: DepsDep) -> JSONResponse:
-        checks: dict[str, str] = {}
-        try:
-            await deps.store.ping()
-            checks["postgres"] = "ok"
-        except Exception as e:
-            checks["postgres"] = type(e).__name__
-        try:
-            await deps.client.service_client.check_health(timeout=timedelta(seconds=2))
-            checks["temporal"] = "ok"
-        except Exception as e:
-            checks["temporal"] = type(e).__name__
-        ready = all(v == "ok" for v in checks.values())
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    app.include_router(system.router)
 
     guard(app.routes, public=SIGNED_ROUTES)
     return app
