@@ -53,6 +53,7 @@ from payorders.service.events import feed
 from payorders.service.http import BodyLimit, error_response
 from payorders.service.operator_refunds import endpoints as operator_refunds
 from payorders.service.pay_orders import endpoints as pay_orders
+from payorders.service.refunds import endpoints as refunds
 from payorders.service.webhooks import endpoints as webhooks
 
 log = logging.getLogger("payorders.pay_orders")
@@ -156,6 +157,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(pay_orders.router)
     app.include_router(webhooks.router)
     app.include_router(operator_refunds.router)
+    app.include_router(refunds.router)
     app.include_router(events.router)
     app.include_router(system.router)
 

@@ -117,6 +117,15 @@ ROUTES: dict[str, tuple[str, str, tuple[Scope, ...], int]] = {
         404,
     ),
     "events": ("GET", "/v1/events", (Scope.READ,), 200),
+    # An unpaid pay order: past authentication, refused as not refundable, nothing moves.
+    "refund": ("POST", "/v1/pay-orders/{no}/refunds", (Scope.REFUND,), 409),
+    "refunds": ("GET", "/v1/pay-orders/{no}/refunds", (Scope.READ, Scope.REFUND), 200),
+    "get-refund": (
+        "GET",
+        "/v1/pay-orders/{no}/refunds/r-never",
+        (Scope.READ, Scope.REFUND),
+        404,
+    ),
 }
 
 
@@ -131,6 +140,8 @@ async def request(
         kwargs["json"] = {"order_no": new_order(), "amount": 100, "currency": "USD"}
     elif route == "operator-refund":
         kwargs["json"] = {"txn_id": "txn_never_captured"}
+    elif route == "refund":
+        kwargs["json"] = {"refund_no": "r-scope", "amount": 10}
     resp = await http.request(method, path.format(no=no), headers=headers, **kwargs)
     return resp, no
 

@@ -34,6 +34,9 @@ ROUTE_SCOPES = {
     ("POST", "/v1/operator-refunds"): (Scope.REFUND,),
     ("GET", "/v1/operator-refunds/{txn_id}"): (Scope.READ, Scope.REFUND),
     ("GET", "/v1/events"): (Scope.READ,),
+    ("POST", "/v1/pay-orders/{pay_order_no}/refunds"): (Scope.REFUND,),
+    ("GET", "/v1/pay-orders/{pay_order_no}/refunds"): (Scope.READ, Scope.REFUND),
+    ("GET", "/v1/pay-orders/{pay_order_no}/refunds/{refund_no}"): (Scope.READ, Scope.REFUND),
 }
 
 
