@@ -21,6 +21,7 @@ from payorders.core.merchant_refunds import MerchantRefunds, RefundRefused, Refu
 from payorders.core.models import MerchantRefundResult, RecordPayment
 from payorders.gateways.port import RefundRequest
 from payorders.sandbox.ledger import InProcessResources
+from payorders.service.events.feed import EventFeed
 
 from ..conftest import Stack, order_no, pay, running_stack
 from .test_store import new_order, payment
@@ -179,6 +180,18 @@ async def test_success_and_failure_are_final_and_announced_once(svc: InProcessRe
         600,
         "charge too old",
     )
+    # As the order service receives them (the relay's and the feed's body).
+    bodies, after = [], None
+    while page := (await EventFeed(svc.pool).after(after, 1000))["events"]:
+        bodies += [e for e in page if e["pay_order_no"] == no]
+        after = page[-1]["id"]
+    bodies = bodies[1:]  # after its pay_order.succeeded
+    assert [(e["type"], e["data"]["refund"]["refund_no"]) for e in bodies] == [
+        ("refund.succeeded", ok),
+        ("refund.failed", bad),
+    ]
+    assert bodies[1]["data"]["refund"]["failure_reason"] == "charge too old"
+    assert bodies[1]["data"]["refund"]["refundable"] == 600
     async with svc.pool.acquire() as conn:
         with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="terminal"):
             await conn.execute(

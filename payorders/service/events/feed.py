@@ -62,12 +62,18 @@ def outbox_id(event_id: str) -> int:
 
 
 def _refund(payload: Mapping[str, Any]) -> dict[str, Any]:
-    return {
+    refund = {
         "refund_key": payload["refund_key"],
         "txn_id": payload["txn_id"],
         "amount": payload["amount"],
         "currency": payload["currency"],
     }
+    if "refund_no" in payload:
+        # A merchant refund (after PAY_SUCCESS, migration 0009); a compensation's body stays
+        # byte for byte what it was.
+        for k in ("refund_no", "source", "refundable", "failure_reason"):
+            refund[k] = payload[k]
+    return refund
 
 
 def render(row: Mapping[str, Any] | asyncpg.Record) -> dict[str, Any]:
@@ -94,7 +100,7 @@ def render(row: Mapping[str, Any] | asyncpg.Record) -> dict[str, Any]:
             "status": row["pay_order_status"],
             "reason": reason,
             "txn_id": payload.get("txn_id"),
-            "refund": _refund(payload) if kind == "refund.succeeded" else None,
+            "refund": _refund(payload) if kind in ("refund.succeeded", "refund.failed") else None,
         },
     }
 
