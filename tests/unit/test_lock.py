@@ -85,3 +85,17 @@ def test_the_image_installs_only_the_runtime_from_the_lock() -> None:
         assert "--extra" not in run and "--all-extras" not in run, run
     assert not [r for r in runs if re.search(r"pip install (?!.*--require-hashes)", r)], runs
     assert "uv-requirements.txt" in text
+
+
+def test_every_package_of_the_product_is_in_the_image() -> None:
+    """The image installs the project without an editable checkout: a package missing from
+    ``[tool.setuptools] packages`` is missing there (and the worker fails to import it)."""
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for top in ("payorders", "workflows", "activities")
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    assert found - listed == set(), "add these to [tool.setuptools] packages"
