@@ -7,6 +7,7 @@ idempotency key, so Temporal may retry any of them at any moment.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from temporalio import activity
@@ -221,17 +222,13 @@ class PayOrderActivities:
             currency=row.currency,
         )
         try:
-            refund = await self._refund_or_resolve(request)
+            refund = await self._confirmed_refund(
+                request, lambda error: refunds.note_attempt(row.refund_no, attempt, error)
+            )
         except GatewayRejected as e:
             await refunds.fail(row.refund_no, str(e))
             log.error("merchant refund %s refused by the gateway: %s", row.refund_no, e)
             return _merchant_result(await refunds.get(row.refund_no) or row)
-        except (GatewayUnavailable, GatewayAmbiguous) as e:
-            await refunds.note_attempt(row.refund_no, attempt, str(e))
-            raise
-        await refunds.note_attempt(row.refund_no, attempt, None)
-        if refund.status is RefundStatus.PENDING:
-            raise ApplicationError("refund accepted, not yet confirmed", type="RefundPending")
         await refunds.succeed(row.refund_no, refund.gateway_refund_id)
         return _merchant_result(await refunds.get(row.refund_no) or row)
 
@@ -255,7 +252,9 @@ class PayOrderActivities:
             currency=cmd.currency,
         )
         try:
-            refund = await self._refund_or_resolve(request)
+            refund = await self._confirmed_refund(
+                request, lambda error: ledger.note_refund_attempt(cmd.refund_key, attempt, error)
+            )
         except GatewayRejected as e:
             if await ledger.reject_refund(cmd.refund_key, str(e)):
                 metrics.REFUNDS_REJECTED.add(meter)
@@ -263,12 +262,6 @@ class PayOrderActivities:
             return RefundOutcome(
                 refund_key=cmd.refund_key, status=RefundStatus.REJECTED, gateway_refund_id=None
             )
-        except (GatewayUnavailable, GatewayAmbiguous) as e:
-            await ledger.note_refund_attempt(cmd.refund_key, attempt, str(e))
-            raise
-        await ledger.note_refund_attempt(cmd.refund_key, attempt, None)
-        if refund.status is RefundStatus.PENDING:
-            raise ApplicationError("refund accepted, not yet confirmed", type="RefundPending")
         if await ledger.confirm_refund(cmd.refund_key, refund.gateway_refund_id):
             # Only the attempt whose write moved the row PENDING -> SUCCEEDED: once per key.
             metrics.REFUNDS_CONFIRMED.add(meter)
@@ -277,6 +270,26 @@ class PayOrderActivities:
             status=RefundStatus.SUCCEEDED,
             gateway_refund_id=refund.gateway_refund_id,
         )
+
+    async def _confirmed_refund(
+        self, request: RefundRequest, note: Callable[[str | None], Awaitable[None]]
+    ) -> GatewayRefund:
+        """The gateway's confirmed refund of ``request``; each attempt's error (or None) is
+        noted on its row. A refund the gateway accepted but has not confirmed, and anything
+        ambiguous, raise for Temporal to retry under the same key.
+
+        Raises:
+            GatewayRejected: the gateway's final refusal (not retried).
+        """
+        try:
+            refund = await self._refund_or_resolve(request)
+        except (GatewayUnavailable, GatewayAmbiguous) as e:
+            await note(str(e))
+            raise
+        await note(None)
+        if refund.status is RefundStatus.PENDING:
+            raise ApplicationError("refund accepted, not yet confirmed", type="RefundPending")
+        return refund
 
     async def _refund_or_resolve(self, request: RefundRequest) -> GatewayRefund:
         try:

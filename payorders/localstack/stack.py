@@ -513,9 +513,8 @@ class DevStack:
         tuning, as its own worker and API read them; the starter's settings travel in each
         workflow's input, so they must agree with the worker's."""
         env = self.child_env()
-        names = (*self.tuning, *self._addresses(), *self._client_secrets())
-        values: dict[str, Any] = {_env_field(k): env[k] for k in names}
-        values["api_token"] = self.secrets["PAYORDERS_API_TOKEN"]
+        values: dict[str, Any] = {_env_field(k): env[k] for k in (*self.tuning, *self._addresses())}
+        values.update({_env_field(k): v for k, v in self.client_variables().items()})
         if self.isolated:
             return _settings_without_environment(values)
         return Settings(**values)
