@@ -220,6 +220,7 @@ class PayOrderActivities:
             txn_id=row.txn_id,
             amount=row.amount,
             currency=row.currency,
+            refund_no=row.refund_no,
         )
         try:
             refund = await self._confirmed_refund(
@@ -289,6 +290,12 @@ class PayOrderActivities:
         await note(None)
         if refund.status is RefundStatus.PENDING:
             raise ApplicationError("refund accepted, not yet confirmed", type="RefundPending")
+        if refund.status is RefundStatus.REJECTED:
+            # Accepted, then failed at the gateway (Stripe: a refund ``failed`` or ``canceled``
+            # days later, found under our key): a final refusal, never a success.
+            raise GatewayRejected(
+                f"refund {refund.gateway_refund_id} of {request.txn_id} failed at the gateway"
+            )
         return refund
 
     async def _refund_or_resolve(self, request: RefundRequest) -> GatewayRefund:

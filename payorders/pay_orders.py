@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -46,12 +47,13 @@ from temporalio.service import RetryConfig, RPCError, RPCStatusCode
 from payorders.core import domain
 from payorders.core import search_attributes as sa
 from payorders.core.domain import MerchantRefundStatus, PayOrderStatus, RefundStatus
-from payorders.core.merchant_refunds import Opened
+from payorders.core.merchant_refunds import Opened, RefundRefused, SeenAtGateway
 from payorders.core.models import (
     PAY_ORDER_VERSION,
     CancelResult,
     Checkout,
     LateRefundInput,
+    MerchantRefund,
     MerchantRefundInput,
     OperatorRefund,
     OperatorRefundInput,
@@ -63,7 +65,20 @@ from payorders.core.models import (
 )
 from payorders.core.settings import Settings
 from payorders.core.store import PayOrderStore
-from payorders.gateways.port import Gateway
+from payorders.gateways.port import Gateway, GatewayRefund
+
+log = logging.getLogger(__name__)
+
+
+async def workflow_running(client: Client, workflow_id: str) -> bool:
+    """Whether a workflow of that id is running now (False: none, or it has closed)."""
+    try:
+        desc = await client.get_workflow_handle(workflow_id).describe()
+    except RPCError as e:
+        if e.status is RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    return desc.status is WorkflowExecutionStatus.RUNNING
 
 
 class UnknownPayOrder(LookupError):
@@ -532,9 +547,16 @@ class PayOrders:
             now=now or datetime.now(UTC),
             window=timedelta(days=self._settings.refund_window_days),
         )
-        r = opened.refund
-        if r.status is not MerchantRefundStatus.REFUNDING:
-            return opened
+        if opened.refund.status is MerchantRefundStatus.REFUNDING:
+            await self.run_merchant_refund(opened.refund, requested_by=requested_by)
+        return opened
+
+    async def run_merchant_refund(
+        self, r: MerchantRefund, *, requested_by: str | None = None
+    ) -> None:
+        """Start (or join) the workflow of an open merchant refund; reconciliation calls it
+        for a ``REFUNDING`` row whose workflow never started (Temporal was down when the API
+        opened the row, and nobody asked again) or was terminated."""
         # It completed between our read and the start: the row says how.
         with contextlib.suppress(WorkflowAlreadyStartedError):
             await self._client.start_workflow(
@@ -557,7 +579,43 @@ class PayOrders:
                 static_summary=f"merchant refund {r.refund_no}: {r.amount} {r.currency} of"
                 f" {r.pay_order_no}" + (f", asked by {requested_by}" if requested_by else ""),
             )
-        return opened
+
+    async def record_gateway_refunds(self, made: list[GatewayRefund]) -> list[MerchantRefund]:
+        """Record, as merchant refunds with ``source: gateway``, the refunds the gateway
+        confirmed that none of our rows holds (made at its dashboard); ours, and those
+        recorded before, are left alone. Returns the ones recorded now.
+
+        A refund that is no merchant refund (of a late or duplicate payment, or more than the
+        order's amount) is logged and left to reconciliation, which reports it.
+        """
+        recorded: list[MerchantRefund] = []
+        for r in made:
+            if r.status is not RefundStatus.SUCCEEDED:
+                continue  # pending at the gateway: its next notification, or reconciliation
+            seen = SeenAtGateway(
+                key=r.idempotency_key,
+                gateway_refund_id=r.gateway_refund_id,
+                txn_id=r.txn_id,
+                amount=r.amount,
+                currency=r.currency,
+                created_at=r.created_at,
+            )
+            try:
+                row = await self._store.merchant_refunds.record_gateway_made(seen)
+            except RefundRefused as e:
+                log.warning("gateway refund %s not recorded: %s", r.gateway_refund_id, e)
+                continue
+            if row is not None:
+                log.info(
+                    "refund %s made at the gateway recorded as %s (%d %s of %s)",
+                    r.gateway_refund_id,
+                    row.refund_no,
+                    row.amount,
+                    row.currency,
+                    row.pay_order_no,
+                )
+                recorded.append(row)
+        return recorded
 
     async def refund_orphan_payment(
         self, txn_id: str, *, gateway: Gateway, requested_by: str | None = None

@@ -204,8 +204,10 @@ class MerchantRefunds:
     """What a paid pay order's merchant refunds add up to (DESIGN.md, "The fund identity").
 
     ``refunded`` is confirmed by the gateway, ``in_flight`` asked for and not yet
-    confirmed; ``refundable`` is what may still be asked for. ``0 <= refunded + in_flight
-    <= amount`` always; the customer finally keeps ``amount - refunded``.
+    confirmed; ``refundable`` is what may still be asked for. ``0 <= refunded <= amount``
+    always, and ``refunded + in_flight <= amount`` for what we ask; a refund made at the
+    gateway's dashboard can briefly leave less than our refunds in flight (the gateway then
+    refuses one of ours). The customer finally keeps ``amount - refunded``.
     """
 
     amount: int
@@ -214,11 +216,11 @@ class MerchantRefunds:
 
     @property
     def refundable(self) -> int:
-        return self.amount - self.refunded - self.in_flight
+        return max(0, self.amount - self.refunded - self.in_flight)
 
     @property
     def holds(self) -> bool:
-        return self.refunded >= 0 and self.in_flight >= 0 and self.refundable >= 0
+        return 0 <= self.refunded <= self.amount and self.in_flight >= 0
 
 
 def refund_window_closed(*, paid_at: datetime, now: datetime, window: timedelta) -> bool:

@@ -53,10 +53,50 @@ UPDATE merchant_refund
    SET status = 'REFUND_FAILED', failure_reason = $2, finished_at = now()
  WHERE refund_no = $1 AND status = 'REFUNDING'
 RETURNING *"""
+SQL_PAYMENT = "SELECT * FROM payment WHERE txn_id = $1"
+# Is this gateway refund one of ours, of any kind? Ours carry our key; the id is checked too.
+SQL_KNOWN = """
+SELECT EXISTS (SELECT 1 FROM merchant_refund
+                WHERE idempotency_key = $1 OR gateway_refund_id = $2)
+    OR EXISTS (SELECT 1 FROM refund WHERE refund_key = $1 OR gateway_refund_id = $2)
+    OR EXISTS (SELECT 1 FROM operator_refund WHERE refund_key = $1 OR gateway_refund_id = $2)"""
+SQL_INSERT_GATEWAY_MADE = """
+INSERT INTO merchant_refund
+       (refund_no, pay_order_no, txn_id, amount, currency, reason, source, idempotency_key,
+        status, gateway_refund_id, created_at, finished_at)
+VALUES ($1, $2, $3, $4, $5, 'made at the gateway', 'gateway', $6, 'REFUND_SUCCESS', $7, $8,
+        now())
+ON CONFLICT DO NOTHING
+RETURNING *"""
 SQL_INSERT_EVENT = """
 INSERT INTO outbox (event_type, pay_order_no, dedupe_key, payload)
 VALUES ($1, $2, $3, $4::jsonb)
 ON CONFLICT (dedupe_key) DO NOTHING"""
+
+
+GATEWAY_REFUND_PREFIX = "gateway-"
+"""The ``refund_no`` of a refund made at the gateway: this prefix and the gateway's refund id."""
+
+
+def gateway_refund_no(gateway_refund_id: str) -> str:
+    """The ``refund_no`` we give a refund made at the gateway's dashboard (48 characters at
+    most, of the shape every ``refund_no`` has)."""
+    safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in gateway_refund_id)
+    return (GATEWAY_REFUND_PREFIX + safe)[:48]
+
+
+@dataclass(frozen=True)
+class SeenAtGateway:
+    """A refund the gateway holds for a transaction of ours, in our words."""
+
+    key: str
+    """Its idempotency key at the gateway (ours: ``mrefund-...``, ``refund-...``), or the
+    gateway's refund id where it has no key of ours (a dashboard refund)."""
+    gateway_refund_id: str
+    txn_id: str
+    amount: int
+    currency: str
+    created_at: datetime
 
 
 class Refusal(StrEnum):
@@ -218,6 +258,60 @@ class MerchantRefunds:
         ``refund.failed`` event; False when it had finished before."""
         return await self._finish(refund_no, SQL_FAIL, reason, "refund.failed")
 
+    async def record_gateway_made(self, seen: SeenAtGateway) -> MerchantRefund | None:
+        """Record a refund the gateway made outside payorders (at its dashboard) as a
+        merchant refund with ``source: gateway``, already ``REFUND_SUCCESS``, with its
+        ``refund.succeeded`` event, in one transaction under the pay order's lock.
+
+        Returns None, writing nothing, when the refund is one of ours (a merchant refund, a
+        compensation or an operator's refund: by key or by the gateway's id) or was recorded
+        before: a refund we sent is never recorded twice when its notification comes too.
+
+        Raises:
+            RefundRefused: the transaction is not the settling payment of a ``PAY_SUCCESS``
+                order (a refund of a late or duplicate payment is the saga's to explain), or
+                the refund would take the order past its amount. Nothing was written.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            payment = await conn.fetchrow(SQL_PAYMENT, seen.txn_id)
+            if payment is None:
+                raise RefundRefused(Refusal.NOT_FOUND, f"no payment {seen.txn_id} here")
+            order = await conn.fetchrow(SQL_LOCK_PAY_ORDER, payment["pay_order_no"])
+            assert order is not None  # the payment's foreign key
+            if await conn.fetchval(SQL_KNOWN, seen.key, seen.gateway_refund_id):
+                return None
+            status = PayOrderStatus(order["status"])
+            if status is not PayOrderStatus.PAY_SUCCESS or not payment["settled"]:
+                raise RefundRefused(
+                    Refusal.NOT_PAID,
+                    f"gateway refund {seen.gateway_refund_id} of {seen.txn_id}: not the payment"
+                    f" that settled a paid order ({order['pay_order_no']} is {status.value})",
+                    status=status.value,
+                )
+            totals = await _totals(conn, order["pay_order_no"], order["amount"])
+            if totals.refunded + seen.amount > order["amount"]:
+                raise RefundRefused(
+                    Refusal.EXCEEDS,
+                    f"gateway refund {seen.gateway_refund_id} of {seen.amount} would take"
+                    f" {order['pay_order_no']} past its amount ({totals.refunded} refunded)",
+                    refundable=totals.refundable,
+                )
+            rec = await conn.fetchrow(
+                SQL_INSERT_GATEWAY_MADE,
+                gateway_refund_no(seen.gateway_refund_id),
+                order["pay_order_no"],
+                seen.txn_id,
+                seen.amount,
+                seen.currency,
+                seen.key,
+                seen.gateway_refund_id,
+                seen.created_at,
+            )
+            if rec is None:
+                return None  # recorded meanwhile (the key, id or refund_no is taken)
+            await _event(conn, rec, "refund.succeeded", order["amount"])
+            return _refund(rec)
+
     async def _finish(self, refund_no: str, sql: str, value: str, event_type: str) -> bool:
         async with self._pool.acquire() as conn, conn.transaction():
             rec = await conn.fetchrow(sql, refund_no, value)
@@ -227,23 +321,28 @@ class MerchantRefunds:
                 return False
             order = await conn.fetchrow(SQL_LOCK_PAY_ORDER, rec["pay_order_no"])
             assert order is not None  # the refund's foreign key
-            totals = await _totals(conn, rec["pay_order_no"], order["amount"])
-            payload = {
-                "pay_order_no": rec["pay_order_no"],
-                "refund_no": refund_no,
-                "refund_key": rec["idempotency_key"],
-                "txn_id": rec["txn_id"],
-                "amount": rec["amount"],
-                "currency": rec["currency"].strip(),
-                "source": rec["source"],
-                "failure_reason": rec["failure_reason"],
-                "refundable": totals.refundable,
-            }
-            await conn.execute(
-                SQL_INSERT_EVENT,
-                event_type,
-                rec["pay_order_no"],
-                f"{event_type}:{rec['idempotency_key']}",
-                json.dumps(payload),
-            )
+            await _event(conn, rec, event_type, order["amount"])
             return True
+
+
+async def _event(conn: Any, rec: asyncpg.Record, event_type: str, order_amount: int) -> None:
+    """The refund's order event, in the caller's transaction (which holds the order's lock)."""
+    totals = await _totals(conn, rec["pay_order_no"], order_amount)
+    payload = {
+        "pay_order_no": rec["pay_order_no"],
+        "refund_no": rec["refund_no"],
+        "refund_key": rec["idempotency_key"],
+        "txn_id": rec["txn_id"],
+        "amount": rec["amount"],
+        "currency": rec["currency"].strip(),
+        "source": rec["source"],
+        "failure_reason": rec["failure_reason"],
+        "refundable": totals.refundable,
+    }
+    await conn.execute(
+        SQL_INSERT_EVENT,
+        event_type,
+        rec["pay_order_no"],
+        f"{event_type}:{rec['idempotency_key']}",
+        json.dumps(payload),
+    )

@@ -206,6 +206,10 @@ class HttpGateway:
         resp = await self._call("query_capture", "GET", f"/v1/captures/{txn_id}", ok_404=True)
         return None if resp is None else _capture(resp.json())
 
+    async def refunds_of(self, txn_id: str) -> list[GatewayRefund]:
+        resp = await self._call("refunds_of", "GET", f"/v1/captures/{txn_id}/refunds", ok_404=True)
+        return [] if resp is None else [_refund(r) for r in resp.json()["refunds"]]
+
     async def statement(self, start: datetime, end: datetime) -> Statement:
         resp = await self._call(
             "statement",

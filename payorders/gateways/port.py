@@ -77,6 +77,9 @@ class RefundRequest:
     txn_id: str
     amount: int
     currency: str
+    refund_no: str | None = None
+    """The shop's ``refund_no`` of a merchant refund (None for a compensation): carried to
+    the gateway where it has a place for it (Stripe ``metadata.refund_no``)."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,12 @@ class Gateway(Protocol):
 
     async def query_capture(self, txn_id: str) -> Capture | None:
         """The capture of a transaction, to verify a notification against the gateway."""
+        ...
+
+    async def refunds_of(self, txn_id: str) -> list[GatewayRefund]:
+        """Every refund of transaction ``txn_id`` the gateway holds, whoever made it (ours
+        under our keys, and the ones made at the gateway's dashboard): what a refund
+        notification is believed by."""
         ...
 
     async def statement(self, start: datetime, end: datetime) -> Statement:

@@ -55,6 +55,8 @@ PAGE = 100
 
 PAY_ORDER_KEY = "pay_order_no"
 REFUND_KEY = "idempotency_key"
+REFUND_NO_KEY = "refund_no"
+"""A merchant refund's ``refund_no``, for whoever reads the refund at Stripe's dashboard."""
 
 
 class StripeKeyRefused(Exception):
@@ -284,6 +286,7 @@ class StripeGateway:
                         "metadata": {
                             REFUND_KEY: request.idempotency_key,
                             PAY_ORDER_KEY: request.pay_order_no,
+                            **({REFUND_NO_KEY: request.refund_no} if request.refund_no else {}),
                         },
                     },
                     {"idempotency_key": request.idempotency_key},
@@ -301,7 +304,8 @@ class StripeGateway:
             if pi is None or pi.status != "succeeded":
                 return None
             for r in await self._refunds_of(calls, pi.id):
-                if _meta(r, REFUND_KEY) == idempotency_key:
+                # A refund made at the dashboard has no key of ours: its id is its key.
+                if (_meta(r, REFUND_KEY) or r.id) == idempotency_key:
                     return _refund_of(r, pi.id)
             return None
 
@@ -315,6 +319,15 @@ class StripeGateway:
             return await self._capture(calls, pi)
 
         return await self._run("query_capture", work)
+
+    async def refunds_of(self, txn_id: str) -> list[GatewayRefund]:
+        async def work(calls: _Calls) -> list[GatewayRefund]:
+            pi = await self._intent(calls, txn_id)
+            if pi is None or pi.status != "succeeded":
+                return []
+            return [_refund_of(r, pi.id) for r in await self._refunds_of(calls, pi.id)]
+
+        return await self._run("refunds_of", work)
 
     async def statement(self, start: datetime, end: datetime) -> Statement:
         async def work(calls: _Calls) -> Statement:

@@ -250,7 +250,35 @@ async def create_refund(
         currency=domain.check_currency(body["currency"]),
     )
     try:
-        refund = await _unless_client_leaves(request, gateway.refund_detailed(refund_request))
+        refund = await _unless_client_leaves(
+            request, gateway.refund_detailed(refund_request, notify=True)
+        )
+    except GatewayRejected as e:
+        raise ApiError(422, "refund_rejected", str(e)) from None
+    return _refund_json(refund)
+
+
+@router.get("/v1/captures/{txn_id}/refunds")
+async def refunds_of_capture(gateway: Sandbox, txn_id: str) -> dict[str, Any]:
+    """Every refund of one capture, whoever made it: ours and the dashboard's."""
+    if await gateway.query_capture(txn_id) is None:
+        raise ApiError(404, "not_found", f"no capture {txn_id}")
+    return {
+        "txn_id": txn_id,
+        "refunds": [_refund_json(r) for r in await gateway.refunds_of(txn_id)],
+    }
+
+
+@router.post("/v1/dashboard/refunds", status_code=201)
+async def dashboard_refund(gateway: Sandbox, body: JsonObject) -> dict[str, Any]:
+    """What the shop's staff do at a gateway's dashboard: refund a capture, not through
+    payorders. The refund gets a key of the gateway's own and its ``refund.succeeded``
+    webhook, as every refund does (sandbox only)."""
+    _only_fields(body, required=frozenset({"txn_id", "amount"}))
+    txn_id = domain.check_identifier(body["txn_id"], "txn_id")
+    amount = domain.check_amount(body["amount"])
+    try:
+        refund = await gateway.dashboard_refund(txn_id=txn_id, amount=amount)
     except GatewayRejected as e:
         raise ApiError(422, "refund_rejected", str(e)) from None
     return _refund_json(refund)

@@ -251,28 +251,55 @@ class SandboxGateway:
 
     async def _queue_webhook(self, conn: Conn, capture: Capture) -> None:
         """One delivery row for a new capture, shaped by the webhook faults armed now."""
-        no = capture.pay_order_no
-        faults = await self._faults(no, conn)
-        duplicate = await self._consume(no, "webhook_duplicate_next", conn)
-        drop = await self._consume(no, "webhook_drop_next", conn)
-        reorder = await self._consume(no, "webhook_reorder_next", conn)
-        hold_s = faults.webhook_delay_ms / 1000 + (REORDER_HOLD_S if reorder else 0)
         event = webhook.PaymentEvent(
             event_id=f"evt_{uuid.uuid4().hex}",
-            pay_order_no=no,
+            pay_order_no=capture.pay_order_no,
             txn_id=capture.txn_id,
             amount=capture.amount,
             currency=capture.currency,
             paid_at=capture.captured_at,
         )
+        await self._queue_delivery(
+            conn,
+            event.event_id,
+            event.pay_order_no,
+            event.txn_id,
+            webhook.payment_event_body(event),
+        )
+
+    async def _queue_refund_webhook(
+        self, conn: Conn, pay_order_no: str, rec: asyncpg.Record
+    ) -> None:
+        """The ``refund.succeeded`` webhook of a new refund, ours or the dashboard's (a real
+        gateway notifies every refund, whoever asked for it)."""
+        event_id = f"evt_{uuid.uuid4().hex}"
+        body = webhook.refund_event_body(
+            event_id,
+            pay_order_no=pay_order_no,
+            txn_id=rec["txn_id"],
+            refund_id=rec["gateway_refund_id"],
+            amount=rec["amount"],
+            currency=rec["currency"],
+            refunded_at=rec["created_at"],
+        )
+        await self._queue_delivery(conn, event_id, pay_order_no, rec["txn_id"], body)
+
+    async def _queue_delivery(
+        self, conn: Conn, event_id: str, no: str, txn_id: str, body: bytes
+    ) -> None:
+        faults = await self._faults(no, conn)
+        duplicate = await self._consume(no, "webhook_duplicate_next", conn)
+        drop = await self._consume(no, "webhook_drop_next", conn)
+        reorder = await self._consume(no, "webhook_reorder_next", conn)
+        hold_s = faults.webhook_delay_ms / 1000 + (REORDER_HOLD_S if reorder else 0)
         await conn.execute(
             f"INSERT INTO {self._s}.webhook_delivery (event_id, pay_order_no, txn_id, body,"
             " copies, drop_first, next_attempt_at)"
             " VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7))",
-            event.event_id,
+            event_id,
             no,
-            event.txn_id,
-            webhook.payment_event_body(event),
+            txn_id,
+            body,
             2 if duplicate else 1,
             drop,
             hold_s,
@@ -429,11 +456,36 @@ class SandboxGateway:
     async def refund(self, request: RefundRequest) -> GatewayRefund:
         return _refund(await self._refund_row(request))
 
-    async def refund_detailed(self, request: RefundRequest) -> SandboxRefund:
-        """``refund``, with the sandbox's own detail (how long making the refund took)."""
-        return _sandbox_refund(await self._refund_row(request))
+    async def refund_detailed(
+        self, request: RefundRequest, *, notify: bool = False
+    ) -> SandboxRefund:
+        """``refund``, with the sandbox's own detail (how long making the refund took).
 
-    async def _refund_row(self, request: RefundRequest) -> asyncpg.Record:
+        With ``notify`` a new refund also queues its ``refund.succeeded`` webhook, in the
+        same transaction (a replayed one queues nothing more).
+        """
+        return _sandbox_refund(await self._refund_row(request, notify=notify))
+
+    async def dashboard_refund(self, *, txn_id: str, amount: int) -> SandboxRefund:
+        """A refund made at the gateway's dashboard by the shop's staff, not through us: a
+        key of the gateway's own, the same checks as any refund, and its webhook.
+
+        Raises:
+            GatewayRejected: no such capture, or more than is left of it.
+        """
+        cap = await self.query_capture(txn_id)
+        if cap is None:
+            raise GatewayRejected(f"no capture {txn_id}")
+        request = RefundRequest(
+            idempotency_key=f"dashboard-{uuid.uuid4().hex[:24]}",
+            pay_order_no=cap.pay_order_no,
+            txn_id=txn_id,
+            amount=amount,
+            currency=cap.currency,
+        )
+        return await self.refund_detailed(request, notify=True)
+
+    async def _refund_row(self, request: RefundRequest, *, notify: bool = False) -> asyncpg.Record:
         started = time.perf_counter()
         await self._apply_delay(request.pay_order_no)
         if await self._consume(request.pay_order_no, "fail_next_refunds"):
@@ -479,7 +531,12 @@ class SandboxGateway:
                 (time.perf_counter() - started) * 1000,
             )
             await self._log_call(request.idempotency_key, "SUCCEEDED", conn)
+            if notify:
+                assert rec is not None
+                await self._queue_refund_webhook(conn, request.pay_order_no, rec)
         assert rec is not None
+        if notify:
+            self._webhook_queued.set()
         if await self._consume(request.pay_order_no, "timeout_after_success_next"):
             # The money has moved; the answer never reaches the caller before its timeout.
             await self._log_call(request.idempotency_key, "ANSWER_WITHHELD")
@@ -508,6 +565,15 @@ class SandboxGateway:
         async with self._pool.acquire() as conn:
             rec = await conn.fetchrow(f"SELECT * FROM {self._s}.capture WHERE txn_id = $1", txn_id)
         return None if rec is None else _capture(rec)
+
+    async def refunds_of(self, txn_id: str) -> list[GatewayRefund]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT * FROM {self._s}.refund WHERE txn_id = $1"
+                " ORDER BY created_at, idempotency_key",
+                txn_id,
+            )
+        return [_refund(r) for r in rows]
 
     async def statement(self, start: datetime, end: datetime) -> Statement:
         caps, refs = await self._statement_rows(start, end)
@@ -719,6 +785,9 @@ class TimeoutClient:
 
     async def query_capture(self, txn_id: str) -> Capture | None:
         return await self._call("query_capture", lambda: self._inner.query_capture(txn_id))
+
+    async def refunds_of(self, txn_id: str) -> list[GatewayRefund]:
+        return await self._call("refunds_of", lambda: self._inner.refunds_of(txn_id))
 
     async def statement(self, start: datetime, end: datetime) -> Statement:
         return await self._call("statement", lambda: self._inner.statement(start, end))

@@ -1,8 +1,12 @@
-"""Stripe's webhooks, verified with the official SDK and read into our ``PaymentEvent``.
+"""Stripe's webhooks, verified with the official SDK and read into our ``PaymentEvent``
+or ``RefundNotice``.
 
-Only ``payment_intent.succeeded`` is a payment: Stripe sends many other event types to an
-endpoint (and an endpoint may be subscribed to more than it needs), and each gets a 2xx
-and changes nothing. The event is believed only as far as the gateway's own record of the
+Only ``payment_intent.succeeded`` is a payment; ``charge.refunded`` (its object a Charge)
+and ``refund.created`` / ``refund.updated`` / ``charge.refund.updated`` (a Refund) say a
+refund of a PaymentIntent was made, by us or at Stripe's dashboard: only the PaymentIntent
+is taken from them, its refunds are then read from Stripe. Stripe sends many other event
+types to an endpoint (and an endpoint may be subscribed to more than it needs), and each
+gets a 2xx and changes nothing. The event is believed only as far as the gateway's own record of the
 PaymentIntent, which the route checks next (``query_capture``), as for the sandbox's.
 """
 
@@ -16,10 +20,12 @@ from datetime import UTC, datetime
 import stripe
 
 from payorders.core import domain
-from payorders.service.webhook import PaymentEvent, WebhookRejected
+from payorders.service.webhook import PaymentEvent, RefundNotice, WebhookRejected
 
 HEADER = "Stripe-Signature"
 EVENT_PAYMENT_SUCCEEDED = "payment_intent.succeeded"
+CHARGE_REFUNDED = "charge.refunded"
+REFUND_EVENTS = frozenset({"refund.created", "refund.updated", "charge.refund.updated"})
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,7 @@ class IgnoredEvent:
 
 def read_event(
     body: bytes, header: str | None, *, secrets: Sequence[str], tolerance_s: int
-) -> PaymentEvent | IgnoredEvent:
+) -> PaymentEvent | RefundNotice | IgnoredEvent:
     """Verify the signature with any accepted secret (rotation), then read the event.
 
     Raises:
@@ -70,7 +76,7 @@ def read_event(
     return _payment_or_ignored(json.loads(body))
 
 
-def _payment_or_ignored(doc: object) -> PaymentEvent | IgnoredEvent:
+def _payment_or_ignored(doc: object) -> PaymentEvent | RefundNotice | IgnoredEvent:
     if not isinstance(doc, dict):
         raise WebhookRejected("body must be a JSON object", status=400, code="malformed_body")
     try:
@@ -78,6 +84,8 @@ def _payment_or_ignored(doc: object) -> PaymentEvent | IgnoredEvent:
     except domain.InvalidInput as e:
         raise WebhookRejected(str(e), status=422, code="invalid_event") from None
     kind = doc.get("type")
+    if kind == CHARGE_REFUNDED or kind in REFUND_EVENTS:
+        return _refund_notice(event_id, str(kind), doc)
     if kind != EVENT_PAYMENT_SUCCEEDED:
         return IgnoredEvent(event_id=event_id, type=str(kind))
     data = doc.get("data")
@@ -111,4 +119,28 @@ def _payment_or_ignored(doc: object) -> PaymentEvent | IgnoredEvent:
         amount=amount,
         currency=currency,
         paid_at=datetime.fromtimestamp(created, UTC),
+    )
+
+
+def _refund_notice(event_id: str, kind: str, doc: dict[str, object]) -> RefundNotice | IgnoredEvent:
+    """The PaymentIntent whose refunds changed; an object without one (a refund of a charge
+    made without a PaymentIntent: no payment of ours) is ignored."""
+    data = doc.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    if not isinstance(obj, dict):
+        raise WebhookRejected("data.object must be an object", status=400, code="malformed_body")
+    pi = obj.get("payment_intent")
+    if isinstance(pi, dict):  # expanded
+        pi = pi.get("id")
+    if not isinstance(pi, str) or not pi.startswith("pi_"):
+        return IgnoredEvent(event_id=event_id, type=kind)
+    try:
+        txn_id = domain.check_identifier(pi, "data.object.payment_intent")
+    except domain.InvalidInput as e:
+        raise WebhookRejected(str(e), status=422, code="invalid_event") from None
+    metadata = obj.get("metadata")
+    named = metadata.get("pay_order_no") if isinstance(metadata, dict) else None
+    # A dashboard refund carries no metadata of ours: the pay order is found by the payment.
+    return RefundNotice(
+        event_id=event_id, pay_order_no=named if isinstance(named, str) else "", txn_id=txn_id
     )

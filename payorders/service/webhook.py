@@ -19,6 +19,7 @@ from payorders.core import domain
 HEADER = "Payorders-Signature"
 DEFAULT_TOLERANCE_S = 300
 EVENT_PAYMENT_SUCCEEDED = "payment.succeeded"
+EVENT_REFUND_SUCCEEDED = "refund.succeeded"
 
 
 class WebhookRejected(ValueError):
@@ -106,29 +107,65 @@ class PaymentEvent:
     paid_at: datetime
 
 
-def parse_payment_event(body: bytes) -> PaymentEvent:
-    """The payload of a ``payment.succeeded`` webhook, validated field by field."""
+@dataclass(frozen=True)
+class RefundNotice:
+    """A gateway says a refund of ``txn_id`` was made (by us, or at its dashboard). Only the
+    transaction is taken from it: what was refunded is read from the gateway itself."""
+
+    event_id: str
+    pay_order_no: str
+    txn_id: str
+
+
+def parse_event(body: bytes) -> PaymentEvent | RefundNotice:
+    """A sandbox gateway webhook: ``payment.succeeded`` or ``refund.succeeded``."""
+    doc, data = _event_doc(body)
+    if doc.get("type") == EVENT_REFUND_SUCCEEDED:
+        try:
+            event_id = domain.check_identifier(doc.get("id"), "id")
+            pay_order_no = _pay_order_no(data)
+            txn_id = domain.check_identifier(data.get("txn_id"), "data.txn_id")
+        except domain.InvalidInput as e:
+            raise WebhookRejected(str(e), status=422, code="invalid_event") from None
+        return RefundNotice(event_id=event_id, pay_order_no=pay_order_no, txn_id=txn_id)
+    return parse_payment_event(body)
+
+
+def _event_doc(body: bytes) -> tuple[dict[str, object], dict[str, object]]:
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise WebhookRejected("body is not valid JSON", status=400, code="malformed_body") from None
     if not isinstance(doc, dict):
         raise WebhookRejected("body must be a JSON object", status=400, code="malformed_body")
+    data = doc.get("data")
+    if doc.get("type") in (EVENT_PAYMENT_SUCCEEDED, EVENT_REFUND_SUCCEEDED) and not isinstance(
+        data, dict
+    ):
+        raise WebhookRejected("data must be an object", status=400, code="malformed_body")
+    return doc, data if isinstance(data, dict) else {}
+
+
+def _pay_order_no(data: dict[str, object]) -> str:
+    pay_order_no = data.get("pay_order_no")
+    if not isinstance(pay_order_no, str) or not pay_order_no.startswith("po_"):
+        raise domain.InvalidInput("data.pay_order_no must be a pay order number (po_...)")
+    domain.check_identifier(pay_order_no.removeprefix("po_"), "data.pay_order_no")
+    return pay_order_no
+
+
+def parse_payment_event(body: bytes) -> PaymentEvent:
+    """The payload of a ``payment.succeeded`` webhook, validated field by field."""
+    doc, data = _event_doc(body)
     if doc.get("type") != EVENT_PAYMENT_SUCCEEDED:
         raise WebhookRejected(
-            f"unsupported event type (want {EVENT_PAYMENT_SUCCEEDED})",
+            f"unsupported event type (want {EVENT_PAYMENT_SUCCEEDED} or {EVENT_REFUND_SUCCEEDED})",
             status=400,
             code="malformed_body",
         )
-    data = doc.get("data")
-    if not isinstance(data, dict):
-        raise WebhookRejected("data must be an object", status=400, code="malformed_body")
     try:
         event_id = domain.check_identifier(doc.get("id"), "id")
-        pay_order_no = data.get("pay_order_no")
-        if not isinstance(pay_order_no, str) or not pay_order_no.startswith("po_"):
-            raise domain.InvalidInput("data.pay_order_no must be a pay order number (po_...)")
-        domain.check_identifier(pay_order_no.removeprefix("po_"), "data.pay_order_no")
+        pay_order_no = _pay_order_no(data)
         txn_id = domain.check_identifier(data.get("txn_id"), "data.txn_id")
         amount = domain.check_amount(data.get("amount"), "data.amount")
         currency = domain.check_currency(data.get("currency"))
@@ -151,6 +188,34 @@ def parse_payment_event(body: bytes) -> PaymentEvent:
         currency=currency,
         paid_at=paid_at,
     )
+
+
+def refund_event_body(
+    event_id: str,
+    *,
+    pay_order_no: str,
+    txn_id: str,
+    refund_id: str,
+    amount: int,
+    currency: str,
+    refunded_at: datetime,
+) -> bytes:
+    """The JSON body of the sandbox's ``refund.succeeded`` webhook."""
+    return json.dumps(
+        {
+            "id": event_id,
+            "type": EVENT_REFUND_SUCCEEDED,
+            "data": {
+                "pay_order_no": pay_order_no,
+                "txn_id": txn_id,
+                "refund_id": refund_id,
+                "amount": amount,
+                "currency": currency,
+                "refunded_at": refunded_at.isoformat(),
+            },
+        },
+        separators=(",", ":"),
+    ).encode()
 
 
 def payment_event_body(event: PaymentEvent) -> bytes:

@@ -58,6 +58,34 @@ async def accept_payment(
     return accepted(outcome.value, event_duplicate=False, txn_known=txn_known)
 
 
+REFUND_RECORDED = "REFUND_RECORDED"
+"""A refund made at the gateway's dashboard, recorded now as a merchant refund."""
+REFUND_KNOWN = "REFUND_KNOWN"
+"""Every refund the gateway holds for the transaction is one of ours or recorded before."""
+
+
+async def accept_refund(deps: Deps, notice: webhook.RefundNotice) -> WebhookAccepted:
+    """A gateway says a refund of one of our transactions was made. Deduplicated by event
+    id; the notice is believed for nothing but the transaction: the refunds are read from
+    the gateway, and those none of our rows holds are recorded (``source: gateway``)."""
+    seen, txn_known = await deps.store.webhook_seen(
+        notice.event_id, pay_order_no=notice.pay_order_no, txn_id=notice.txn_id
+    )
+    if seen is not None:
+        return accepted(seen, event_duplicate=True, txn_known=txn_known)
+    try:
+        made = await deps.gateway.refunds_of(notice.txn_id)
+    except GatewayError as e:
+        log.warning("cannot read the refunds of %s at the gateway: %s", notice.txn_id, e)
+        raise ApiError(503, "gateway_unavailable", "cannot verify with the gateway; retry") from e
+    recorded = await deps.orders.record_gateway_refunds(made)
+    outcome = REFUND_RECORDED if recorded else REFUND_KNOWN
+    await deps.store.record_webhook(
+        notice.event_id, pay_order_no=notice.pay_order_no, txn_id=notice.txn_id, outcome=outcome
+    )
+    return accepted(outcome, event_duplicate=False, txn_known=txn_known)
+
+
 def accepted(outcome: str, *, event_duplicate: bool, txn_known: bool) -> WebhookAccepted:
     return WebhookAccepted(
         received=True,

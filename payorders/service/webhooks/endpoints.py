@@ -16,7 +16,12 @@ from payorders.service import metrics as api_metrics
 from payorders.service import stripe_webhook, webhook
 from payorders.service.deps import DepsDep, require_json
 from payorders.service.errors import ApiError
-from payorders.service.webhooks.accept import STRIPE_FIELDS, accept_payment, accepted
+from payorders.service.webhooks.accept import (
+    STRIPE_FIELDS,
+    accept_payment,
+    accept_refund,
+    accepted,
+)
 from payorders.service.webhooks.schemas import WebhookAccepted
 
 log = logging.getLogger("payorders.pay_orders")
@@ -60,11 +65,13 @@ async def gateway_webhook(request: Request, deps: DepsDep) -> WebhookAccepted:
             now=datetime.now(UTC),
             tolerance_s=deps.settings.webhook_tolerance_s,
         )
-        event = webhook.parse_payment_event(body)
+        event = webhook.parse_event(body)
     except webhook.WebhookRejected as e:
         log.warning("webhook rejected: %s", e.reason)
         api_metrics.note_webhook_reason(request.scope, api_metrics.webhook_check_reason(e))
         raise ApiError(e.status, "webhook_rejected", e.reason) from None
+    if isinstance(event, webhook.RefundNotice):
+        return await accept_refund(deps, event)
     return await accept_payment(deps, event)
 
 
@@ -76,7 +83,9 @@ async def gateway_webhook(request: Request, deps: DepsDep) -> WebhookAccepted:
 )
 async def stripe_webhook_route(request: Request, deps: DepsDep) -> WebhookAccepted:
     """Stripe's webhook endpoint: verified with the Stripe SDK; ``payment_intent.succeeded``
-    is handed to its pay order like any gateway's payment; other types change nothing."""
+    is handed to its pay order like any gateway's payment; ``charge.refunded`` and
+    ``refund.created`` / ``refund.updated`` have the PaymentIntent's refunds read from
+    Stripe and recorded where none of ours holds them; other types change nothing."""
     if deps.settings.gateway != "stripe":
         raise ApiError(404, "not_found", "this service does not use the Stripe gateway")
     body = await request.body()
@@ -94,4 +103,6 @@ async def stripe_webhook_route(request: Request, deps: DepsDep) -> WebhookAccept
     if isinstance(event, stripe_webhook.IgnoredEvent):
         log.info("stripe webhook %s: %s ignored", event.event_id, event.type)
         return accepted("IGNORED", event_duplicate=False, txn_known=False)
+    if isinstance(event, webhook.RefundNotice):
+        return await accept_refund(deps, event)
     return await accept_payment(deps, event, STRIPE_FIELDS)
