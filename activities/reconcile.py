@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from temporalio import activity
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.service import RPCError, RPCStatusCode
 
+from activities.reconcile_merchant import MerchantRefundChecks
 from payorders.core import domain, metrics
 from payorders.core.domain import PayOrderStatus, RefundStatus
 from payorders.core.models import (
@@ -41,7 +41,7 @@ from payorders.core.reconcile import (
 from payorders.core.settings import Settings
 from payorders.core.store import PayOrderStore
 from payorders.gateways.port import Capture, Gateway, GatewayRefund
-from payorders.pay_orders import PayOrders, operator_refund_workflow_id
+from payorders.pay_orders import PayOrders, operator_refund_workflow_id, workflow_running
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class ReconcileActivities:
         self._store = store
         self._gateway = gateway
         self._settings = settings
+        self._merchant = MerchantRefundChecks(recon, store, gateway)
 
     def _here(self) -> Settings:
         """Settings whose task queue is this worker's: repairs run where this activity runs."""
@@ -92,6 +93,11 @@ class ReconcileActivities:
             findings += await self._owed(client, order, cmd.refund_retry, cmd.timeouts)
             findings += await self._old_pending(client, order, cmd.refund_retry, cmd.timeouts)
             findings += await self._stuck(client, order, cmd)
+        if page.last is not None:
+            orders = PayOrders(client, self._store, self._here())
+            findings += await self._merchant.page(
+                client, orders, cmd.after, page.last, cmd.pending_after_s
+            )
         await self._recon.record(cmd.run_id, findings)
         _count(findings)
         suspects = {o["pay_order_no"] for o in page.suspects}
@@ -189,7 +195,7 @@ class ReconcileActivities:
                     )
                 )
                 continue
-            if await _running(client, domain.workflow_id_for(no)):
+            if await workflow_running(client, domain.workflow_id_for(no)):
                 findings.append(
                     Finding(
                         Kind.REFUND_PENDING_TOO_LONG,
@@ -225,7 +231,7 @@ class ReconcileActivities:
         expires_at: datetime = order["expires_at"]
         if (datetime.now(expires_at.tzinfo) - expires_at).total_seconds() < cmd.stuck_after_s:
             return []
-        if await _running(client, domain.workflow_id_for(no)):
+        if await workflow_running(client, domain.workflow_id_for(no)):
             return []
         await client.start_workflow(
             "RedriveWorkflow",
@@ -329,7 +335,7 @@ class ReconcileActivities:
                             amount=p["amount"],
                         )
                     )
-        findings += await self._refunds(stmt.refunds, cmd)
+        findings += await self._refunds(stmt.refunds, cmd, orders)
         await self._recon.record(cmd.run_id, findings)
         _count(findings)
         return len(findings)
@@ -377,7 +383,7 @@ class ReconcileActivities:
                 )
             # Confirmed meanwhile by its own workflow.
             return found(Kind.MONEY_WITHOUT_ORDER, RESOLVED, f"{what}: refunded by an operator")
-        if await _running(client, operator_refund_workflow_id(c.txn_id)):
+        if await workflow_running(client, operator_refund_workflow_id(c.txn_id)):
             age = datetime.now(UTC) - refund["created_at"]
             if age.total_seconds() > self._settings.reconcile_pending_after_s:
                 return found(
@@ -399,14 +405,22 @@ class ReconcileActivities:
             "operator refund pending with no workflow running it: restarted",
         )
 
-    async def _refunds(self, refunds: list[GatewayRefund], cmd: ReconcileWindow) -> list[Finding]:
-        findings: list[Finding] = []
+    async def _refunds(
+        self, refunds: list[GatewayRefund], cmd: ReconcileWindow, orders: PayOrders
+    ) -> list[Finding]:
         gateway_keys = {r.idempotency_key: r for r in refunds}
         ours = await self._recon.refunds_by_key(list(gateway_keys))
         by_operator = await self._recon.operator_refunds_by_key(
             [k for k in gateway_keys if k not in ours]
         )
+        # Merchant refunds first (ours after PAY_SUCCESS, and the dashboard's): what they
+        # explain is no compensation's business.
+        findings, merchant = await self._merchant.statement(
+            refunds, orders, not_merchant=set(ours) | set(by_operator)
+        )
         for key, r in gateway_keys.items():
+            if key in merchant:
+                continue
             mine = ours.get(key)
             if r.status is not RefundStatus.SUCCEEDED:
                 continue
@@ -499,16 +513,6 @@ def _count(findings: list[Finding]) -> None:
     meter = activity.metric_meter()
     for (kind, action), n in collections.Counter((f.kind, f.action) for f in findings).items():
         metrics.RECONCILE_FINDINGS.add(meter, n, kind=kind.value, action=action)
-
-
-async def _running(client: Client, workflow_id: str) -> bool:
-    try:
-        desc = await client.get_workflow_handle(workflow_id).describe()
-    except RPCError as e:
-        if e.status is RPCStatusCode.NOT_FOUND:
-            return False
-        raise
-    return desc.status is WorkflowExecutionStatus.RUNNING
 
 
 async def _start_refund(

@@ -39,6 +39,8 @@ class Kind(StrEnum):
     STUCK_PAYING = "stuck_paying"
     IDENTITY_BROKEN = "identity_broken"
     EVENT_UNDELIVERED = "event_undelivered"
+    GATEWAY_REFUND_RECORDED = "gateway_refund_recorded"
+    MERCHANT_REFUND_DIFFERS = "merchant_refund_differs"
 
 
 REPAIRED = "REPAIRED"
@@ -147,7 +149,30 @@ SELECT refund_key, pay_order_no, txn_id, amount FROM refund
  WHERE status = 'SUCCEEDED' AND succeeded_at >= $1 AND succeeded_at < $2
 UNION ALL
 SELECT refund_key, pay_order_no, txn_id, amount FROM operator_refund
- WHERE status = 'SUCCEEDED' AND succeeded_at >= $1 AND succeeded_at < $2"""
+ WHERE status = 'SUCCEEDED' AND succeeded_at >= $1 AND succeeded_at < $2
+UNION ALL
+SELECT idempotency_key, pay_order_no, txn_id, amount FROM merchant_refund
+ WHERE status = 'REFUND_SUCCESS' AND finished_at >= $1 AND finished_at < $2"""
+# Merchant refunds (migrations 0009, 0010), by the gateway's key or its refund id.
+SQL_MERCHANT_REFUNDS_BY_KEY = """
+SELECT * FROM merchant_refund WHERE idempotency_key = ANY($1) OR gateway_refund_id = ANY($2)"""
+# The page's merchant refunds still REFUNDING after the limit: their workflow may be gone.
+SQL_OLD_MERCHANT_REFUNDS = """
+SELECT * FROM merchant_refund
+ WHERE pay_order_no > $1 AND pay_order_no <= $2 AND status = 'REFUNDING'
+   AND created_at < now() - make_interval(secs => $3)
+ ORDER BY pay_order_no, created_at"""
+# The page's orders whose merchant refunds break the identity: refunded beyond the amount,
+# or refunds of an order that is not PAY_SUCCESS (0009's trigger forbids both: a row
+# changed outside the application).
+SQL_MERCHANT_IDENTITY = """
+SELECT m.pay_order_no, po.status, po.amount,
+       coalesce(sum(m.amount) FILTER (WHERE m.status = 'REFUND_SUCCESS'), 0) AS refunded
+  FROM merchant_refund m JOIN pay_order po USING (pay_order_no)
+ WHERE m.pay_order_no > $1 AND m.pay_order_no <= $2
+ GROUP BY m.pay_order_no, po.status, po.amount
+HAVING coalesce(sum(m.amount) FILTER (WHERE m.status = 'REFUND_SUCCESS'), 0) > po.amount
+    OR po.status <> 'PAY_SUCCESS'"""
 SQL_OPERATOR_REFUNDS_BY_TXN = "SELECT * FROM operator_refund WHERE txn_id = ANY($1)"
 SQL_OPERATOR_REFUNDS_BY_KEY = "SELECT * FROM operator_refund WHERE refund_key = ANY($1)"
 
@@ -328,6 +353,26 @@ class ReconcileStore:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(SQL_SUCCEEDED_REFUNDS_IN_PERIOD, start, end)
         return [dict(r) for r in rows]
+
+    async def merchant_refunds_by_key(
+        self, keys: list[str], gateway_ids: list[str]
+    ) -> list[dict[str, Any]]:
+        async with self._pool.acquire() as conn:
+            return [
+                dict(r) for r in await conn.fetch(SQL_MERCHANT_REFUNDS_BY_KEY, keys, gateway_ids)
+            ]
+
+    async def old_merchant_refunds(
+        self, after: str, last: str, pending_after_s: float
+    ) -> list[dict[str, Any]]:
+        """Merchant refunds of the page ``(after, last]`` REFUNDING for longer than the limit."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(SQL_OLD_MERCHANT_REFUNDS, after, last, pending_after_s)
+        return [dict(r) for r in rows]
+
+    async def merchant_identity_broken(self, after: str, last: str) -> list[dict[str, Any]]:
+        async with self._pool.acquire() as conn:
+            return [dict(r) for r in await conn.fetch(SQL_MERCHANT_IDENTITY, after, last)]
 
     async def operator_refunds_by_txn(self, txn_ids: list[str]) -> dict[str, dict[str, Any]]:
         async with self._pool.acquire() as conn:
