@@ -239,3 +239,32 @@ async def test_reconciliation_accounts_for_every_merchant_refund(
             (ghost_no, "refund_absent_at_gateway", "EXCEPTION")
         ], again
         assert report.exceptions >= 1
+
+
+async def test_the_api_dying_after_it_opened_a_refund_leaves_it_to_the_shops_retry(
+    dev_env: WorkflowEnvironment, own_db: InProcessResources
+) -> None:
+    """The row is open, the workflow never started (the API was killed between the two):
+    the shop asking again with the same ``refund_no`` starts it, and it refunds once."""
+    svc = own_db
+    async with running_stack(dev_env, svc, settlement_window_s=1) as stack:
+        no, txn = await paid_order(stack, 600)
+        refund_no = order_no("r")
+        await svc.store.merchant_refunds.open(
+            pay_order_no=no, refund_no=refund_no, amount=600, reason="return",
+            requested_by="shop", now=datetime.now(UTC),
+        )  # fmt: skip
+        again = await stack.api.refund_pay_order(no, refund_no=refund_no, amount=600)
+        assert not again.created
+        done = await asyncio.wait_for(
+            stack.client.get_workflow_handle(
+                merchant_refund_workflow_id(refund_no), result_type=MerchantRefundResult
+            ).result(),
+            60,
+        )
+        assert done.status is MerchantRefundStatus.REFUND_SUCCESS
+        held = await svc.sandbox.ledger_of(no)
+        assert [(r.idempotency_key, r.amount) for r in held["refunds"]] == [
+            (f"mrefund-{refund_no}", 600)
+        ]
+        assert held["refunds"][0].txn_id == txn
