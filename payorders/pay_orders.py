@@ -211,6 +211,7 @@ class PayOrderDetails:
     row: PayOrderRow
     payments: list[dict[str, Any]]
     fund: domain.FundCheck
+    merchant: domain.MerchantRefunds
     workflow_status: str | None
     view: PayOrderView | None
 
@@ -506,6 +507,7 @@ class PayOrders:
                 paid_amount=row.paid_amount,
                 refunded_amount=row.refunded_amount,
             ),
+            merchant=await self._store.merchant_refunds.totals(pay_order_no, row.amount),
             workflow_status=wf_status,
             view=view,
         )

@@ -222,6 +222,10 @@ class MerchantRefunds:
     def holds(self) -> bool:
         return 0 <= self.refunded <= self.amount and self.in_flight >= 0
 
+    def refundable_when(self, status: PayOrderStatus) -> int:
+        """What a merchant refund may ask for now: nothing unless the order was paid."""
+        return self.refundable if status is PayOrderStatus.PAY_SUCCESS else 0
+
 
 def refund_window_closed(*, paid_at: datetime, now: datetime, window: timedelta) -> bool:
     """Whether a merchant refund of a payment made at ``paid_at`` comes too late."""

@@ -83,6 +83,9 @@ async def test_a_shop_refunds_a_paid_order_in_parts_and_each_goes_back_once(
         lambda resp: resp.json()["status"] != "REFUNDING",
     )
     assert done.json()["status"] == "REFUND_SUCCESS" and done.json()["gateway_refund_id"]
+    details = (await http.get(f"/v1/pay-orders/{no}")).json()
+    merchant = ("refunded_by_merchant", "merchant_refund_in_flight", "refundable")
+    assert [details[k] for k in merchant] == [300, 0, 700]
     second = await refund(http, no, refund_no=key(), amount=700)
     assert second.status_code == 201 and second.json()["refundable_after"] == 0
     listed = await until(
@@ -92,6 +95,8 @@ async def test_a_shop_refunds_a_paid_order_in_parts_and_each_goes_back_once(
     body = listed.json()
     assert (body["refunded_by_merchant"], body["in_flight"], body["refundable"]) == (1000, 0, 0)
     assert [r["amount"] for r in body["refunds"]] == [300, 700]
+    details = (await http.get(f"/v1/pay-orders/{no}")).json()
+    assert [details[k] for k in merchant] == [1000, 0, 0] and details["fund_identity"]["holds"]
     ledger = await web.gateway.ledger(no)
     assert ledger["refunded"] == 1000 and len(ledger["refunds"]) == 2
 
@@ -124,6 +129,8 @@ async def test_what_cannot_be_refunded_is_refused_and_nothing_is_written(
     form = await http.post(f"/v1/pay-orders/{no}/refunds", content=b"refund_no=x&amount=5")
     assert form.status_code == 415
     assert await rows(web) == before
+    shown = (await http.get(f"/v1/pay-orders/{unpaid}")).json()
+    assert (shown["status"], shown["refundable"]) == ("PAYING", 0)
 
 
 async def test_refunds_racing_for_the_last_money_never_exceed_the_capture(

@@ -126,6 +126,9 @@ async def get_pay_order(
             for p in d.payments
         ],
         fund_identity=FundOut(**asdict(d.fund)),
+        refunded_by_merchant=d.merchant.refunded,
+        merchant_refund_in_flight=d.merchant.in_flight,
+        refundable=d.merchant.refundable_when(row.status),
         workflow_status=d.workflow_status,
         workflow=None if d.view is None else d.view.model_dump(mode="json", exclude={"payments"}),
     )

@@ -120,6 +120,16 @@ class PayOrderDetailsOut(BaseModel):
     )
     payments: list[PaymentOut]
     fund_identity: FundOut
+    refunded_by_merchant: int = Field(
+        description="merchant refunds the gateway confirmed (see GET .../refunds); the"
+        " customer keeps amount - refunded_by_merchant"
+    )
+    merchant_refund_in_flight: int = Field(
+        description="merchant refunds asked for and not yet confirmed by the gateway"
+    )
+    refundable: int = Field(
+        description="what a merchant refund may still ask for: 0 unless PAY_SUCCESS"
+    )
     workflow_status: str | None
     workflow: dict[str, Any] | None = Field(
         default=None, description="the open workflow's own view (query status)"

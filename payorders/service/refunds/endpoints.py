@@ -120,7 +120,7 @@ async def list_refunds(pay_order_no: PayOrderNo, deps: DepsDep) -> RefundsOut:
         currency=row.currency.strip(),
         refunded_by_merchant=totals.refunded,
         in_flight=totals.in_flight,
-        refundable=totals.refundable if row.status is domain.PayOrderStatus.PAY_SUCCESS else 0,
+        refundable=totals.refundable_when(row.status),
         refunds=[RefundOut.of(r) for r in await refunds.of_pay_order(pay_order_no)],
     )
 
