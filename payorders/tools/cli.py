@@ -186,6 +186,13 @@ def _identifier(what: str) -> Any:
     return check
 
 
+def _refund_no(text: str) -> str:
+    try:
+        return domain.check_refund_no(text)
+    except domain.InvalidInput as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _pay_order_no(text: str) -> str:
     if not text.startswith("po_"):
         raise argparse.ArgumentTypeError(f"not a pay order number: {text!r} (they look like po_…)")
@@ -380,6 +387,9 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         order = await c.service.get(args.pay_order_no)
         ledger = await c.gateway.ledger(args.pay_order_no)
         data = {**order, "gateway": ledger, "ui": _ui(c, args.pay_order_no)}
+        refunds = await _merchant_refunds_of(c, order)
+        if refunds is not None:
+            data["merchant_refunds"] = refunds
         fund = order["fund_identity"]
         wf = order.get("workflow") or {}
         text = [
@@ -400,6 +410,12 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                         if fund["holds"]
                         else f"not yet: {fund['in_flight']} in flight (paid - refunded ="
                         f" {fund['net']}, expected {fund['expected_net']})",
+                    ),
+                    (
+                        "merchant refunds",
+                        f"refunded {order['refunded_by_merchant']},"
+                        f" {order['merchant_refund_in_flight']} in flight,"
+                        f" refundable {order['refundable']}",
                     ),
                     ("lock version", order["lock_version"]),
                     ("workflow", order["workflow_status"] or "not found"),
@@ -438,8 +454,42 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                     ],
                 )
             )
+        if refunds:
+            text.append("")
+            text.append(
+                render(
+                    ["refund no", "amount", "status", "source", "reason", "gateway refund"],
+                    [
+                        [
+                            r["refund_no"],
+                            f"{r['amount']} {r['currency']}",
+                            r["status"]
+                            + (f" ({r['failure_reason']})" if r["failure_reason"] else ""),
+                            r["source"],
+                            r["reason"] or "-",
+                            r["gateway_refund_id"] or "-",
+                        ]
+                        for r in refunds
+                    ],
+                )
+            )
         _emit(args, data, "\n".join(text))
     return 0
+
+
+async def _merchant_refunds_of(c: Ctx, order: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The pay order's merchant refunds; None when it cannot have any (never paid) or the
+    token may not read them (a checkout-only token still sees the order itself)."""
+    if order["status"] != domain.PayOrderStatus.PAY_SUCCESS.value:
+        return None
+    try:
+        doc = await c.service.merchant_refunds(order["pay_order_no"])
+    except ServiceError as e:
+        if e.status == 403:
+            return None
+        raise
+    refunds: list[dict[str, Any]] = doc["refunds"]
+    return refunds
 
 
 async def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -605,15 +655,91 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_refund(args: argparse.Namespace, settings: Settings) -> int:
-    """An operator's refund of money captured for a pay order we never had."""
+    """A merchant refund of a paid pay order, or (``--txn``) an operator's refund of money
+    captured for a pay order we never had."""
+    if args.txn is not None:
+        if args.pay_order_no or args.amount is not None or args.refund_no or args.reason:
+            raise argparse.ArgumentTypeError(
+                "--txn refunds money without a pay order: give it alone, not with a pay"
+                " order, --amount, --refund-no or --reason"
+            )
+        return await _operator_refund(args, settings)
+    if not args.pay_order_no:
+        raise argparse.ArgumentTypeError(
+            "give PAY_ORDER_NO with --amount and --refund-no, or --txn TXN"
+        )
+    missing = [f for f, v in (("--amount", args.amount), ("--refund-no", args.refund_no)) if not v]
+    if missing:
+        raise argparse.ArgumentTypeError(
+            f"a refund of {args.pay_order_no} needs {' and '.join(missing)}"
+        )
+    return await _merchant_refund(args, settings)
+
+
+async def _waited(doc: dict[str, Any], *, pending: str, wait_s: int, again: Any) -> dict[str, Any]:
+    """``doc`` fetched again by ``again()`` until it leaves ``pending`` or ``wait_s`` pass."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while doc["status"] == pending and loop.time() < deadline:
+        await asyncio.sleep(0.5)
+        doc = {**await again(), **({"created": doc["created"]} if "created" in doc else {})}
+    return doc
+
+
+async def _merchant_refund(args: argparse.Namespace, settings: Settings) -> int:
+    no, key = args.pay_order_no, args.refund_no
+    async with connected(settings) as c:
+        doc = await c.service.merchant_refund(
+            no, refund_no=key, amount=args.amount, reason=args.reason
+        )
+        if args.wait:
+            doc = await _waited(
+                doc,
+                pending=domain.MerchantRefundStatus.REFUNDING.value,
+                wait_s=args.wait_s,
+                again=lambda: c.service.get_merchant_refund(no, key),
+            )
+        _emit(args, doc, merchant_refund_text(doc))
+    if doc["status"] == domain.MerchantRefundStatus.REFUND_FAILED.value:
+        raise CliError(f"the gateway refused the refund {key}: {doc['failure_reason']}")
+    if args.wait and doc["status"] != domain.MerchantRefundStatus.REFUND_SUCCESS.value:
+        raise CliError(
+            f"not confirmed within {args.wait_s} s; the refund goes on retrying"
+            f" (see it again with: payorders status {no})"
+        )
+    return 0
+
+
+def merchant_refund_text(doc: dict[str, Any]) -> str:
+    """A merchant refund as a person reads it."""
+    asked = " (asked before: nothing more moved)" if doc.get("created") is False else ""
+    rows: list[tuple[str, Any]] = [
+        ("refund no", doc["refund_no"]),
+        ("status", f"{doc['status']}{asked}"),
+        ("amount", f"{doc['amount']} {doc['currency']}"),
+        ("pay order", doc["pay_order_no"]),
+    ]
+    if doc.get("refundable_after") is not None:
+        rows.append(("refundable after it", doc["refundable_after"]))
+    rows += [
+        ("reason", doc.get("reason") or "-"),
+        ("gateway refund", doc.get("gateway_refund_id") or "-"),
+    ]
+    if doc.get("failure_reason"):
+        rows.append(("refused because", doc["failure_reason"]))
+    return pairs(rows)
+
+
+async def _operator_refund(args: argparse.Namespace, settings: Settings) -> int:
     async with connected(settings) as c:
         doc = await c.service.operator_refund(args.txn)
         if args.wait:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + args.wait_s
-            while doc["status"] == domain.RefundStatus.PENDING.value and loop.time() < deadline:
-                await asyncio.sleep(0.5)
-                doc = await c.service.get_operator_refund(args.txn)
+            doc = await _waited(
+                doc,
+                pending=domain.RefundStatus.PENDING.value,
+                wait_s=args.wait_s,
+                again=lambda: c.service.get_operator_refund(args.txn),
+            )
         _emit(args, doc, _refund_text(doc))
     if doc["status"] == domain.RefundStatus.REJECTED.value:
         raise CliError(f"the gateway rejected the refund {doc['refund_key']}: {doc['last_error']}")
@@ -931,10 +1057,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = command(
         "refund",
-        "refund money the gateway captured for a pay order we never had (idempotent)",
+        "refund part or all of a paid pay order (PAY_ORDER_NO --amount --refund-no), or money"
+        " the gateway captured for a pay order we never had (--txn); idempotent",
         cmd_refund,
     )
-    c.add_argument("--txn", required=True, type=_identifier("txn_id"), help="the gateway's txn")
+    c.add_argument("pay_order_no", nargs="?", type=_pay_order_no, metavar="PAY_ORDER_NO")
+    c.add_argument("--amount", type=_amount, help="minor units, at most what is refundable")
+    c.add_argument(
+        "--refund-no",
+        type=_refund_no,
+        help="the shop's key for this refund: the same key again is the same refund",
+    )
+    c.add_argument("--reason", help="why, kept with the refund (e.g. returned: wrong size)")
+    c.add_argument(
+        "--txn",
+        type=_identifier("txn_id"),
+        help="instead of a pay order: the gateway's txn of money for a pay order we never had",
+    )
     c.add_argument("--wait", action="store_true", help="wait until the gateway confirms it")
     c.add_argument("--wait-s", type=_count, default=120, help="how long --wait waits (default 120)")
     return p

@@ -56,8 +56,8 @@ def _raise_for(resp: httpx.Response) -> None:
 # A dropped connection is sent again, with the same body. That is safe only because every
 # call below is idempotent: a pay order by its order_no, a webhook by its event_id and
 # txn_id, a capture by its txn_id (``SandboxClient.pay`` always sends one), faults by PUT
-# and DELETE, an operator refund by its txn_id. A timeout is not retried: the caller chose
-# how long to wait.
+# and DELETE, an operator refund by its txn_id, a merchant refund by its refund_no. A
+# timeout is not retried: the caller chose how long to wait.
 RESEND_ATTEMPTS = 3
 RESEND_ON = (httpx.NetworkError, httpx.RemoteProtocolError)
 
@@ -73,6 +73,10 @@ class _Base:
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = await self._send(method, path, **kwargs)
+        return resp.json() if resp.content else None
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         attempt = 1
         while True:
             try:
@@ -84,7 +88,7 @@ class _Base:
                     continue
                 raise Unreachable(f"{self.base_url} did not answer ({type(e).__name__})") from None
             _raise_for(resp)
-            return resp.json() if resp.content else None
+            return resp
 
 
 class ServiceClient(_Base):
@@ -169,6 +173,31 @@ class ServiceClient(_Base):
 
     async def get_operator_refund(self, txn_id: str) -> dict[str, Any]:
         doc: dict[str, Any] = await self._request("GET", f"/v1/operator-refunds/{txn_id}")
+        return doc
+
+    async def merchant_refund(
+        self, pay_order_no: str, *, refund_no: str, amount: int, reason: str | None = None
+    ) -> dict[str, Any]:
+        """The shop refunds part or all of a paid pay order. Idempotent by ``refund_no``
+        (the same body again: the same refund, ``created`` false, nothing moved), so safe
+        to resend."""
+        body: dict[str, Any] = {"refund_no": refund_no, "amount": amount}
+        if reason is not None:
+            body["reason"] = reason
+        resp = await self._send("POST", f"/v1/pay-orders/{pay_order_no}/refunds", json=body)
+        doc: dict[str, Any] = resp.json()
+        doc["created"] = resp.status_code == 201
+        return doc
+
+    async def get_merchant_refund(self, pay_order_no: str, refund_no: str) -> dict[str, Any]:
+        doc: dict[str, Any] = await self._request(
+            "GET", f"/v1/pay-orders/{pay_order_no}/refunds/{refund_no}"
+        )
+        return doc
+
+    async def merchant_refunds(self, pay_order_no: str) -> dict[str, Any]:
+        """The pay order's merchant refunds and what they add up to."""
+        doc: dict[str, Any] = await self._request("GET", f"/v1/pay-orders/{pay_order_no}/refunds")
         return doc
 
 

@@ -152,6 +152,38 @@ def test_other_refusals_name_the_flag_and_the_rule(
     assert expected in refusal(argv, capsys)
 
 
+TXN_ALONE = (
+    "--txn refunds money without a pay order: give it alone, not with a pay order, --amount,"
+    " --refund-no or --reason"
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["refund"], "give PAY_ORDER_NO with --amount and --refund-no, or --txn TXN"),
+        (["refund", "po_x", "--amount", "5"], "a refund of po_x needs --refund-no"),
+        (["refund", "po_x"], "a refund of po_x needs --amount and --refund-no"),
+        (["refund", "po_x", "--txn", "t1"], TXN_ALONE),
+        (["refund", "--txn", "t1", "--amount", "5"], TXN_ALONE),
+    ],
+)
+async def test_a_refund_is_of_a_pay_order_or_of_a_txn_never_both(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Judged before the command connects to anything: no stack here.
+    assert await cli.execute(parse(argv), Settings()) == 2
+    assert capsys.readouterr().err.strip() == f"payorders refund: error: {expected}"
+
+
+def test_a_refund_key_and_amount_are_checked_as_typed(capsys: pytest.CaptureFixture[str]) -> None:
+    bad_key = refusal(["refund", "po_x", "--amount", "5", "--refund-no", "r 1"], capsys)
+    assert "argument --refund-no: refund_no must be 1-48 characters" in bad_key
+    assert "argument --amount: amount must be greater than zero" in refusal(
+        ["refund", "po_x", "--amount", "0", "--refund-no", "r1"], capsys
+    )
+
+
 async def test_a_bad_paid_on_close_names_its_flag(capsys: pytest.CaptureFixture[str]) -> None:
     # Checked by the command, before it connects to anything.
     args = parse(["fault", "--paid-on-close", "12.5", "USD"])
@@ -464,3 +496,40 @@ async def test_notify_says_whether_the_event_and_the_transaction_were_known(
         f"po_{no}", lambda o: (o["workflow"] or {}).get("duplicate_notifications") == 2
     )
     assert len(order["payments"]) == 1
+
+
+@pytest.mark.slow
+async def test_a_shop_refunds_by_the_cli_and_status_lists_the_refunds(
+    web: HttpStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    no = new_order()
+    await run(web, capsys, "create", "--order-no", no, "--amount", "1000", "--currency", "USD")
+    await web.gateway.pay(pay_order_no=f"po_{no}", amount=1000, currency="USD")
+    await web.wait_order(f"po_{no}", lambda o: o["status"] == "PAY_SUCCESS")
+    key = f"r-{uuid.uuid4().hex[:8]}"
+    refund = ["refund", f"po_{no}", "--amount", "300", "--refund-no", key]
+    code, out, err = await run(web, capsys, *refund, "--reason", "returned", "--wait", "--json")
+    assert (code, err) == (0, "")
+    doc = json.loads(out)
+    assert (doc["status"], doc["amount"], doc["created"]) == ("REFUND_SUCCESS", 300, True)
+    assert doc["gateway_refund_id"] and doc["reason"] == "returned"
+    # The same key again: the same refund, nothing more moved.
+    code, out, _ = await run(web, capsys, *refund, "--reason", "returned")
+    assert code == 0
+    assert "REFUND_SUCCESS (asked before: nothing more moved)" in out
+    # More than is left: the service's refusal, naming what is refundable; nothing written.
+    code, _, err = await run(
+        web, capsys, "refund", f"po_{no}", "--amount", "701", "--refund-no", f"{key}-b"
+    )
+    assert code == 2 and "at most 700" in err
+    code, out, _ = await run(web, capsys, "status", f"po_{no}")
+    assert code == 0
+    merchant = next(line for line in out.splitlines() if line.startswith("merchant refunds"))
+    assert merchant.endswith(" refunded 300, 0 in flight, refundable 700")
+    row = next(line for line in out.splitlines() if line.startswith(key))
+    assert row.split()[:5] == [key, "300", "USD", "REFUND_SUCCESS", "api"]
+    code, out, _ = await run(web, capsys, "status", f"po_{no}", "--json")
+    listed = json.loads(out)["merchant_refunds"]
+    assert [(r["refund_no"], r["status"]) for r in listed] == [(key, "REFUND_SUCCESS")]
+    ledger = await web.gateway.ledger(f"po_{no}")
+    assert ledger["refunded"] == 300 and len(ledger["refunds"]) == 1
