@@ -94,6 +94,9 @@ DB_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # What a pooled connection can raise when PostgreSQL dies under it mid-operation
+    # ("cannot switch to state 15; another operation is in progress").
+    asyncpg.InternalClientError,
 )
 
 _HEAD = """
@@ -365,6 +368,13 @@ class Relay:
                 log.warning(
                     "relay: database unavailable, retrying in %.1f s (%s)", delay, _one_line(e)
                 )
+                self._scan_needed = True
+                timeout = delay
+                delay = min(delay * 2, DB_RETRY_MAX_S)
+            except Exception:
+                # Anything else is a bug to log, never the end of delivery: a dispatcher
+                # that died here would leave every event undelivered without a word.
+                log.exception("relay: dispatching failed; retrying in %.1f s", delay)
                 self._scan_needed = True
                 timeout = delay
                 delay = min(delay * 2, DB_RETRY_MAX_S)

@@ -536,6 +536,42 @@ async def test_a_postgres_restart_is_survived(receiver: EventReceiver) -> None:
     assert len(receiver.acked) == 4
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        # What a pooled connection raised when PostgreSQL died under it in the torture.
+        asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in"
+                                    " progress"),
+        RuntimeError("a bug"),
+    ],
+)  # fmt: skip
+async def test_a_dispatcher_that_meets_an_unexpected_error_goes_on_delivering(
+    pool: asyncpg.Pool,
+    relay_db: str,
+    receiver: EventReceiver,
+    error: Exception,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    orders = Orders(pool)
+    relay = Relay(relay_db, config(receiver.url), poll_s=0.2)
+    dispatch_once = relay._dispatch_once
+    raised = 0
+
+    async def fails_twice() -> float:
+        nonlocal raised
+        if raised < 2:
+            raised += 1
+            raise error
+        return await dispatch_once()
+
+    monkeypatch.setattr(relay, "_dispatch_once", fails_twice)
+    async with running(relay):
+        no = await orders.new()
+        await orders.settle(no)
+        await receiver.wait_acked(await orders.event_ids(), within=30)
+    assert raised == 2
+
+
 async def _retrying(call: Any, within: float = 60) -> Any:
     deadline = time.monotonic() + within
     while True:
