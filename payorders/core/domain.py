@@ -183,10 +183,13 @@ def refund_key(pay_order_no: str, txn_id: str) -> str:
     return f"refund-{pay_order_no}-{txn_id}"
 
 
+MERCHANT_REFUND_KEY_PREFIX = "mrefund-"
+
+
 def merchant_refund_key(refund_no: str) -> str:
     """The gateway's idempotency key of a merchant refund: one per ``refund_no``, ever (at
     most 56 characters, inside the 64 Alipay and WeChat Pay take)."""
-    return f"mrefund-{refund_no}"
+    return f"{MERCHANT_REFUND_KEY_PREFIX}{refund_no}"
 
 
 def merchant_refund_workflow_id(refund_no: str) -> str:

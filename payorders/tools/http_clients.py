@@ -21,6 +21,7 @@ import httpx
 import stripe
 from stripe.params import PaymentIntentUpdateParams
 
+from payorders.core import domain
 from payorders.core.settings import Settings
 from payorders.gateways.http_sandbox import POOL_LIMITS
 from payorders.gateways.stripe import PAY_ORDER_KEY, REFUND_KEY
@@ -210,6 +211,9 @@ class GatewayMoney:
 
     captured: int = 0
     refunded: int = 0
+    """Every refund: the saga's compensations and the shop's merchant refunds."""
+    merchant_refunded: int = 0
+    """The part of ``refunded`` made under a merchant refund's key (``mrefund-...``)."""
 
 
 @dataclass
@@ -395,9 +399,12 @@ class SandboxClient(_FaultsApi):
             captures = await conn.fetch(
                 f"SELECT c.pay_order_no, c.txn_id, c.amount,"
                 f" coalesce((SELECT sum(r.amount) FROM {s}.refund r WHERE r.txn_id = c.txn_id),"
-                " 0) AS refunded"
+                " 0) AS refunded,"
+                f" coalesce((SELECT sum(r.amount) FROM {s}.refund r WHERE r.txn_id = c.txn_id"
+                "  AND starts_with(r.idempotency_key, $2)), 0) AS merchant_refunded"
                 f" FROM {s}.capture c WHERE c.pay_order_no = ANY($1)",
                 nos,
+                domain.MERCHANT_REFUND_KEY_PREFIX,
             )
             keys = await conn.fetch(
                 f"SELECT g.idempotency_key FROM {s}.refund g JOIN {s}.capture c USING (txn_id)"
@@ -415,6 +422,7 @@ class SandboxClient(_FaultsApi):
             money = audit.money.setdefault(c["pay_order_no"], GatewayMoney())
             money.captured += c["amount"]
             money.refunded += c["refunded"]
+            money.merchant_refunded += c["merchant_refunded"]
             if c["refunded"] > c["amount"]:
                 audit.over_refunded.append(c["txn_id"])
         return audit
@@ -738,9 +746,20 @@ class StripeToolClient:
             if r.status in _LIVE_REFUND
         ]
         per_key = Counter(live)
+        merchant: Counter[str] = Counter()
+        for no, intents in books.intents.items():
+            for pi in intents:
+                for r in books.refunds.get(pi.id, []):
+                    key = _meta(r, REFUND_KEY) or ""
+                    if r.status == "succeeded" and key.startswith(
+                        domain.MERCHANT_REFUND_KEY_PREFIX
+                    ):
+                        merchant[no] += r.amount
         return GatewayAudit(
             money={
-                no: GatewayMoney(captured=m.captured, refunded=m.refunded)
+                no: GatewayMoney(
+                    captured=m.captured, refunded=m.refunded, merchant_refunded=merchant[no]
+                )
                 for no, m in money.items()
                 if no in wanted
             },

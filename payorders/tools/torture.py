@@ -1,8 +1,10 @@
 """``payorders torture``: many pay orders with payments timed around their expiry, plus
-duplicates, double payments, wrong amounts, late payments and gateway faults; then it waits
-for settlement, reconciles, and verifies from the database and the gateway's own records
-(the sandbox's ledger tables, or Stripe's PaymentIntents and refunds; never the workflows'
-own answers) that no money was lost or moved twice.
+duplicates, double payments, wrong amounts, late payments and gateway faults, and merchant
+refunds of paid orders (in parts, sent twice, several racing for what is left, one racing a
+late payment and its compensation, one through gateway faults); then it waits for
+settlement, reconciles, and verifies from the database and the gateway's own records (the
+sandbox's ledger tables, or Stripe's PaymentIntents and refunds; never the workflows' own
+answers) that no money was lost or moved twice.
 
 Bounded in count and time, loopback only; it stops by itself.
 """
@@ -16,7 +18,15 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,6 +44,7 @@ from payorders.localstack.stackinfo import check_processes
 from payorders.runtime import database_url
 from payorders.service import relay
 from payorders.tools.http_clients import (
+    GatewayAudit,
     GatewayMoney,
     ServiceClient,
     ServiceError,
@@ -51,6 +62,7 @@ DB_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
 )
 """What a query meets while PostgreSQL restarts."""
 
@@ -67,7 +79,15 @@ SCENARIOS = [
     ("refund fails twice", 4),
     ("refund times out after success", 2),
     ("webhook lost once", 2),
+    ("merchant refunds in parts", 6),
+    ("merchant refund sent twice", 4),
+    ("merchant refunds racing for what is left", 4),
+    ("merchant refund racing a late payment", 4),
+    ("merchant refund through gateway faults", 3),
 ]
+MERCHANT_SCENARIOS = frozenset(name for name, _ in SCENARIOS if name.startswith("merchant "))
+RACING_REFUNDS = 3
+"""Refunds with different keys sent at once for 40% of the amount each: two fit."""
 
 
 @dataclass
@@ -92,6 +112,10 @@ class Figures:
     """Bursts of payments chaos made to strike while webhooks and events are in flight."""
     order_events: dict[str, int] = field(default_factory=dict)
     """With the order events checked: outbox rows, delivered, received, received again."""
+    merchant: Counter[str] = field(default_factory=Counter)
+    """Merchant refund requests by their answer: created (201), the same again (200: a
+    duplicate, or a resend after a lost answer), refused (409/422: a key reused for another
+    amount, more than is left), and orders that never succeeded (none asked)."""
 
 
 class Torture:
@@ -239,6 +263,15 @@ class Torture:
             elif scenario == "webhook lost once":
                 await self._retry("fault", lambda: self.gateway.set_faults(no, webhook_drop_next=1))
                 self.figures.faults["webhooks lost"] += 1
+            elif scenario == "merchant refund through gateway faults":
+                await self._retry(
+                    "fault",
+                    lambda: self.gateway.set_faults(
+                        no, fail_next_refunds=2, timeout_after_success_next=1
+                    ),
+                )
+                self.figures.faults["merchant refund failures"] += 2
+                self.figures.faults["merchant refund timeouts after success"] += 1
             elif scenario == "duplicate notification":
                 await self._retry(
                     "fault", lambda: self.gateway.set_faults(no, webhook_duplicate_next=1)
@@ -274,6 +307,66 @@ class Torture:
                 await self._pay(no, at=expires_at + timedelta(seconds=1))
             case "no payment":
                 pass
+            case _ if scenario in MERCHANT_SCENARIOS:
+                await self._pay(no)
+                await self._merchant_refunds(no, scenario)
+
+    async def _paid(self, no: str, within_s: float = 180) -> bool:
+        """Whether ``no`` is PAY_SUCCESS, waiting for it while it is PAYING (from the
+        database: PostgreSQL may be restarting under chaos)."""
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(*DB_ERRORS):
+                async with self.pool.acquire() as conn:
+                    status = await conn.fetchval(
+                        "SELECT status FROM pay_order WHERE pay_order_no = $1", no
+                    )
+                if status not in (None, "PAYING"):
+                    return bool(status == "PAY_SUCCESS")
+            await asyncio.sleep(0.2)
+        return False
+
+    async def _refund(self, no: str, refund_no: str, amount: int) -> None:
+        """One merchant refund request, resent while the service is unreachable or answers
+        5xx (safe: idempotent by ``refund_no``); its answer counted."""
+        try:
+            doc = await self._retry(
+                "merchant refund",
+                lambda: self.service.merchant_refund(
+                    no, refund_no=refund_no, amount=amount, reason="torture"
+                ),
+            )
+        except ServiceError as e:
+            self.figures.merchant[f"refused ({e.status} {e.code})"] += 1
+            return
+        self.figures.merchant["created (201)" if doc["created"] else "the same again (200)"] += 1
+
+    async def _merchant_refunds(self, no: str, scenario: str) -> None:
+        """The shop refunds the paid order ``no`` as ``scenario`` says."""
+        if not await self._paid(no):
+            self.figures.merchant["none asked: the order did not succeed"] += 1
+            return
+        key = f"{no.removeprefix('po_')}-r"
+        match scenario:
+            case "merchant refunds in parts":
+                first = self.rng.randint(1, AMOUNT // 2)
+                await self._refund(no, f"{key}1", first)
+                await self._refund(no, f"{key}2", self.rng.randint(1, AMOUNT - first))
+            case "merchant refund sent twice":
+                amount = self.rng.randint(1, AMOUNT)
+                await asyncio.gather(*(self._refund(no, f"{key}1", amount) for _ in range(3)))
+                await self._refund(no, f"{key}1", amount)  # a retry after the answer
+                if amount < AMOUNT:  # the same key for another amount: 409
+                    await self._refund(no, f"{key}1", amount + 1)
+            case "merchant refunds racing for what is left":
+                share = AMOUNT * 2 // 5
+                await asyncio.gather(
+                    *(self._refund(no, f"{key}{i}", share) for i in range(RACING_REFUNDS))
+                )
+            case "merchant refund racing a late payment":
+                await asyncio.gather(self._pay(no), self._refund(no, f"{key}1", AMOUNT))
+            case _:  # through gateway faults
+                await self._refund(no, f"{key}1", AMOUNT * 3 // 5)
 
     async def storm(self) -> None:
         t0 = time.monotonic()
@@ -307,8 +400,10 @@ class Torture:
                     "SELECT count(*) FROM pay_order WHERE pay_order_no = ANY($1)", self.pay_orders
                 )
                 pending_refunds = await conn.fetchval(
-                    "SELECT count(*) FROM refund WHERE pay_order_no = ANY($1)"
-                    " AND status = 'PENDING'",
+                    "SELECT (SELECT count(*) FROM refund WHERE pay_order_no = ANY($1)"
+                    "         AND status = 'PENDING')"
+                    "     + (SELECT count(*) FROM merchant_refund WHERE pay_order_no = ANY($1)"
+                    "         AND status = 'REFUNDING')",
                     self.pay_orders,
                 )
                 undelivered = (
@@ -369,77 +464,27 @@ class Torture:
         return report
 
     async def verify(self, pool: asyncpg.Pool) -> None:
-        v = self.figures.violations
         orders = self.pay_orders
         async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            rows = await conn.fetch(
-                """
-                SELECT po.pay_order_no, po.status, po.amount, po.paid_amount, po.refunded_amount,
-                       coalesce((SELECT sum(amount) FROM payment p
-                                  WHERE p.pay_order_no = po.pay_order_no), 0) AS payments,
-                       coalesce((SELECT sum(amount) FROM refund r WHERE r.status = 'SUCCEEDED'
-                                  AND r.pay_order_no = po.pay_order_no), 0) AS refunds,
-                       (SELECT count(*) FROM outbox o WHERE o.pay_order_no = po.pay_order_no
-                         AND o.event_type IN ('pay_order.succeeded', 'pay_order.expired'))
-                         AS terminal_events,
-                       (SELECT count(*) FROM outbox o WHERE o.pay_order_no = po.pay_order_no
-                         AND o.event_type = 'refund.succeeded') AS refund_events,
-                       (SELECT count(*) FROM refund r WHERE r.pay_order_no = po.pay_order_no
-                         AND r.status = 'SUCCEEDED') AS refunds_succeeded
-                  FROM pay_order po WHERE po.pay_order_no = ANY($1)""",
-                orders,
-            )
+            rows = [dict(r) for r in await conn.fetch(SQL_VERDICT_ROWS, orders)]
             succeeded_keys = {
-                r["refund_key"]
+                r["idempotency_key"]
                 for r in await conn.fetch(
-                    "SELECT refund_key FROM refund WHERE pay_order_no = ANY($1)"
-                    " AND status = 'SUCCEEDED'",
+                    "SELECT refund_key AS idempotency_key FROM refund"
+                    " WHERE pay_order_no = ANY($1) AND status = 'SUCCEEDED'"
+                    " UNION ALL SELECT idempotency_key FROM merchant_refund"
+                    " WHERE pay_order_no = ANY($1) AND status = 'REFUND_SUCCESS'",
                     orders,
                 )
             }
         # The gateway's side from its own records: nothing moves any more once settled.
         audit = await self._retry("read the gateway", lambda: self.gateway.audit(orders))
         if len(rows) != len(orders):
-            v.append(f"{len(orders) - len(rows)} pay orders were never written")
-        totals: Counter[str] = Counter()
-        for r in rows:
-            no = r["pay_order_no"]
-            expected = r["amount"] if r["status"] == "PAY_SUCCESS" else 0
-            held = audit.money.get(no, GatewayMoney())
-            totals[r["status"]] += 1
-            totals["payments"] += r["payments"]
-            totals["refunds"] += r["refunds"]
-            totals["captured"] += held.captured
-            totals["gateway_refunded"] += held.refunded
-            if r["status"] == "PAYING":
-                v.append(f"{no}: still PAYING after settlement")
-            if r["paid_amount"] != r["payments"] or r["refunded_amount"] != r["refunds"]:
-                v.append(f"{no}: sums disagree with rows")
-            if r["payments"] - r["refunds"] != expected:
-                v.append(f"{no}: fund identity broken ({r['payments']} - {r['refunds']})")
-            if held.captured != r["payments"]:
-                v.append(f"{no}: gateway captured {held.captured}, we recorded {r['payments']}")
-            if held.refunded != r["refunds"]:
-                v.append(f"{no}: gateway refunded {held.refunded}, we {r['refunds']}")
-            if held.captured - held.refunded != expected:
-                v.append(
-                    f"{no}: the gateway keeps {held.captured - held.refunded}, expected {expected}"
-                )
-            if r["terminal_events"] != 1:
-                v.append(f"{no}: {r['terminal_events']} terminal outbox events")
-            if r["refund_events"] != r["refunds_succeeded"]:
-                v.append(f"{no}: {r['refund_events']} refund events for {r['refunds_succeeded']}")
-        if totals["captured"] != totals["payments"] or (
-            totals["captured"] - totals["gateway_refunded"] != AMOUNT * totals["PAY_SUCCESS"]
-        ):
-            v.append("gateway totals: captured != settled + refunded")
-        if audit.keys_executed_twice:
-            v.append(f"{audit.keys_executed_twice} refund keys executed twice at the gateway")
-        for txn in audit.over_refunded:
-            v.append(f"{txn}: refunded beyond its amount at the gateway")
-        unrecorded_refunds = [k for k in audit.refund_keys if k not in succeeded_keys]
-        if unrecorded_refunds:
-            v.append(f"{len(unrecorded_refunds)} gateway refunds not recorded as succeeded here")
+            self.figures.violations.append(
+                f"{len(orders) - len(rows)} pay orders were never written"
+            )
+        violations, totals = judge(rows, audit, succeeded_keys)
+        self.figures.violations += violations
         self.figures.totals = dict(totals)
         if self.order_service_url is not None:
             await self.verify_order_events(pool)
@@ -505,6 +550,7 @@ class Torture:
                 "captured / refunded (minor units)",
                 f"{t.get('captured', 0)} / {t.get('gateway_refunded', 0)}",
             ],
+            *self._merchant_rows(),
             *[[f"fault: {k}", n] for k, n in sorted(f.faults.items())],
             *[[f"chaos: {name}, recovered in (s)", f"{secs:.1f}"] for name, secs in f.chaos],
             *([["probe orders (one after each fault)", f.probes]] if f.probes else []),
@@ -527,6 +573,22 @@ class Torture:
         rows.append(["violations", len(f.violations)])
         return render(["figure", "value"], rows)
 
+    def _merchant_rows(self) -> list[list[Any]]:
+        f, t = self.figures, self.figures.totals
+        if not f.merchant:
+            return []
+        return [
+            *[[f"merchant refund requests: {k}", n] for k, n in sorted(f.merchant.items())],
+            [
+                "merchant refunds REFUND_SUCCESS / REFUND_FAILED",
+                f"{t.get('merchant REFUND_SUCCESS', 0)} / {t.get('merchant REFUND_FAILED', 0)}",
+            ],
+            [
+                "merchant refunded: at the gateway / recorded (minor units)",
+                f"{t.get('gateway_merchant_refunded', 0)} / {t.get('merchant_refunded', 0)}",
+            ],
+        ]
+
     def _order_event_rows(self) -> list[list[Any]]:
         e = self.figures.order_events
         if not e:
@@ -538,6 +600,106 @@ class Torture:
             ],
             ["order events delivered again (at least once)", e["received again"]],
         ]
+
+
+SQL_VERDICT_ROWS = """
+SELECT po.pay_order_no, po.status, po.amount, po.paid_amount, po.refunded_amount,
+       coalesce((SELECT sum(amount) FROM payment p
+                  WHERE p.pay_order_no = po.pay_order_no), 0) AS payments,
+       coalesce((SELECT sum(amount) FROM refund r WHERE r.status = 'SUCCEEDED'
+                  AND r.pay_order_no = po.pay_order_no), 0) AS refunds,
+       (SELECT count(*) FROM refund r WHERE r.pay_order_no = po.pay_order_no
+         AND r.status = 'SUCCEEDED') AS refunds_succeeded,
+       coalesce((SELECT sum(amount) FROM merchant_refund m WHERE m.status = 'REFUND_SUCCESS'
+                  AND m.pay_order_no = po.pay_order_no), 0) AS merchant_refunded,
+       (SELECT count(*) FROM merchant_refund m WHERE m.pay_order_no = po.pay_order_no
+         AND m.status = 'REFUND_SUCCESS') AS merchant_succeeded,
+       (SELECT count(*) FROM merchant_refund m WHERE m.pay_order_no = po.pay_order_no
+         AND m.status = 'REFUND_FAILED') AS merchant_failed,
+       (SELECT count(*) FROM merchant_refund m WHERE m.pay_order_no = po.pay_order_no
+         AND m.status = 'REFUNDING') AS merchant_refunding,
+       (SELECT count(*) FROM outbox o WHERE o.pay_order_no = po.pay_order_no
+         AND o.event_type IN ('pay_order.succeeded', 'pay_order.expired')) AS terminal_events,
+       (SELECT count(*) FROM outbox o WHERE o.pay_order_no = po.pay_order_no
+         AND o.event_type = 'refund.succeeded') AS refund_events,
+       (SELECT count(*) FROM outbox o WHERE o.pay_order_no = po.pay_order_no
+         AND o.event_type = 'refund.failed') AS refund_failed_events
+  FROM pay_order po WHERE po.pay_order_no = ANY($1)"""
+
+
+def judge(
+    rows: Sequence[Mapping[str, Any]], audit: GatewayAudit, succeeded_keys: Collection[str]
+) -> tuple[list[str], Counter[str]]:
+    """The verdict: what our rows (``SQL_VERDICT_ROWS``, after settlement) and the gateway's
+    own records disagree on, and the totals the table shows.
+
+    Per pay order: the saga's fund identity (payments - compensations = amount on
+    PAY_SUCCESS, 0 on PAY_EXPIRED) in our rows and at the gateway; what the gateway refunded
+    under merchant refund keys equal to our REFUND_SUCCESS merchant refunds, never past the
+    amount, none of an unpaid order, none still in flight; one terminal event, one refund
+    event per refund. Across them: no refund key executed twice at the gateway (one refund
+    per ``refund_no``), no transaction refunded past its amount, every gateway refund one we
+    recorded as succeeded."""
+    v: list[str] = []
+    totals: Counter[str] = Counter()
+    for r in rows:
+        no = r["pay_order_no"]
+        paid = r["status"] == "PAY_SUCCESS"
+        expected = r["amount"] if paid else 0
+        held = audit.money.get(no, GatewayMoney())
+        compensated = held.refunded - held.merchant_refunded
+        totals[r["status"]] += 1
+        totals["payments"] += r["payments"]
+        totals["refunds"] += r["refunds"]
+        totals["captured"] += held.captured
+        totals["gateway_refunded"] += held.refunded
+        totals["gateway_merchant_refunded"] += held.merchant_refunded
+        totals["merchant_refunded"] += r["merchant_refunded"]
+        totals["merchant REFUND_SUCCESS"] += r["merchant_succeeded"]
+        totals["merchant REFUND_FAILED"] += r["merchant_failed"]
+        if r["status"] == "PAYING":
+            v.append(f"{no}: still PAYING after settlement")
+        if r["paid_amount"] != r["payments"] or r["refunded_amount"] != r["refunds"]:
+            v.append(f"{no}: sums disagree with rows")
+        if r["payments"] - r["refunds"] != expected:
+            v.append(f"{no}: fund identity broken ({r['payments']} - {r['refunds']})")
+        if held.captured != r["payments"]:
+            v.append(f"{no}: gateway captured {held.captured}, we recorded {r['payments']}")
+        if compensated != r["refunds"]:
+            v.append(f"{no}: gateway compensated {compensated}, we {r['refunds']}")
+        if held.captured - compensated != expected:
+            v.append(f"{no}: the gateway keeps {held.captured - compensated}, expected {expected}")
+        if held.merchant_refunded != r["merchant_refunded"]:
+            v.append(
+                f"{no}: gateway refunded {held.merchant_refunded} for merchant refunds,"
+                f" we recorded {r['merchant_refunded']}"
+            )
+        if held.merchant_refunded > expected:
+            v.append(f"{no}: merchant refunds of {held.merchant_refunded} past {expected}")
+        if r["merchant_refunding"]:
+            v.append(f"{no}: {r['merchant_refunding']} merchant refund(s) still REFUNDING")
+        if r["terminal_events"] != 1:
+            v.append(f"{no}: {r['terminal_events']} terminal outbox events")
+        if r["refund_events"] != r["refunds_succeeded"] + r["merchant_succeeded"]:
+            v.append(
+                f"{no}: {r['refund_events']} refund events for"
+                f" {r['refunds_succeeded'] + r['merchant_succeeded']} refunds"
+            )
+        if r["refund_failed_events"] != r["merchant_failed"]:
+            v.append(f"{no}: {r['refund_failed_events']} refund.failed events")
+    if totals["captured"] != totals["payments"] or (
+        totals["captured"] - (totals["gateway_refunded"] - totals["gateway_merchant_refunded"])
+        != AMOUNT * totals["PAY_SUCCESS"]
+    ):
+        v.append("gateway totals: captured != settled + compensated")
+    if audit.keys_executed_twice:
+        v.append(f"{audit.keys_executed_twice} refund keys executed twice at the gateway")
+    for txn in audit.over_refunded:
+        v.append(f"{txn}: refunded beyond its amount at the gateway")
+    unrecorded = [k for k in audit.refund_keys if k not in succeeded_keys]
+    if unrecorded:
+        v.append(f"{len(unrecorded)} gateway refunds not recorded as succeeded here")
+    return v, totals
 
 
 async def run_torture(

@@ -1,5 +1,6 @@
 """The reduced torture CI runs: 200 orders with racing payments, duplicates, wrong amounts,
-late payments and gateway faults, on a scaled-out private stack (3 workers, each with an
+late payments, gateway faults and merchant refunds (in parts, duplicated, racing for what is
+left and racing late payments), on a scaled-out private stack (3 workers, each with an
 order-events relay, and 2 API processes) where a worker is SIGKILLed while the others carry
 on, an API process as a webhook arrives, a worker whose relay is mid-delivery, and
 PostgreSQL is restarted; verified from the database, the gateway's ledger and what the
@@ -138,3 +139,12 @@ async def test_scaled_out_torture_with_worker_api_and_relay_kills_loses_nothing(
     assert "chaos: restart PostgreSQL" in report
     assert "probe orders (one after each fault)" in report
     assert "order events: outbox / acknowledged / taken by the order service" in report
+    # Merchant refunds went out, each once: the gateway's ledger and our rows agree.
+    merchant = re.search(
+        r"^merchant refunded: at the gateway / recorded \(minor units\) +(\d+) / (\d+)$",
+        report,
+        re.MULTILINE,
+    )
+    assert merchant and int(merchant[1]) == int(merchant[2]) > 0, report
+    assert re.search(r"^merchant refund requests: refused \(422 exceeds_refundable\) +\d+$",
+                     report, re.MULTILINE), report  # fmt: skip
