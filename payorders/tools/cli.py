@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -676,38 +676,65 @@ async def cmd_refund(args: argparse.Namespace, settings: Settings) -> int:
     return await _merchant_refund(args, settings)
 
 
-async def _waited(doc: dict[str, Any], *, pending: str, wait_s: int, again: Any) -> dict[str, Any]:
-    """``doc`` fetched again by ``again()`` until it leaves ``pending`` or ``wait_s`` pass."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
-    while doc["status"] == pending and loop.time() < deadline:
-        await asyncio.sleep(0.5)
-        doc = {**await again(), **({"created": doc["created"]} if "created" in doc else {})}
-    return doc
+@dataclass(frozen=True)
+class _RefundAsked:
+    """How ``payorders refund`` reports one kind of refund: its statuses, how it reads, and
+    where to look again."""
+
+    pending: str
+    succeeded: str
+    failed: str
+    text: Callable[[dict[str, Any]], str]
+    refused: Callable[[dict[str, Any]], str]
+    see_again: str
+
+
+async def _refund(
+    args: argparse.Namespace,
+    settings: Settings,
+    kind: _RefundAsked,
+    ask: Callable[[Ctx], Awaitable[dict[str, Any]]],
+    again: Callable[[Ctx], Awaitable[dict[str, Any]]],
+) -> int:
+    """Ask for a refund (idempotent), with ``--wait`` until it leaves ``pending``; exit 1
+    when the gateway refused it, or it was not confirmed within ``--wait-s``."""
+    async with connected(settings) as c:
+        doc = await ask(c)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + args.wait_s
+        while args.wait and doc["status"] == kind.pending and loop.time() < deadline:
+            await asyncio.sleep(0.5)
+            doc = {**await again(c), **({"created": doc["created"]} if "created" in doc else {})}
+        _emit(args, doc, kind.text(doc))
+    if doc["status"] == kind.failed:
+        raise CliError(kind.refused(doc))
+    if args.wait and doc["status"] != kind.succeeded:
+        raise CliError(
+            f"not confirmed within {args.wait_s} s; the refund goes on retrying"
+            f" (see it again with: {kind.see_again})"
+        )
+    return 0
 
 
 async def _merchant_refund(args: argparse.Namespace, settings: Settings) -> int:
     no, key = args.pay_order_no, args.refund_no
-    async with connected(settings) as c:
-        doc = await c.service.merchant_refund(
+    status = domain.MerchantRefundStatus
+    return await _refund(
+        args,
+        settings,
+        _RefundAsked(
+            pending=status.REFUNDING.value,
+            succeeded=status.REFUND_SUCCESS.value,
+            failed=status.REFUND_FAILED.value,
+            text=merchant_refund_text,
+            refused=lambda d: f"the gateway refused the refund {key}: {d['failure_reason']}",
+            see_again=f"payorders status {no}",
+        ),
+        lambda c: c.service.merchant_refund(
             no, refund_no=key, amount=args.amount, reason=args.reason
-        )
-        if args.wait:
-            doc = await _waited(
-                doc,
-                pending=domain.MerchantRefundStatus.REFUNDING.value,
-                wait_s=args.wait_s,
-                again=lambda: c.service.get_merchant_refund(no, key),
-            )
-        _emit(args, doc, merchant_refund_text(doc))
-    if doc["status"] == domain.MerchantRefundStatus.REFUND_FAILED.value:
-        raise CliError(f"the gateway refused the refund {key}: {doc['failure_reason']}")
-    if args.wait and doc["status"] != domain.MerchantRefundStatus.REFUND_SUCCESS.value:
-        raise CliError(
-            f"not confirmed within {args.wait_s} s; the refund goes on retrying"
-            f" (see it again with: payorders status {no})"
-        )
-    return 0
+        ),
+        lambda c: c.service.get_merchant_refund(no, key),
+    )
 
 
 def merchant_refund_text(doc: dict[str, Any]) -> str:
@@ -731,24 +758,23 @@ def merchant_refund_text(doc: dict[str, Any]) -> str:
 
 
 async def _operator_refund(args: argparse.Namespace, settings: Settings) -> int:
-    async with connected(settings) as c:
-        doc = await c.service.operator_refund(args.txn)
-        if args.wait:
-            doc = await _waited(
-                doc,
-                pending=domain.RefundStatus.PENDING.value,
-                wait_s=args.wait_s,
-                again=lambda: c.service.get_operator_refund(args.txn),
-            )
-        _emit(args, doc, _refund_text(doc))
-    if doc["status"] == domain.RefundStatus.REJECTED.value:
-        raise CliError(f"the gateway rejected the refund {doc['refund_key']}: {doc['last_error']}")
-    if args.wait and doc["status"] != domain.RefundStatus.SUCCEEDED.value:
-        raise CliError(
-            f"not confirmed within {args.wait_s} s; the refund goes on retrying"
-            f" (see it again with: payorders refund --txn {args.txn})"
-        )
-    return 0
+    status = domain.RefundStatus
+    return await _refund(
+        args,
+        settings,
+        _RefundAsked(
+            pending=status.PENDING.value,
+            succeeded=status.SUCCEEDED.value,
+            failed=status.REJECTED.value,
+            text=_refund_text,
+            refused=lambda d: (
+                f"the gateway rejected the refund {d['refund_key']}: {d['last_error']}"
+            ),
+            see_again=f"payorders refund --txn {args.txn}",
+        ),
+        lambda c: c.service.operator_refund(args.txn),
+        lambda c: c.service.get_operator_refund(args.txn),
+    )
 
 
 def _refund_text(doc: dict[str, Any]) -> str:
