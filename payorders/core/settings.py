@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     """Deprecated: one token with the ``admin`` scope (use ``api_tokens``). Clients (the
     CLI, the tools) send this one."""
-    gateway: Literal["sandbox", "stripe"] = "sandbox"
+    gateway: Literal["sandbox", "stripe", "alipay"] = "sandbox"
     """Which gateway adapter the worker and the API use."""
     gateway_url: str | None = None
     """The sandbox gateway's HTTP base (required with ``gateway=sandbox``; the local stack
@@ -85,6 +85,25 @@ class Settings(BaseSettings):
     value; the first is current, the others are accepted while a secret rotates."""
     stripe_api_base: str = "https://api.stripe.com"
     """Where the Stripe SDK sends its calls (the local stack points it at localstripe)."""
+    alipay_app_id: str | None = None
+    """The app's id at Alipay (required with ``gateway=alipay``)."""
+    alipay_private_key: SecretStr | None = None
+    """The app's RSA private key (PEM), which signs every request; or ``_file``."""
+    alipay_private_key_file: Path | None = None
+    """A file holding ``alipay_private_key`` (the PEM), instead of the value itself."""
+    alipay_public_key: str | None = None
+    """Alipay's RSA public key (PEM), which verifies every answer and notification; or
+    ``_file``."""
+    alipay_public_key_file: Path | None = None
+    """A file holding ``alipay_public_key``."""
+    alipay_gateway_url: str = "https://openapi.alipay.com/gateway.do"
+    """Alipay's gateway (the local stack points it at its local Alipay)."""
+    alipay_notify_url: str | None = None
+    """Where Alipay sends a trade's notifications: this service's public
+    ``/v1/webhooks/alipay`` (required with ``gateway=alipay``)."""
+    alipay_notify_max_age_s: PositiveInt = 2 * 86400
+    """A notification whose ``notify_time`` is older is refused as stale (Alipay retries
+    for about 25 h)."""
     webhook_url: str = "http://127.0.0.1:8000/v1/webhooks/gateway"
     """Where the (sandbox) gateway delivers its webhooks."""
     webhook_secrets: Annotated[list[SecretStr], NoDecode] = []

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from payorders.core.settings import Settings
+from payorders.gateways.alipay import AlipayConfig, AlipayGateway, AlipayKeyRefused
 from payorders.gateways.http_sandbox import HttpGateway
 from payorders.gateways.port import Gateway
 from payorders.gateways.stripe import StripeGateway, StripeKeyRefused
@@ -15,12 +17,64 @@ class GatewayNotConfigured(ValueError):
     """The settings name no gateway the product can reach."""
 
 
+def _pem(what: str, value: str | None, path: Path | None) -> str:
+    if value and path:
+        raise GatewayNotConfigured(f"gateway alipay: set {what} or {what}_FILE, not both")
+    if path is not None:
+        try:
+            value = path.read_text()
+        except OSError as e:
+            raise GatewayNotConfigured(
+                f"gateway alipay: cannot read {what}_FILE ({e.strerror})"
+            ) from None
+    if not value or "-----BEGIN" not in value:
+        raise GatewayNotConfigured(f"gateway alipay: set {what} (or {what}_FILE) to a PEM key")
+    return value
+
+
+def alipay_config(settings: Settings) -> AlipayConfig:
+    """The Alipay adapter's configuration, each missing or malformed part named.
+
+    Raises:
+        GatewayNotConfigured: the app id, a key or the notify URL is missing, or a key is
+            not PEM.
+    """
+    if not settings.alipay_app_id:
+        raise GatewayNotConfigured("gateway alipay: set PAYORDERS_ALIPAY_APP_ID")
+    if not settings.alipay_notify_url:
+        raise GatewayNotConfigured(
+            "gateway alipay: set PAYORDERS_ALIPAY_NOTIFY_URL (this service's public"
+            " /v1/webhooks/alipay)"
+        )
+    secret = settings.alipay_private_key
+    return AlipayConfig(
+        app_id=settings.alipay_app_id,
+        private_key_pem=_pem(
+            "PAYORDERS_ALIPAY_PRIVATE_KEY",
+            None if secret is None else secret.get_secret_value(),
+            settings.alipay_private_key_file,
+        ),
+        alipay_public_key_pem=_pem(
+            "PAYORDERS_ALIPAY_PUBLIC_KEY",
+            settings.alipay_public_key,
+            settings.alipay_public_key_file,
+        ),
+        notify_url=settings.alipay_notify_url,
+        gateway_url=settings.alipay_gateway_url,
+    )
+
+
 @asynccontextmanager
 async def open_gateway(settings: Settings) -> AsyncIterator[Gateway]:
     """The gateway activities and the webhook adapter call, with our client timeout."""
     timeout_s = settings.gateway_client_timeout_ms / 1000
-    gateway: HttpGateway | StripeGateway
-    if settings.gateway == "stripe":
+    gateway: HttpGateway | StripeGateway | AlipayGateway
+    if settings.gateway == "alipay":
+        try:
+            gateway = AlipayGateway(alipay_config(settings), client_timeout_s=timeout_s)
+        except AlipayKeyRefused as e:
+            raise GatewayNotConfigured(f"gateway alipay: {e}") from None
+    elif settings.gateway == "stripe":
         key = settings.stripe_api_key.get_secret_value() if settings.stripe_api_key else ""
         if not key.startswith(("sk_", "rk_")):
             raise GatewayNotConfigured(

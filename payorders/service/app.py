@@ -9,7 +9,8 @@ its router (``endpoints``) and what it takes and answers (``schemas``):
 - ``operator_refunds``: ``POST /v1/operator-refunds``: ``refund``;
   ``GET /v1/operator-refunds/{txn_id}``: ``read`` or ``refund`` (an operator refunds money
   captured for a pay order we never had).
-- ``webhooks``: ``POST /v1/webhooks/gateway`` and ``POST /v1/webhooks/stripe``,
+- ``webhooks``: ``POST /v1/webhooks/gateway``, ``/v1/webhooks/stripe`` and
+  ``/v1/webhooks/alipay``,
   authenticated by their signature instead. Each answers 2xx only once Temporal has
   accepted the payment, 4xx for what must never be retried, and 503 while Temporal (or the
   gateway, to verify against) cannot be reached.
@@ -85,7 +86,11 @@ def _by(request: Request) -> str:
 # --- the app ---------------------------------------------------------------------------------
 
 # The routes that prove themselves by a signature instead of a bearer token.
-SIGNED_ROUTES = (webhooks.WEBHOOK_ROUTE, webhooks.STRIPE_WEBHOOK_ROUTE)
+SIGNED_ROUTES = (
+    webhooks.WEBHOOK_ROUTE,
+    webhooks.STRIPE_WEBHOOK_ROUTE,
+    webhooks.ALIPAY_WEBHOOK_ROUTE,
+)
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from temporalio.service import RPCError
 
@@ -37,6 +37,9 @@ from payorders.tools.http_clients import (
     gateway_client,
 )
 from payorders.tools.table import pairs, render
+
+if TYPE_CHECKING:
+    from payorders.localstack.stack import GatewayKind
 
 START_HINT = "start the local stack first: scripts/dev (or payorders dev)"
 
@@ -798,13 +801,18 @@ async def cmd_torture(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.chaos:
         # A private stack of its own: the gateway asked for, else the environment's.
+        gateway = args.gateway or settings.gateway
+        if gateway not in GATEWAYS:
+            raise CliError(
+                f"the local stack runs no {gateway} gateway (it runs {', '.join(GATEWAYS)})"
+            )
         return await run_chaos_torture(
             ChaosPlan(
                 worker_kills=args.worker_kills,
                 api_kills=args.api_kills,
                 relay_kills=args.relay_kills,
             ),
-            gateway=args.gateway or settings.gateway,
+            gateway=cast("GatewayKind", gateway),
             workers=args.workers or 1,
             api_processes=args.api_processes or 1,
             orders=args.orders,

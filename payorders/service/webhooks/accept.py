@@ -18,6 +18,7 @@ log = logging.getLogger("payorders.pay_orders")
 # Where each gateway's notification carries the pay order, amount and currency: the
 # names a mismatch is reported under.
 SANDBOX_FIELDS = ("data.pay_order_no", "data.amount", "data.currency")
+ALIPAY_FIELDS = ("out_trade_no", "total_amount", "total_amount")
 STRIPE_FIELDS = (
     "data.object.metadata.pay_order_no",
     "data.object.amount_received",

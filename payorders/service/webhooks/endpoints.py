@@ -1,5 +1,6 @@
-"""``POST /v1/webhooks/gateway`` (the sandbox gateway's protocol) and
-``POST /v1/webhooks/stripe``: the gateways' payment notifications, authenticated by their
+"""``POST /v1/webhooks/gateway`` (the sandbox gateway's protocol),
+``POST /v1/webhooks/stripe`` and ``POST /v1/webhooks/alipay``: the gateways' payment
+notifications, authenticated by their
 signature instead of a bearer token. Each answers 2xx only once Temporal has accepted the
 payment, 4xx for what must never be retried, and 503 while Temporal (or the gateway, to
 verify against) cannot be reached."""
@@ -11,12 +12,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import PlainTextResponse
 
+from payorders.gateways.alipay import AlipayGateway
+from payorders.service import alipay_webhook, stripe_webhook, webhook
 from payorders.service import metrics as api_metrics
-from payorders.service import stripe_webhook, webhook
 from payorders.service.deps import DepsDep, require_json
 from payorders.service.errors import ApiError
 from payorders.service.webhooks.accept import (
+    ALIPAY_FIELDS,
     STRIPE_FIELDS,
     accept_payment,
     accept_refund,
@@ -28,6 +32,7 @@ log = logging.getLogger("payorders.pay_orders")
 
 WEBHOOK_ROUTE = "/v1/webhooks/gateway"
 STRIPE_WEBHOOK_ROUTE = "/v1/webhooks/stripe"
+ALIPAY_WEBHOOK_ROUTE = "/v1/webhooks/alipay"
 
 # No scopes: a plain router (auth.ScopedRoute is for routes that need a token).
 router = APIRouter()
@@ -106,3 +111,61 @@ async def stripe_webhook_route(request: Request, deps: DepsDep) -> WebhookAccept
     if isinstance(event, webhook.RefundNotice):
         return await accept_refund(deps, event)
     return await accept_payment(deps, event, STRIPE_FIELDS)
+
+
+@router.post(
+    ALIPAY_WEBHOOK_ROUTE,
+    response_class=PlainTextResponse,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {alipay_webhook.FORM: {"schema": {"type": "object"}}},
+        }
+    },
+    responses={
+        200: {"content": {"text/plain": {"example": "success"}}},
+        401: {"description": "unsigned, signed by another key, or stale"},
+        503: {"description": "retry later"},
+    },
+)
+async def alipay_webhook_route(request: Request, deps: DepsDep) -> PlainTextResponse:
+    """Alipay's notifications: verified with Alipay's public key through the SDK, checked
+    against our app and pay order, deduplicated by ``notify_id``, then the same path as
+    every gateway's payment. The answer is the literal ``success`` only once accepted;
+    anything else makes Alipay send it again."""
+    gateway = deps.gateway
+    if deps.settings.gateway != "alipay" or not isinstance(gateway, AlipayGateway):
+        raise ApiError(404, "not_found", "this service does not use the Alipay gateway")
+    content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if content_type != alipay_webhook.FORM:
+        raise ApiError(415, "unsupported_media_type", f"Content-Type must be {alipay_webhook.FORM}")
+    try:
+        event = alipay_webhook.read_notification(
+            alipay_webhook.form_of(await request.body()),
+            verify=gateway.verify_notification,
+            app_id=gateway.app_id,
+            now=datetime.now(UTC),
+            max_age_s=deps.settings.alipay_notify_max_age_s,
+        )
+    except webhook.WebhookRejected as e:
+        log.warning("alipay notification rejected: %s", e.reason)
+        api_metrics.note_webhook_reason(request.scope, api_metrics.webhook_check_reason(e))
+        raise ApiError(e.status, "webhook_rejected", e.reason) from None
+    if isinstance(event, alipay_webhook.IgnoredNotification):
+        log.info("alipay notification %s: %s ignored", event.event_id, event.trade_status)
+    elif isinstance(event, webhook.RefundNotice):
+        await accept_refund(deps, event)
+    else:
+        order = await deps.store.get_pay_order(event.pay_order_no)
+        if order is not None and (order.amount, order.currency.strip()) != (
+            event.amount,
+            event.currency,
+        ):
+            # Alipay takes exactly the trade's total_amount: a signed notification saying
+            # otherwise is no payment of this pay order's trade.
+            log.error("alipay notification %s: total_amount differs", event.event_id)
+            raise ApiError(
+                422, "mismatch", "total_amount: the notification must match the pay order"
+            )
+        await accept_payment(deps, event, ALIPAY_FIELDS)
+    return PlainTextResponse("success")
