@@ -131,6 +131,18 @@ def token_book(settings: Settings) -> TokenBook:
         raise SecretRefused(f"PAYORDERS_API_TOKENS: {e}") from None
 
 
+def _alipay_key(settings: Settings) -> None:
+    """Alipay notifications are verified with Alipay's public key and requests signed with
+    the app's private key, which is the secret; it is read and checked as a key when the
+    gateway opens (``gateways.factory.alipay_config``)."""
+    key = settings.alipay_private_key
+    if (key is None or not key.get_secret_value().strip()) and not settings.alipay_private_key_file:
+        raise SecretRefused(
+            "PAYORDERS_ALIPAY_PRIVATE_KEY is not set (nor PAYORDERS_ALIPAY_PRIVATE_KEY_FILE):"
+            " the app's RSA private key, PEM"
+        )
+
+
 def require(settings: Settings, role: Role) -> None:
     """Refuse to start ``role`` without the secrets it needs.
 
@@ -144,16 +156,22 @@ def require(settings: Settings, role: Role) -> None:
                 "PAYORDERS_WEBHOOK_SECRETS",
                 (s.get_secret_value() for s in settings.webhook_secrets),
             )
-        else:
+        elif settings.gateway == "stripe":
             _check_all(
                 "PAYORDERS_STRIPE_WEBHOOK_SECRET",
                 (s.get_secret_value() for s in settings.stripe_webhook_secret),
             )
+        else:
+            _alipay_key(settings)
     elif role == "gateway":
         _check_all(
             "PAYORDERS_WEBHOOK_SECRETS", (s.get_secret_value() for s in settings.webhook_secrets)
         )
-    elif settings.order_events_url is not None or role == "orders":
+    if role == "worker" and settings.gateway == "alipay":
+        _alipay_key(settings)
+    if role in ("api", "gateway"):
+        return
+    if settings.order_events_url is not None or role == "orders":
         secret = settings.order_events_secret
         check(
             "PAYORDERS_ORDER_EVENTS_SECRET", None if secret is None else secret.get_secret_value()

@@ -6,8 +6,10 @@ SDK's own verification."""
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
@@ -15,6 +17,7 @@ from Cryptodome.Hash import SHA256
 from Cryptodome.PublicKey import RSA
 from Cryptodome.Signature import pkcs1_15
 
+from payorders.core.settings import Settings
 from payorders.gateways.alipay import (
     AlipayConfig,
     AlipayGateway,
@@ -26,6 +29,7 @@ from payorders.gateways.alipay import (
     outcome_of,
     to_yuan,
 )
+from payorders.gateways.factory import GatewayNotConfigured, alipay_config
 from payorders.service import alipay_webhook
 from payorders.service.webhook import PaymentEvent, RefundNotice, WebhookRejected
 
@@ -249,3 +253,26 @@ def test_a_key_that_is_no_key_is_refused_in_one_line() -> None:
 
 def test_notify_time_window_is_now_minus_the_max_age() -> None:
     assert NOW - timedelta(days=2) < from_china_time("2026-12-04 11:00:01")
+
+
+def test_each_missing_or_malformed_part_of_the_configuration_is_named(tmp_path: Path) -> None:
+    pem = "-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----"
+    good = {
+        "gateway": "alipay",
+        "alipay_app_id": APP_ID,
+        "alipay_private_key": pem.replace("PUBLIC", "PRIVATE"),
+        "alipay_public_key": pem,
+        "alipay_notify_url": "https://shop.example.cn/v1/webhooks/alipay",
+    }
+    assert alipay_config(Settings(**good)).app_id == APP_ID  # type: ignore[arg-type]
+    missing_file = tmp_path / "absent.pem"
+    for change, says in [
+        ({"alipay_app_id": None}, "set PAYORDERS_ALIPAY_APP_ID"),
+        ({"alipay_notify_url": None}, "set PAYORDERS_ALIPAY_NOTIFY_URL"),
+        ({"alipay_private_key": None}, "set PAYORDERS_ALIPAY_PRIVATE_KEY (or"),
+        ({"alipay_public_key": "not a key"}, "PAYORDERS_ALIPAY_PUBLIC_KEY (or"),
+        ({"alipay_public_key_file": missing_file}, "not both"),
+        ({"alipay_public_key": None, "alipay_public_key_file": missing_file}, "cannot read"),
+    ]:
+        with pytest.raises(GatewayNotConfigured, match=re.escape(says)):
+            alipay_config(Settings(**{**good, **change}))  # type: ignore[arg-type]

@@ -142,3 +142,14 @@ def test_no_secret_the_docs_show_is_taken() -> None:
             values = [value]
         for v in values:
             assert secrets.why_weak(v) is not None, f"the docs show a usable secret: {v!r}"
+
+
+def test_with_alipay_the_api_and_the_worker_need_the_apps_private_key(tmp_path: Path) -> None:
+    token = secrets.generate("pot_")
+    for role, base in (("api", {"api_token": token}), ("worker", {})):
+        settings = Settings(gateway="alipay", **base)  # type: ignore[arg-type]
+        with pytest.raises(SecretRefused, match="PAYORDERS_ALIPAY_PRIVATE_KEY is not set"):
+            secrets.require(settings, role)  # type: ignore[arg-type]
+        pem = tmp_path / "app.pem"
+        pem.write_text("-----BEGIN PRIVATE KEY-----")
+        secrets.require(settings.model_copy(update={"alipay_private_key_file": pem}), role)  # type: ignore[arg-type]
