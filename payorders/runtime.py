@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from payorders.core import secrets, store
 from payorders.core.settings import Settings
-from payorders.gateways.factory import open_gateway
+from payorders.gateways.factory import GatewayNotConfigured, check_alipay, open_gateway
 from payorders.gateways.port import Gateway
 from payorders.localstack import stackinfo
 
@@ -34,6 +34,11 @@ def settings_or_exit(role: secrets.Role) -> Settings:
         _refuse(role, f"{variable}{where}: {first['msg']}")
     except secrets.SecretRefused as e:
         _refuse(role, str(e))
+    if role in ("api", "worker") and settings.gateway == "alipay":
+        try:
+            check_alipay(settings)
+        except GatewayNotConfigured as e:
+            _refuse(role, str(e))
     return settings
 
 

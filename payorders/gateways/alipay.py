@@ -219,6 +219,11 @@ class AlipayGateway:
             raise AlipayKeyRefused(f"an Alipay key is not an RSA key in PEM ({e})") from None
         self._threads = ThreadPoolExecutor(SDK_THREADS, thread_name_prefix="alipay-sdk")
 
+    @staticmethod
+    def check(config: AlipayConfig) -> None:
+        """Raise ``AlipayKeyRefused`` when the SDK cannot load a key of ``config``."""
+        AlipayGateway(config, client_timeout_s=1)._threads.shutdown(wait=False)
+
     async def aclose(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
 

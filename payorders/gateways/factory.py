@@ -64,6 +64,19 @@ def alipay_config(settings: Settings) -> AlipayConfig:
     )
 
 
+def check_alipay(settings: Settings) -> None:
+    """Refuse an Alipay configuration that cannot work (a part missing, a key the SDK
+    cannot load), before anything starts.
+
+    Raises:
+        GatewayNotConfigured: what is wrong, by its variable.
+    """
+    try:
+        AlipayGateway.check(alipay_config(settings))
+    except AlipayKeyRefused as e:
+        raise GatewayNotConfigured(f"gateway alipay: {e}") from None
+
+
 @asynccontextmanager
 async def open_gateway(settings: Settings) -> AsyncIterator[Gateway]:
     """The gateway activities and the webhook adapter call, with our client timeout."""

@@ -276,3 +276,25 @@ def test_each_missing_or_malformed_part_of_the_configuration_is_named(tmp_path: 
     ]:
         with pytest.raises(GatewayNotConfigured, match=re.escape(says)):
             alipay_config(Settings(**{**good, **change}))  # type: ignore[arg-type]
+
+
+def test_a_process_refuses_to_start_on_a_key_the_sdk_cannot_load(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from payorders import runtime
+
+    pem = "-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----"
+    for name, value in {
+        "PAYORDERS_GATEWAY": "alipay",
+        "PAYORDERS_ALIPAY_APP_ID": APP_ID,
+        "PAYORDERS_ALIPAY_PRIVATE_KEY": pem,
+        "PAYORDERS_ALIPAY_PUBLIC_KEY": pem.replace("PRIVATE", "PUBLIC"),
+        "PAYORDERS_ALIPAY_NOTIFY_URL": "https://shop.example.cn/v1/webhooks/alipay",
+    }.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited:
+        runtime.settings_or_exit("worker")
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("payorders worker: cannot start: gateway alipay: an Alipay key is not")
+    assert "broken" not in err and len(err.splitlines()) == 1
