@@ -36,8 +36,8 @@ from temporalio.client import Client
 from payorders.core import search_attributes as sa
 from payorders.core import secrets
 from payorders.core.settings import Settings
+from payorders.localstack import alipay_keys, stackinfo
 from payorders.localstack import postgres as embedded
-from payorders.localstack import stackinfo
 from payorders.localstack.binaries import find_binary
 from payorders.localstack.localstripe import LocalStripe, LocalStripeError
 from payorders.localstack.stackinfo import check_processes
@@ -81,8 +81,11 @@ DEV_WORKER_DEFAULTS = {
 }
 
 
-GatewayKind = Literal["sandbox", "stripe"]
-GATEWAYS: tuple[GatewayKind, ...] = ("sandbox", "stripe")
+GatewayKind = Literal["sandbox", "stripe", "alipay"]
+GATEWAYS: tuple[GatewayKind, ...] = ("sandbox", "stripe", "alipay")
+ALIPAY_NOTIFY_SPEEDUP = "600"
+"""The local Alipay retries a notification on Alipay's schedule (4 min, 10 min, ... over
+about 25 h), this many times faster: the first retry after 0.4 s."""
 
 STRIPE_WEBHOOK_ID = "payorders-dev"
 """localstripe's id for the stack's webhook endpoint (registering it again replaces it)."""
@@ -449,6 +452,25 @@ class DevStack:
         return [c for c in self.children if c == name or c.startswith(f"{name}-")]
 
     def _gateway_child(self, uvicorn: list[str], quiet: list[str]) -> Child:
+        if self.gateway == "alipay":
+            keys = alipay_keys.key_files(self.data_dir)
+            return Child(
+                "gateway",
+                [
+                    *uvicorn,
+                    "--port",
+                    str(self.options.gateway_port),
+                    *quiet,
+                    "payorders.sandbox.alipay:app",
+                ],
+                f"{self.gateway_url}/healthz",
+                env={
+                    "PAYORDERS_LOCAL_ALIPAY_APP_ID": alipay_keys.APP_ID,
+                    "PAYORDERS_LOCAL_ALIPAY_APP_PUBLIC_KEY": keys.app_public.read_text(),
+                    "PAYORDERS_LOCAL_ALIPAY_PRIVATE_KEY": keys.alipay_private.read_text(),
+                    "PAYORDERS_LOCAL_ALIPAY_NOTIFY_SPEEDUP": ALIPAY_NOTIFY_SPEEDUP,
+                },
+            )
         if self.gateway == "sandbox":
             return Child(
                 "gateway",
@@ -527,7 +549,7 @@ class DevStack:
         _check_port_free(self.options.ip, self.options.temporal_port, "temporal")
         _check_port_free(self.options.ip, self.options.ui_port, "ui")
         _check_port_free(self.options.ip, self.options.api_port, "api")
-        if self.gateway == "sandbox":
+        if self.gateway in ("sandbox", "alipay"):
             _check_port_free(self.options.ip, self.options.gateway_port, "gateway")
         else:
             # localstripe's own port was found free beside it (or anywhere) a moment ago.
@@ -614,7 +636,9 @@ class DevStack:
 
     def _child_label(self, child: Child) -> str:
         if child.name == "gateway":
-            return "Stripe wire (fault proxy)" if self.gateway == "stripe" else "sandbox gateway"
+            return {"stripe": "Stripe wire (fault proxy)", "alipay": "local Alipay"}.get(
+                self.gateway, "sandbox gateway"
+            )
         if child.name == "orders":
             return "order service"
         return child.name
@@ -737,6 +761,16 @@ class DevStack:
         stack's ``PAYORDERS_GATEWAY``."""
         if self.gateway == "sandbox":
             return {"PAYORDERS_GATEWAY": "sandbox"}
+        if self.gateway == "alipay":
+            keys = alipay_keys.key_files(self.data_dir)
+            return {
+                "PAYORDERS_GATEWAY": "alipay",
+                "PAYORDERS_ALIPAY_APP_ID": alipay_keys.APP_ID,
+                "PAYORDERS_ALIPAY_PRIVATE_KEY_FILE": str(keys.app_private),
+                "PAYORDERS_ALIPAY_PUBLIC_KEY_FILE": str(keys.alipay_public),
+                "PAYORDERS_ALIPAY_GATEWAY_URL": f"{self.gateway_url}/gateway.do",
+                "PAYORDERS_ALIPAY_NOTIFY_URL": f"{self.api_url}/v1/webhooks/alipay",
+            }
         assert self.stripe_url is not None
         return {"PAYORDERS_GATEWAY": "stripe", "PAYORDERS_STRIPE_API_BASE": self.stripe_url}
 
@@ -1016,6 +1050,14 @@ class DevStack:
     def _gateway_rows(self) -> list[tuple[str, str]]:
         if self.gateway == "sandbox":
             return [("sandbox gateway", self.gateway_url)]
+        if self.gateway == "alipay":
+            return [
+                (
+                    "local Alipay",
+                    f"{self.gateway_url}/gateway.do  (faults API: {self.gateway_url})",
+                ),
+                ("Alipay notifications", f"{self.api_url}/v1/webhooks/alipay"),
+            ]
         assert self.stripe_url is not None and self.localstripe_url is not None
         return [
             ("Stripe API", f"{self.stripe_url}  (the Stripe wire: fault proxy, faults API)"),

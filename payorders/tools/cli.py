@@ -218,7 +218,7 @@ def _timestamp(text: str) -> datetime:
 # --- connections -------------------------------------------------------------------------
 
 
-GATEWAYS = ("sandbox", "stripe")
+GATEWAYS = ("sandbox", "stripe", "alipay")
 
 
 @dataclass
@@ -919,9 +919,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--api-port", type=_count, default=8000, help="service API port")
     c.add_argument(
         "--gateway",
-        choices=["sandbox", "stripe"],
+        choices=GATEWAYS,
         default="sandbox",
-        help="the gateway: the sandbox's, or localstripe behind the Stripe wire (default sandbox)",
+        help="the gateway: the sandbox's, localstripe behind the Stripe wire, or the local"
+        " Alipay (default sandbox)",
     )
     c.add_argument("--gateway-port", type=_count, default=8001, help="sandbox gateway port")
     c.add_argument(

@@ -20,7 +20,7 @@ from payorders.core import domain
 from payorders.core.domain import PayOrderStatus
 from payorders.core.settings import Settings
 from payorders.localstack import stackinfo
-from payorders.tools.http_clients import GatewayClient, ServiceClient, gateway_client
+from payorders.tools.http_clients import GatewayClient, ServiceClient, currency_of, gateway_client
 from payorders.tools.table import render
 
 SHORT = timedelta(seconds=4)
@@ -63,7 +63,7 @@ class Ctx:
         doc = await self.service.create(
             order_no=self.order_no(scenario, i),
             amount=1999,
-            currency="USD",
+            currency=currency_of(self.settings),
             expires_in_s=int(expires_in.total_seconds()),
         )
         return Started(doc["pay_order_no"], datetime.fromisoformat(doc["expires_at"]))
@@ -75,7 +75,7 @@ class Ctx:
         """The customer pays at the gateway (at the instant ``at``), which then sends its
         webhook."""
         capture = await self.gateway.pay(
-            pay_order_no=pay_order_no, amount=1999, currency="USD", at=at
+            pay_order_no=pay_order_no, amount=1999, currency=currency_of(self.settings), at=at
         )
         return str(capture["txn_id"])
 
@@ -144,7 +144,9 @@ async def double_payment(c: Ctx) -> list[str]:
 
 async def already_paid_on_close(c: Ctx) -> list[str]:
     no = domain.pay_order_no_for(c.order_no("closepaid"))
-    await c.gateway.set_faults(no, paid_on_close_amount=1999, paid_on_close_currency="USD")
+    await c.gateway.set_faults(
+        no, paid_on_close_amount=1999, paid_on_close_currency=currency_of(c.settings)
+    )
     await c.create("closepaid")
     return [no]
 

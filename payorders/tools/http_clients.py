@@ -59,6 +59,8 @@ def _raise_for(resp: httpx.Response) -> None:
 # txn_id, a capture by its txn_id (``SandboxClient.pay`` always sends one), faults by PUT
 # and DELETE, an operator refund by its txn_id, a merchant refund by its refund_no. A
 # timeout is not retried: the caller chose how long to wait.
+LOCAL_ALIPAY_SCHEMA = "alipay_gateway"
+"""Where the local Alipay keeps its ledger (``payorders.sandbox.alipay``)."""
 RESEND_ATTEMPTS = 3
 RESEND_ON = (httpx.NetworkError, httpx.RemoteProtocolError)
 
@@ -298,6 +300,11 @@ async def _sleep_until(when: datetime | None) -> None:
         await asyncio.sleep(max(0.0, (when - datetime.now(UTC)).total_seconds()))
 
 
+def currency_of(settings: Settings) -> str:
+    """The currency the tools' pay orders are in: Alipay takes CNY only."""
+    return "CNY" if settings.gateway == "alipay" else "USD"
+
+
 def gateway_client(
     settings: Settings, service: ServiceClient, *, pool: asyncpg.Pool | None = None
 ) -> GatewayClient:
@@ -311,6 +318,10 @@ def gateway_client(
     """
     if settings.gateway == "stripe":
         return StripeToolClient(settings, service)
+    if settings.gateway == "alipay":
+        # The local Alipay keeps its money in a ledger of the sandbox's shape, in a schema
+        # of its own, and serves the same payments, ledger and faults API.
+        return SandboxClient(settings, pool=pool, schema=LOCAL_ALIPAY_SCHEMA, label="local Alipay")
     return SandboxClient(settings, pool=pool)
 
 
@@ -341,12 +352,21 @@ class SandboxClient(_FaultsApi):
     label = "sandbox gateway"
     redelivers_webhooks = True
 
-    def __init__(self, settings: Settings, *, pool: asyncpg.Pool | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        pool: asyncpg.Pool | None = None,
+        schema: str | None = None,
+        label: str | None = None,
+    ) -> None:
         if not settings.gateway_url:
             raise Unreachable("no gateway URL: set PAYORDERS_GATEWAY_URL or start the stack")
         super().__init__(settings.gateway_url)
         self._pool = pool
-        self._schema = settings.sandbox_schema
+        self._schema = schema or settings.sandbox_schema
+        if label is not None:
+            self.label = label
 
     async def pay(
         self,

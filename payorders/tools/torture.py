@@ -49,6 +49,7 @@ from payorders.tools.http_clients import (
     ServiceClient,
     ServiceError,
     Unreachable,
+    currency_of,
     gateway_client,
 )
 from payorders.tools.table import render
@@ -144,6 +145,7 @@ class Torture:
         self.service = ServiceClient(settings)
         self.gateway = gateway_client(settings, self.service, pool=pool)
         self.figures = Figures(orders=orders, gateway_label=self.gateway.label)
+        self.currency = currency_of(settings)
         self.pay_orders: list[str] = []
         self._txn_seq = 0
 
@@ -185,7 +187,7 @@ class Torture:
             return await self.gateway.pay(
                 pay_order_no=no,
                 amount=amount,
-                currency="USD",
+                currency=self.currency,
                 txn_id=txn,
                 first_attempt=sent == 1,
                 at=at,
@@ -200,7 +202,10 @@ class Torture:
         await self._retry(
             "create",
             lambda: self.service.create(
-                order_no=no.removeprefix("po_"), amount=AMOUNT, currency="USD", expires_in_s=300
+                order_no=no.removeprefix("po_"),
+                amount=AMOUNT,
+                currency=self.currency,
+                expires_in_s=300,
             ),
         )
         self.pay_orders.append(no)
@@ -283,7 +288,7 @@ class Torture:
                 lambda: self.service.create(
                     order_no=no.removeprefix("po_"),
                     amount=AMOUNT,
-                    currency="USD",
+                    currency=self.currency,
                     expires_in_s=self.expires_in_s,
                 ),
             )
