@@ -113,6 +113,9 @@ class Figures:
     """Bursts of payments chaos made to strike while webhooks and events are in flight."""
     order_events: dict[str, int] = field(default_factory=dict)
     """With the order events checked: outbox rows, delivered, received, received again."""
+    refused_payments: Counter[str] = field(default_factory=Counter)
+    """Payments the gateway refused, by its code (the local Alipay refuses a second payment,
+    another amount, or one after ``time_expire``); nothing was captured."""
     merchant: Counter[str] = field(default_factory=Counter)
     """Merchant refund requests by their answer: created (201), the same again (200: a
     duplicate, or a resend after a lost answer), refused (409/422: a key reused for another
@@ -193,7 +196,15 @@ class Torture:
                 at=at,
             )
 
-        await self._retry("pay", pay)
+        try:
+            await self._retry("pay", pay)
+        except ServiceError as e:
+            if e.status != 409:
+                raise
+            # The gateway refused the payment: Alipay takes one payment of a trade's
+            # total_amount, before its time_expire. Nothing was captured.
+            self.figures.refused_payments[e.code] += 1
+            return
         self.figures.payments += 1
         self.last_payment_at = time.monotonic()
 
@@ -551,6 +562,10 @@ class Torture:
             ["orders", f.orders],
             ["PAY_SUCCESS / PAY_EXPIRED", f"{t.get('PAY_SUCCESS', 0)} / {t.get('PAY_EXPIRED', 0)}"],
             ["payments at the gateway", f.payments],
+            *[
+                [f"payments the gateway refused: {k}", n]
+                for k, n in sorted(f.refused_payments.items())
+            ],
             [
                 "captured / refunded (minor units)",
                 f"{t.get('captured', 0)} / {t.get('gateway_refunded', 0)}",
