@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,16 +31,11 @@ from bench._harness import Bench, bench_stack, chart, ms, pct, save, say, table
 from bench.throughput import happy_round
 from payorders.core.models import CreatePayOrder, PaymentNotification, RecordPayment
 from payorders.core.store import PayOrderStore
+from payorders.localstack.ports import free_port
 from payorders.service import webhook
 from payorders.service.relay import SIGNATURE_HEADER
 
 SECRET = "whsec_bench_order_events"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

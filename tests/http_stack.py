@@ -24,6 +24,7 @@ from starlette.types import ASGIApp
 from temporalio.client import Client
 
 from payorders.core.settings import Settings
+from payorders.localstack.ports import free_port
 from payorders.runtime import open_resources
 from payorders.sandbox.app import create_sandbox_app
 from payorders.service.app import create_app
@@ -87,12 +88,6 @@ def worker_process(
         },
         cwd=ROOT,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @asynccontextmanager

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -24,6 +23,7 @@ import httpx
 import stripe
 
 from payorders.localstack.localstripe_server import READY_PATH
+from payorders.localstack.ports import free_port
 
 DEFAULT_API_KEY = "sk_test_payorders_local"
 """A key localstripe accepts (any ``sk_`` key longer than 5 characters; it checks no more)."""
@@ -37,12 +37,6 @@ LOG_FILE = "localstripe.log"
 
 class LocalStripeError(RuntimeError):
     """localstripe did not start, or refused a configuration call."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LocalStripe:
@@ -122,7 +116,7 @@ class LocalStripe:
         # child then exits at once, and a fresh port is tried.
         attempts = 1 if self._port else 3
         for attempt in range(attempts):
-            port = self._port or _free_port()
+            port = self._port or free_port()
             self._spawn(port)
             try:
                 await self._wait_ready(port)

@@ -40,6 +40,7 @@ from payorders.localstack import alipay_keys, stackinfo
 from payorders.localstack import postgres as embedded
 from payorders.localstack.binaries import find_binary
 from payorders.localstack.localstripe import LocalStripe, LocalStripeError
+from payorders.localstack.ports import free_port, port_beside
 from payorders.localstack.stackinfo import check_processes
 from payorders.localstack.stripe_wire import RELAY_PATH
 
@@ -129,26 +130,6 @@ def child_names(group: str, n: int) -> list[str]:
     return [group if i == 1 else f"{group}-{i}" for i in range(1, n + 1)]
 
 
-def _free_port(ip: str) -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])
-
-
-def _port_beside(ip: str, port: int) -> int:
-    """The port after ``port`` if it is free now, else any free one: localstripe's own,
-    found next to the wire's when it can be."""
-    if port + 1 < 65536:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((ip, port + 1))
-                return port + 1
-            except OSError:
-                pass
-    return _free_port(ip)
-
-
 @dataclass(frozen=True)
 class DevOptions:
     """The stack's ports, its gateway and how many workers and API processes it runs.
@@ -202,13 +183,13 @@ class DevOptions:
     ) -> DevOptions:
         """Ports free right now, for a stack that must not meet ``payorders dev``'s."""
         return cls(
-            temporal_port=_free_port(ip),
-            ui_port=_free_port(ip),
-            api_port=_free_port(ip),
-            gateway_port=_free_port(ip),
-            worker_metrics_port=_free_port(ip),
-            stripe_port=_free_port(ip),
-            orders_port=_free_port(ip),
+            temporal_port=free_port(ip),
+            ui_port=free_port(ip),
+            api_port=free_port(ip),
+            gateway_port=free_port(ip),
+            worker_metrics_port=free_port(ip),
+            stripe_port=free_port(ip),
+            orders_port=free_port(ip),
             gateway=gateway,
             ip=ip,
             workers=workers,
@@ -369,7 +350,7 @@ class DevStack:
         self._localstripe: LocalStripe | None = None
         if self.gateway == "stripe":
             self.stripe_url = f"http://{options.ip}:{options.stripe_port}"
-            self.localstripe_port = _port_beside(options.ip, options.stripe_port)
+            self.localstripe_port = port_beside(options.ip, options.stripe_port)
             self.localstripe_url = f"http://{options.ip}:{self.localstripe_port}"
             # The faults API of either gateway lives at ``gateway_url`` (``payorders fault``).
             self.gateway_url = self.stripe_url
@@ -444,7 +425,7 @@ class DevStack:
     def _worker_metrics_addresses(self) -> list[str]:
         ports = [self.options.worker_metrics_port]
         while len(ports) < self.options.workers:
-            ports.append(_port_beside(self.options.ip, ports[-1]))
+            ports.append(port_beside(self.options.ip, ports[-1]))
         return [f"{self.options.ip}:{port}" for port in ports]
 
     def group(self, name: str) -> list[str]:

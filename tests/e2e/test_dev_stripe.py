@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,16 +27,11 @@ import stripe
 from payorders.core.settings import Settings
 from payorders.localstack import stackinfo
 from payorders.localstack.binaries import find_binary
+from payorders.localstack.ports import free_port
 from payorders.localstack.stack import DevOptions, DevStack
 from payorders.localstack.stripe_wire import DELIVERIES_PATH
 
 CLI = find_binary("payorders")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def exports(banner: str) -> dict[str, str]:

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,17 +23,12 @@ import pytest
 from payorders.core.settings import Settings
 from payorders.localstack import stackinfo
 from payorders.localstack.binaries import find_binary
+from payorders.localstack.ports import free_port
 from payorders.tools import cli
 
 pytestmark = pytest.mark.slow
 
 CLI = find_binary("payorders")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
