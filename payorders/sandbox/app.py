@@ -105,13 +105,19 @@ def create_sandbox_app(settings: Settings) -> FastAPI:
     api = FastAPI(title="payorders sandbox gateway", lifespan=lifespan)
     api.add_middleware(ProcessingTime)
     api.include_router(router)
+    add_error_handlers(api)
+    return api
+
+
+def add_error_handlers(api: FastAPI) -> None:
+    """The sandbox's JSON errors (``{"error": {"code", "message"}}``) on ``api``: also for
+    another local gateway that includes ``control_router``."""
     api.add_exception_handler(ApiError, _api_error)
     api.add_exception_handler(domain.InvalidInput, _invalid_input)
     api.add_exception_handler(GatewayUnavailable, _unavailable)
     api.add_exception_handler(RequestValidationError, _request_invalid)
     api.add_exception_handler(StarletteHTTPException, _http_error)
     api.add_exception_handler(_ClientGone, _client_gone)
-    return api
 
 
 def app() -> FastAPI:
@@ -178,7 +184,12 @@ class ProcessingTime:
 
 # --- routes ----------------------------------------------------------------------------------
 
-router = APIRouter()
+control_router = APIRouter()
+"""What any local gateway on the sandbox's ledger serves as the sandbox does: ``/healthz``,
+``/v1/captures/{txn_id}``, ``/v1/ledger/{pay_order_no}`` and the faults (the app's
+``state.sandbox`` is the ``SandboxGateway``)."""
+payments_router = APIRouter()
+"""The sandbox's own payments, refunds, trades and statement."""
 
 
 async def _gateway(request: Request) -> SandboxGateway:
@@ -192,13 +203,13 @@ Sandbox = Annotated[SandboxGateway, Depends(_gateway)]
 JsonObject = Annotated[dict[str, Any], Body()]
 
 
-@router.get("/healthz")
+@control_router.get("/healthz")
 async def healthz(gateway: Sandbox) -> dict[str, str]:
     await gateway.ping()
     return {"status": "ok"}
 
 
-@router.post("/v1/payments", status_code=201)
+@payments_router.post("/v1/payments", status_code=201)
 async def create_payment(gateway: Sandbox, body: JsonObject) -> dict[str, Any]:
     """A customer pays: capture, and queue the ``payment.succeeded`` webhook."""
     _only_fields(
@@ -225,7 +236,7 @@ async def create_payment(gateway: Sandbox, body: JsonObject) -> dict[str, Any]:
     return _capture_json(capture)
 
 
-@router.get("/v1/captures/{txn_id}")
+@control_router.get("/v1/captures/{txn_id}")
 async def get_capture(gateway: Sandbox, txn_id: str) -> dict[str, Any]:
     capture = await gateway.query_capture(txn_id)
     if capture is None:
@@ -233,7 +244,7 @@ async def get_capture(gateway: Sandbox, txn_id: str) -> dict[str, Any]:
     return _capture_json(capture)
 
 
-@router.post("/v1/refunds")
+@payments_router.post("/v1/refunds")
 async def create_refund(
     request: Request,
     gateway: Sandbox,
@@ -258,7 +269,7 @@ async def create_refund(
     return _refund_json(refund)
 
 
-@router.get("/v1/captures/{txn_id}/refunds")
+@payments_router.get("/v1/captures/{txn_id}/refunds")
 async def refunds_of_capture(gateway: Sandbox, txn_id: str) -> dict[str, Any]:
     """Every refund of one capture, whoever made it: ours and the dashboard's."""
     if await gateway.query_capture(txn_id) is None:
@@ -269,7 +280,7 @@ async def refunds_of_capture(gateway: Sandbox, txn_id: str) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/dashboard/refunds", status_code=201)
+@payments_router.post("/v1/dashboard/refunds", status_code=201)
 async def dashboard_refund(gateway: Sandbox, body: JsonObject) -> dict[str, Any]:
     """What the shop's staff do at a gateway's dashboard: refund a capture, not through
     payorders. The refund gets a key of the gateway's own and its ``refund.succeeded``
@@ -284,7 +295,7 @@ async def dashboard_refund(gateway: Sandbox, body: JsonObject) -> dict[str, Any]
     return _refund_json(refund)
 
 
-@router.get("/v1/refunds/{idempotency_key}")
+@payments_router.get("/v1/refunds/{idempotency_key}")
 async def get_refund(gateway: Sandbox, idempotency_key: str) -> dict[str, Any]:
     refund = await gateway.query_refund_detailed(idempotency_key)
     if refund is None:
@@ -292,7 +303,7 @@ async def get_refund(gateway: Sandbox, idempotency_key: str) -> dict[str, Any]:
     return _refund_json(refund)
 
 
-@router.post("/v1/trades", status_code=201)
+@payments_router.post("/v1/trades", status_code=201)
 async def open_trade(gateway: Sandbox, body: JsonObject) -> dict[str, Any]:
     """Open a pay order's trade (idempotent by pay order): what a front end needs to pay."""
     _only_fields(
@@ -319,7 +330,7 @@ async def open_trade(gateway: Sandbox, body: JsonObject) -> dict[str, Any]:
     return checkout.model_dump(mode="json")
 
 
-@router.post("/v1/trades/{pay_order_no}/close")
+@payments_router.post("/v1/trades/{pay_order_no}/close")
 async def close_trade(request: Request, gateway: Sandbox, pay_order_no: str) -> dict[str, Any]:
     no = _pay_order_no(pay_order_no, "pay_order_no")
     result = await _unless_client_leaves(request, gateway.close_trade(no, notify=True))
@@ -328,7 +339,7 @@ async def close_trade(request: Request, gateway: Sandbox, pay_order_no: str) -> 
     return {"status": "closed"}
 
 
-@router.get("/v1/statement")
+@payments_router.get("/v1/statement")
 async def statement(gateway: Sandbox, start: datetime, end: datetime) -> dict[str, Any]:
     """Captures and refunds made in ``[start, end)``."""
     if start.tzinfo is None or end.tzinfo is None:
@@ -342,7 +353,7 @@ async def statement(gateway: Sandbox, start: datetime, end: datetime) -> dict[st
     }
 
 
-@router.get("/v1/ledger/{pay_order_no}")
+@control_router.get("/v1/ledger/{pay_order_no}")
 async def ledger(gateway: Sandbox, pay_order_no: str) -> dict[str, Any]:
     """Everything the gateway holds for one pay order (sandbox only)."""
     held = await gateway.ledger_of(pay_order_no)
@@ -363,13 +374,13 @@ async def ledger(gateway: Sandbox, pay_order_no: str) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/faults")
+@control_router.get("/v1/faults")
 async def list_faults(gateway: Sandbox) -> list[dict[str, Any]]:
     """The faults still armed."""
     return await gateway.list_faults()
 
 
-@router.put("/v1/faults/{scope}")
+@control_router.put("/v1/faults/{scope}")
 async def set_faults(gateway: Sandbox, scope: str, patch: FaultsPatch) -> dict[str, Any]:
     """Arm faults for a pay order, or for every order with scope ``*``."""
     _scope(scope)
@@ -377,14 +388,20 @@ async def set_faults(gateway: Sandbox, scope: str, patch: FaultsPatch) -> dict[s
     return {"scope": scope, **(await gateway.faults_of(scope)).__dict__}
 
 
-@router.delete("/v1/faults", status_code=204)
+@control_router.delete("/v1/faults", status_code=204)
 async def clear_all_faults(gateway: Sandbox) -> None:
     await gateway.clear_faults()
 
 
-@router.delete("/v1/faults/{scope}", status_code=204)
+@control_router.delete("/v1/faults/{scope}", status_code=204)
 async def clear_faults(gateway: Sandbox, scope: str) -> None:
     await gateway.clear_faults(_scope(scope))
+
+
+router = APIRouter()
+"""Every route of the sandbox gateway."""
+router.include_router(control_router)
+router.include_router(payments_router)
 
 
 # --- translation at the edge -----------------------------------------------------------------
@@ -399,6 +416,11 @@ def _vendor_status(status: RefundStatus) -> str:
             return "pending"
         case RefundStatus.REJECTED:
             return "failed"
+
+
+def capture_json(capture: Capture) -> dict[str, Any]:
+    """A capture as the sandbox's routes answer it (``POST /v1/payments`` among them)."""
+    return _capture_json(capture)
 
 
 def _capture_json(capture: Capture) -> dict[str, Any]:
@@ -445,6 +467,12 @@ def _pay_order_no(value: object, what: str) -> str:
 
 def _scope(value: str) -> str:
     return value if value == "*" else _pay_order_no(value, "scope")
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """``_unless_client_leaves`` for another local gateway's routes (with
+    ``add_error_handlers``, a caller gone is answered 499)."""
+    return await _unless_client_leaves(request, work)
 
 
 async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
@@ -149,7 +149,63 @@ class SandboxRefund(GatewayRefund):
 
 
 SendWebhook = Callable[[str, dict[str, str], bytes], Awaitable[int]]
-"""``send(url, headers, body)``: the HTTP status of the answer; raises on a network error."""
+"""``send(url, headers, body)``: the HTTP status of the answer; raises on a network error,
+or ``NotAcknowledged`` when an answer came that does not acknowledge the delivery."""
+
+RenderWebhook = Callable[[bytes], tuple[str, dict[str, str], bytes]]
+"""A stored delivery body to what is sent, at the moment of each attempt: ``(url, headers,
+body)`` (a gateway whose notifications are signed per attempt renders them here)."""
+
+
+class NotAcknowledged(Exception):
+    """An answer came, and it does not acknowledge the delivery (a gateway that wants a
+    literal answer body, say): a failed attempt, retried, recorded with ``status``."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class WebhookBodies(Protocol):
+    """What a new capture's or refund's notification says, stored in the same transaction:
+    ``(event_id, body)``, or ``None`` for no notification. The sandbox's are its JSON
+    events (``SandboxWebhookBodies``); another local gateway on this ledger brings its own."""
+
+    async def payment(self, conn: Conn, capture: Capture) -> tuple[str, bytes] | None: ...
+
+    async def refund(
+        self, conn: Conn, pay_order_no: str, refund: asyncpg.Record
+    ) -> tuple[str, bytes] | None: ...
+
+
+class SandboxWebhookBodies:
+    """The sandbox's ``payment.succeeded`` and ``refund.succeeded`` events."""
+
+    async def payment(self, conn: Conn, capture: Capture) -> tuple[str, bytes] | None:
+        event = webhook.PaymentEvent(
+            event_id=f"evt_{uuid.uuid4().hex}",
+            pay_order_no=capture.pay_order_no,
+            txn_id=capture.txn_id,
+            amount=capture.amount,
+            currency=capture.currency,
+            paid_at=capture.captured_at,
+        )
+        return event.event_id, webhook.payment_event_body(event)
+
+    async def refund(
+        self, conn: Conn, pay_order_no: str, refund: asyncpg.Record
+    ) -> tuple[str, bytes] | None:
+        event_id = f"evt_{uuid.uuid4().hex}"
+        body = webhook.refund_event_body(
+            event_id,
+            pay_order_no=pay_order_no,
+            txn_id=refund["txn_id"],
+            refund_id=refund["gateway_refund_id"],
+            amount=refund["amount"],
+            currency=refund["currency"],
+            refunded_at=refund["created_at"],
+        )
+        return event_id, body
 
 
 class SandboxGateway:
@@ -159,7 +215,8 @@ class SandboxGateway:
     with an error before any work is done, as a real gateway's front end would.
     ``withhold_answer_s`` is how long the "timeout after success" fault keeps the answer
     back once the refund is committed: ``None`` (in-process) never answers; a server
-    bounds it so a request cannot hold it forever.
+    bounds it so a request cannot hold it forever. ``bodies`` shapes the notifications
+    (the sandbox's JSON events unless given).
     """
 
     def __init__(
@@ -169,6 +226,7 @@ class SandboxGateway:
         schema: str,
         server_timeout_s: float,
         withhold_answer_s: float | None = None,
+        bodies: WebhookBodies | None = None,
     ) -> None:
         if not schema.isidentifier():
             raise ValueError("schema must be an SQL identifier")
@@ -176,6 +234,7 @@ class SandboxGateway:
         self._s = schema
         self._server_timeout_s = server_timeout_s
         self._withhold_answer_s = withhold_answer_s
+        self._bodies: WebhookBodies = bodies or SandboxWebhookBodies()
         self._webhook_queued = asyncio.Event()
 
     async def install(self) -> None:
@@ -251,38 +310,20 @@ class SandboxGateway:
 
     async def _queue_webhook(self, conn: Conn, capture: Capture) -> None:
         """One delivery row for a new capture, shaped by the webhook faults armed now."""
-        event = webhook.PaymentEvent(
-            event_id=f"evt_{uuid.uuid4().hex}",
-            pay_order_no=capture.pay_order_no,
-            txn_id=capture.txn_id,
-            amount=capture.amount,
-            currency=capture.currency,
-            paid_at=capture.captured_at,
-        )
-        await self._queue_delivery(
-            conn,
-            event.event_id,
-            event.pay_order_no,
-            event.txn_id,
-            webhook.payment_event_body(event),
-        )
+        event = await self._bodies.payment(conn, capture)
+        if event is not None:
+            await self._queue_delivery(
+                conn, event[0], capture.pay_order_no, capture.txn_id, event[1]
+            )
 
     async def _queue_refund_webhook(
         self, conn: Conn, pay_order_no: str, rec: asyncpg.Record
     ) -> None:
         """The ``refund.succeeded`` webhook of a new refund, ours or the dashboard's (a real
         gateway notifies every refund, whoever asked for it)."""
-        event_id = f"evt_{uuid.uuid4().hex}"
-        body = webhook.refund_event_body(
-            event_id,
-            pay_order_no=pay_order_no,
-            txn_id=rec["txn_id"],
-            refund_id=rec["gateway_refund_id"],
-            amount=rec["amount"],
-            currency=rec["currency"],
-            refunded_at=rec["created_at"],
-        )
-        await self._queue_delivery(conn, event_id, pay_order_no, rec["txn_id"], body)
+        event = await self._bodies.refund(conn, pay_order_no, rec)
+        if event is not None:
+            await self._queue_delivery(conn, event[0], pay_order_no, rec["txn_id"], event[1])
 
     async def _queue_delivery(
         self, conn: Conn, event_id: str, no: str, txn_id: str, body: bytes
@@ -311,20 +352,30 @@ class SandboxGateway:
         self,
         send: SendWebhook,
         *,
-        url: str,
-        secrets: list[str],
+        url: str = "",
+        secrets: list[str] | None = None,
         max_attempts: int,
-        retry_initial_ms: int,
+        retry_initial_ms: int = 0,
+        render: RenderWebhook | None = None,
+        retry_after_ms: Callable[[int], float] | None = None,
     ) -> int:
         """Send the webhooks that are due, signed with ``secrets[0]``; how many got a 2xx.
 
-        A failed attempt (non-2xx, network error, or a lost first attempt) is retried after
-        ``retry_initial_ms * 2**(attempts before it)``, at most a minute, until
-        ``max_attempts``. Rows stay locked while they are sent, so several delivery loops
-        never send the same row at once.
+        A failed attempt (non-2xx, network error, ``NotAcknowledged``, or a lost first
+        attempt) is retried after ``retry_initial_ms * 2**(attempts before it)``, at most a
+        minute, until ``max_attempts``. Rows stay locked while they are sent, so several
+        delivery loops never send the same row at once.
+
+        ``render`` replaces the sandbox's signed JSON (``url`` and ``secrets`` are then
+        unused) and ``retry_after_ms(attempt)`` the backoff after failed attempt number
+        ``attempt`` (1 for the first), for a gateway with notifications of its own.
         """
-        if not secrets:
-            raise ValueError("webhook delivery needs a signing secret")
+        if render is None:
+            if not secrets:
+                raise ValueError("webhook delivery needs a signing secret")
+            render = _signed_json(url, secrets[0])
+        if retry_after_ms is None:
+            retry_after_ms = _doubling(retry_initial_ms)
         delivered = 0
         s = self._s
         async with self._pool.acquire() as conn, conn.transaction():
@@ -340,13 +391,11 @@ class SandboxGateway:
             async def send_one(row: asyncpg.Record) -> tuple[int | None, str | None]:
                 if row["drop_first"] and row["attempts"] == 0:
                     return None, "lost (injected fault): never sent"
-                body = bytes(row["body"])
-                headers = {
-                    webhook.HEADER: webhook.sign_header([secrets[0]], int(time.time()), body),
-                    "Content-Type": "application/json",
-                }
                 try:
-                    return await send(url, headers, body), None
+                    to, headers, body = render(bytes(row["body"]))
+                    return await send(to, headers, body), None
+                except NotAcknowledged as e:
+                    return e.status, str(e)[:500]
                 except Exception as e:
                     # Any failure to get an answer is a failed attempt, retried later.
                     return None, f"{type(e).__name__}: {e}"[:500]
@@ -356,7 +405,7 @@ class SandboxGateway:
             # stay locked until their outcomes are written below.
             outcomes = await asyncio.gather(*(send_one(row) for row in rows))
             for row, (status, error) in zip(rows, outcomes, strict=True):
-                if status is not None and 200 <= status < 300:
+                if status is not None and 200 <= status < 300 and error is None:
                     delivered += 1
                     await conn.execute(
                         f"UPDATE {s}.webhook_delivery SET attempts = attempts + 1,"
@@ -367,7 +416,7 @@ class SandboxGateway:
                         status,
                     )
                     continue
-                retry_ms = min(retry_initial_ms * 2 ** min(row["attempts"], 30), RETRY_CAP_MS)
+                retry_ms = retry_after_ms(row["attempts"] + 1)
                 await conn.execute(
                     f"UPDATE {s}.webhook_delivery SET attempts = attempts + 1,"
                     " last_status = $2, last_error = $3,"
@@ -395,6 +444,42 @@ class SandboxGateway:
                         retry_ms,
                     )
         return delivered
+
+    # --- for another local gateway built on this ledger -------------------------------------
+
+    async def capture_in(
+        self,
+        conn: Conn,
+        *,
+        pay_order_no: str,
+        amount: int,
+        currency: str,
+        txn_id: str,
+        notify: bool,
+    ) -> tuple[Capture, bool]:
+        """``capture`` inside the caller's transaction: the capture, and whether this call
+        created it. Call ``wake_delivery`` once that transaction is committed."""
+        capture, created = await self._capture(conn, pay_order_no, amount, currency, txn_id)
+        if notify and created:
+            await self._queue_webhook(conn, capture)
+        return capture, created
+
+    def wake_delivery(self) -> None:
+        """A notification was queued: the delivery loop need not wait its turn."""
+        self._webhook_queued.set()
+
+    async def apply_delay(self, pay_order_no: str) -> Faults:
+        """The ``delay_ms`` fault of a call, as every gateway call here takes it; the faults
+        armed for the order (or ``*``).
+
+        Raises:
+            GatewayUnavailable: the delay reaches the server's own timeout (nothing done).
+        """
+        return await self._apply_delay(pay_order_no)
+
+    async def faults_for(self, pay_order_no: str, conn: Conn | None = None) -> Faults:
+        """The faults armed for an order: its own, else those of ``*``."""
+        return await self._faults(pay_order_no, conn)
 
     # --- the Gateway protocol -------------------------------------------------------------
 
@@ -791,6 +876,24 @@ class TimeoutClient:
 
     async def statement(self, start: datetime, end: datetime) -> Statement:
         return await self._call("statement", lambda: self._inner.statement(start, end))
+
+
+def _signed_json(url: str, secret: str) -> RenderWebhook:
+    def render(body: bytes) -> tuple[str, dict[str, str], bytes]:
+        headers = {
+            webhook.HEADER: webhook.sign_header([secret], int(time.time()), body),
+            "Content-Type": "application/json",
+        }
+        return url, headers, body
+
+    return render
+
+
+def _doubling(initial_ms: int) -> Callable[[int], float]:
+    def after(attempt: int) -> float:
+        return float(min(initial_ms * 2 ** min(attempt - 1, 30), RETRY_CAP_MS))
+
+    return after
 
 
 def sandbox_checkout(pay_order_no: str) -> Checkout:
