@@ -1,7 +1,8 @@
 """The Alipay adapter: the gateway port over Alipay's API v2, signed and verified by the
 ``python-alipay-sdk`` package (RSA2); this module never computes a signature itself.
 
-A pay order is one Alipay trade: ``out_trade_no`` is the pay order number, opened at
+A pay order is one Alipay trade: ``out_trade_no`` is the pay order number (escaped where
+it holds a ``-``, which Alipay does not take: ``out_trade_no_of``), opened at
 checkout with ``alipay.trade.precreate`` (a QR code) with ``time_expire`` at our expiry, so
 Alipay itself refuses a payment after it. Alipay's ``trade_no`` is our ``txn_id``. Money is
 fen (CNY's minor unit) here and yuan strings with two decimals on the wire, converted by
@@ -71,6 +72,7 @@ SDK_THREADS = 8
 """Calls in flight at Alipay at once from one process (each holds a thread)."""
 
 _YUAN = re.compile(r"(0|[1-9][0-9]*)\.([0-9]{2})")
+_ORDER_NO_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
 def to_yuan(fen: int) -> str:
@@ -111,6 +113,77 @@ def from_china_time(text: object) -> datetime:
     if not isinstance(text, str):
         raise ValueError(f"not an Alipay time: {text!r}")
     return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=CHINA).astimezone(UTC)
+
+
+OUT_TRADE_NO_MAX = 64
+# "64个字符以内、只能包含字母、数字、下划线" (out_trade_no, alipay.trade.precreate's page:
+# https://opendocs.alipay.com/open/02ekfg): letters, digits and "_" only, at most 64.
+_OUT_TRADE_NO = re.compile(r"[A-Za-z0-9_]{1,64}")
+PAY_ORDER_PREFIX = "po_"
+"""Every pay order number starts with it (``domain.pay_order_no_for``)."""
+ESCAPED_PREFIX = "pd_"
+"""An ``out_trade_no`` for a pay order number with ``-`` in it (``out_trade_no_of``)."""
+
+
+def out_trade_no_of(pay_order_no: str) -> str:
+    """The Alipay ``out_trade_no`` of a pay order: its number where Alipay takes it as it is
+    (``po_order42``); else, for a number with ``-`` (allowed in our order numbers, not in
+    Alipay's), ``pd_`` and the order number with ``_`` written ``__`` and ``-`` written
+    ``_d`` (``po_order-42`` -> ``pd_order_d42``). One to one, so that ``pay_order_no_of``
+    reads every notification and query answer back without a look-up.
+
+    Raises:
+        ValueError: no pay order number, or one whose ``out_trade_no`` would be longer than
+            Alipay's 64 characters (``refusal`` says so before the pay order exists).
+    """
+    if pay_order_no_of(pay_order_no) == pay_order_no:
+        return pay_order_no
+    rest = pay_order_no.removeprefix(PAY_ORDER_PREFIX)
+    if rest == pay_order_no or not rest or set(rest) - _ORDER_NO_CHARS:
+        raise ValueError(f"not a pay order number: {pay_order_no!r}")
+    escaped = ESCAPED_PREFIX + rest.replace("_", "__").replace("-", "_d")
+    if len(escaped) > OUT_TRADE_NO_MAX:
+        raise ValueError(
+            f"pay order {pay_order_no}: its Alipay out_trade_no {escaped} is longer than"
+            f" {OUT_TRADE_NO_MAX} characters (each - or _ of the order number counts twice)"
+        )
+    return escaped
+
+
+def pay_order_no_of(out_trade_no: str) -> str | None:
+    """The pay order whose ``out_trade_no`` this is (``out_trade_no_of`` read back), or
+    None for a trade no pay order of ours opened."""
+    if not _OUT_TRADE_NO.fullmatch(out_trade_no):
+        return None
+    if out_trade_no.startswith(PAY_ORDER_PREFIX) and len(out_trade_no) > len(PAY_ORDER_PREFIX):
+        return out_trade_no
+    if not out_trade_no.startswith(ESCAPED_PREFIX):
+        return None
+    rest, out, i = out_trade_no[len(ESCAPED_PREFIX) :], [], 0
+    while i < len(rest):
+        if rest[i] != "_":
+            out.append(rest[i])
+            i += 1
+        elif rest[i + 1 : i + 2] in ("_", "d"):
+            out.append("_" if rest[i + 1] == "_" else "-")
+            i += 2
+        else:
+            return None
+    if not out or "-" not in out:
+        return None  # out_trade_no_of writes a number without "-" as it is
+    return PAY_ORDER_PREFIX + "".join(out)
+
+
+def refusal(pay_order_no: str, currency: str) -> str | None:
+    """Why Alipay cannot take this pay order's trade (for checkout to answer before anything
+    is written), or None."""
+    if currency != CURRENCY:
+        return f"currency: Alipay takes {CURRENCY} only, not {currency}"
+    try:
+        out_trade_no_of(pay_order_no)
+    except ValueError as e:
+        return f"order_no: {e}"
+    return None
 
 
 class Outcome(Enum):
@@ -252,13 +325,14 @@ class AlipayGateway:
             raise GatewayRejected(f"open_trade: Alipay takes CNY only, not {trade.currency}")
         try:
             amount = to_yuan(trade.amount)
+            out_trade_no = out_trade_no_of(trade.pay_order_no)
         except ValueError as e:
             raise GatewayRejected(f"open_trade: {e}") from None
         answer = await self._call(
             "open_trade",
             lambda: self._sdk.api_alipay_trade_precreate(
                 subject=f"pay order {trade.pay_order_no}",
-                out_trade_no=trade.pay_order_no,
+                out_trade_no=out_trade_no,
                 total_amount=amount,
                 time_expire=china_time(trade.expires_at),
             ),
@@ -267,8 +341,8 @@ class AlipayGateway:
             case Outcome.DONE if answer.get("qr_code"):
                 return Checkout(
                     gateway=self.name,
-                    trade_ref=trade.pay_order_no,
-                    details={"out_trade_no": trade.pay_order_no, "qr_code": answer["qr_code"]},
+                    trade_ref=out_trade_no,
+                    details={"out_trade_no": out_trade_no, "qr_code": answer["qr_code"]},
                 )
             case outcome:
                 raise self._error("open_trade", outcome, answer)
@@ -278,8 +352,11 @@ class AlipayGateway:
         yet (``ACQ.TRADE_NOT_EXIST``): closed as far as we can close it; a scan before its
         ``time_expire`` can still pay it, and that late money is refunded like any other.
         A trade no longer waiting for the buyer is read back: paid is the success path."""
+        out_trade_no = self._out_trade_no(pay_order_no)
+        if out_trade_no is None:
+            return CloseResult(closed=True)
         answer = await self._call(
-            "close_trade", lambda: self._sdk.api_alipay_trade_close(out_trade_no=pay_order_no)
+            "close_trade", lambda: self._sdk.api_alipay_trade_close(out_trade_no=out_trade_no)
         )
         match outcome_of(answer):
             case Outcome.DONE | Outcome.NOT_EXIST:
@@ -378,9 +455,12 @@ class AlipayGateway:
     async def _query(
         self, *, pay_order_no: str | None = None, trade_no: str | None = None
     ) -> dict[str, Any] | None:
+        out_trade_no = None if pay_order_no is None else self._out_trade_no(pay_order_no)
+        if out_trade_no is None and trade_no is None:
+            return None
         answer = await self._call(
             "query_trade",
-            lambda: self._sdk.api_alipay_trade_query(out_trade_no=pay_order_no, trade_no=trade_no),
+            lambda: self._sdk.api_alipay_trade_query(out_trade_no=out_trade_no, trade_no=trade_no),
         )
         outcome = outcome_of(answer)
         if outcome is Outcome.NOT_EXIST:
@@ -389,11 +469,24 @@ class AlipayGateway:
             raise self._error("query_trade", outcome, answer)
         return answer
 
+    @staticmethod
+    def _out_trade_no(pay_order_no: str) -> str | None:
+        """None: no trade can be under this pay order (open_trade refuses to open one)."""
+        try:
+            return out_trade_no_of(pay_order_no)
+        except ValueError:
+            return None
+
     def _capture(self, trade: dict[str, Any]) -> Capture:
+        pay_order_no = pay_order_no_of(str(trade.get("out_trade_no")))
+        if pay_order_no is None:
+            raise GatewayAmbiguous(
+                f"query_trade: out_trade_no {trade.get('out_trade_no')!r} is no pay order's"
+            )
         try:
             return Capture(
                 txn_id=str(trade["trade_no"]),
-                pay_order_no=str(trade["out_trade_no"]),
+                pay_order_no=pay_order_no,
                 amount=from_yuan(trade.get("total_amount")),
                 currency=CURRENCY,
                 captured_at=from_china_time(trade.get("send_pay_date")),

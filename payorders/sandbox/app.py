@@ -466,7 +466,9 @@ def _pay_order_no(value: object, what: str) -> str:
 
 
 def _scope(value: str) -> str:
-    return value if value == "*" else _pay_order_no(value, "scope")
+    """``*``, or the name the gateway knows a pay order's trade by (the sandbox's is the pay
+    order number; the local Alipay's, its ``out_trade_no``)."""
+    return value if value == "*" else domain.check_identifier(value, "scope")
 
 
 async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:

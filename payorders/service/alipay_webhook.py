@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import parse_qsl
 
-from payorders.gateways.alipay import CURRENCY, from_china_time, from_yuan
+from payorders.gateways.alipay import CURRENCY, from_china_time, from_yuan, pay_order_no_of
 from payorders.service.webhook import PaymentEvent, RefundNotice, WebhookRejected
 
 FORM = "application/x-www-form-urlencoded"
@@ -93,7 +93,12 @@ def read_notification(
     notify_id = _field(form, "notify_id")
     event_id = f"alipay-{notify_id}"
     status = _field(form, "trade_status")
-    pay_order_no = _field(form, "out_trade_no")
+    out_trade_no = _field(form, "out_trade_no")
+    pay_order_no = pay_order_no_of(out_trade_no)
+    if pay_order_no is None:
+        raise WebhookRejected(
+            f"out_trade_no {out_trade_no!r} is no pay order's", status=404, code="unknown_pay_order"
+        )
     trade_no = _field(form, "trade_no")
     if any(form.get(k) for k in REFUND_FIELDS):
         return RefundNotice(event_id=event_id, pay_order_no=pay_order_no, txn_id=trade_no)

@@ -23,6 +23,7 @@ from stripe.params import PaymentIntentUpdateParams
 
 from payorders.core import domain
 from payorders.core.settings import Settings
+from payorders.gateways import alipay
 from payorders.gateways.http_sandbox import POOL_LIMITS
 from payorders.gateways.stripe import PAY_ORDER_KEY, REFUND_KEY
 from payorders.localstack.localstripe import money_by_pay_order
@@ -321,7 +322,7 @@ def gateway_client(
     if settings.gateway == "alipay":
         # The local Alipay keeps its money in a ledger of the sandbox's shape, in a schema
         # of its own, and serves the same payments, ledger and faults API.
-        return SandboxClient(settings, pool=pool, schema=LOCAL_ALIPAY_SCHEMA, label="local Alipay")
+        return LocalAlipayClient(settings, pool=pool)
     return SandboxClient(settings, pool=pool)
 
 
@@ -368,6 +369,19 @@ class SandboxClient(_FaultsApi):
         if label is not None:
             self.label = label
 
+    def _at_gateway(self, pay_order_no: str) -> str:
+        """The gateway's name of a pay order's trade (the sandbox's is its number)."""
+        return pay_order_no
+
+    def _ours(self, at_gateway: str) -> str:
+        """``_at_gateway`` read back."""
+        return at_gateway
+
+    def _named_ours(self, doc: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(doc.get("pay_order_no"), str):
+            doc["pay_order_no"] = self._ours(doc["pay_order_no"])
+        return doc
+
     async def pay(
         self,
         *,
@@ -383,17 +397,19 @@ class SandboxClient(_FaultsApi):
         dedupes by txn_id itself: ``first_attempt`` changes nothing)."""
         await _sleep_until(at)  # one request: nothing to prepare before the instant
         body: dict[str, Any] = {
-            "pay_order_no": pay_order_no,
+            "pay_order_no": self._at_gateway(pay_order_no),
             "amount": amount,
             "currency": currency,
             "txn_id": txn_id or f"txn_{uuid.uuid4().hex[:24]}",
         }
         doc: dict[str, Any] = await self._request("POST", "/v1/payments", json=body)
-        return doc
+        return self._named_ours(doc)
 
     async def ledger(self, pay_order_no: str) -> dict[str, Any]:
-        doc: dict[str, Any] = await self._request("GET", f"/v1/ledger/{pay_order_no}")
-        return doc
+        doc: dict[str, Any] = await self._request(
+            "GET", f"/v1/ledger/{self._at_gateway(pay_order_no)}"
+        )
+        return self._named_ours(doc)
 
     async def ledgers(self, pay_order_nos: Collection[str]) -> dict[str, dict[str, Any]]:
         nos = list(pay_order_nos)
@@ -409,12 +425,12 @@ class SandboxClient(_FaultsApi):
         async with self._db().acquire() as conn:
             rows = await conn.fetch(
                 f"SELECT txn_id FROM {self._schema}.capture WHERE pay_order_no = ANY($1)",
-                list(pay_order_nos),
+                [self._at_gateway(no) for no in pay_order_nos],
             )
         return {r["txn_id"] for r in rows}
 
     async def audit(self, pay_order_nos: Collection[str]) -> GatewayAudit:
-        s, nos = self._schema, list(pay_order_nos)
+        s, nos = self._schema, [self._at_gateway(no) for no in pay_order_nos]
         async with self._db().acquire() as conn, conn.transaction(isolation="repeatable_read"):
             captures = await conn.fetch(
                 f"SELECT c.pay_order_no, c.txn_id, c.amount,"
@@ -439,13 +455,43 @@ class SandboxClient(_FaultsApi):
             refund_keys=[k["idempotency_key"] for k in keys], keys_executed_twice=twice
         )
         for c in captures:
-            money = audit.money.setdefault(c["pay_order_no"], GatewayMoney())
+            money = audit.money.setdefault(self._ours(c["pay_order_no"]), GatewayMoney())
             money.captured += c["amount"]
             money.refunded += c["refunded"]
             money.merchant_refunded += c["merchant_refunded"]
             if c["refunded"] > c["amount"]:
                 audit.over_refunded.append(c["txn_id"])
         return audit
+
+
+class LocalAlipayClient(SandboxClient):
+    """The local Alipay: a ledger of the sandbox's shape in a schema of its own, the same
+    payments, ledger and faults API, its trades named by ``out_trade_no``."""
+
+    def __init__(self, settings: Settings, *, pool: asyncpg.Pool | None = None) -> None:
+        super().__init__(settings, pool=pool, schema=LOCAL_ALIPAY_SCHEMA, label="local Alipay")
+
+    def _at_gateway(self, pay_order_no: str) -> str:
+        try:
+            return alipay.out_trade_no_of(pay_order_no)
+        except ValueError:
+            return pay_order_no  # no trade can be under it: the gateway says so
+
+    def _ours(self, at_gateway: str) -> str:
+        return alipay.pay_order_no_of(at_gateway) or at_gateway
+
+    # A fault's scope is the trade's name at the gateway (or ``*``).
+    async def faults(self) -> list[dict[str, Any]]:
+        return [
+            {**f, "scope": self._ours(f["scope"])} if f.get("scope") != "*" else f
+            for f in await super().faults()
+        ]
+
+    async def set_faults(self, scope: str, **faults: Any) -> None:
+        await super().set_faults(scope if scope == "*" else self._at_gateway(scope), **faults)
+
+    async def clear_faults(self, scope: str | None = None) -> None:
+        await super().clear_faults(None if scope is None else self._at_gateway(scope))
 
 
 # --- Stripe -------------------------------------------------------------------------------

@@ -620,7 +620,8 @@ async def test_faults_are_set_in_part_listed_and_cleared_over_http(
         resp = await http.put(f"/v1/faults/{no}", json=bad)
         assert resp.status_code == 422, bad
         assert resp.json()["error"]["code"] == "invalid_request"
-    assert (await http.put("/v1/faults/not-an-order", json={"delay_ms": 1})).status_code == 422
+    # A scope is "*" or the name the gateway knows a trade by: an identifier.
+    assert (await http.put("/v1/faults/not%20an%20order", json={"delay_ms": 1})).status_code == 422
     assert (await http.delete(f"/v1/faults/{no}")).status_code == 204
     assert [f for f in (await http.get("/v1/faults")).json() if f["scope"] == no] == []
 

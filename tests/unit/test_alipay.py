@@ -18,6 +18,7 @@ from Cryptodome.PublicKey import RSA
 from Cryptodome.Signature import pkcs1_15
 
 from payorders.core.settings import Settings
+from payorders.gateways import alipay
 from payorders.gateways.alipay import (
     AlipayConfig,
     AlipayGateway,
@@ -133,7 +134,7 @@ def notification(**changes: str) -> dict[str, str]:
         "charset": "utf-8",
         "version": "1.0",
         "trade_no": "2026120622001404000000000001",
-        "out_trade_no": "po_order-42",
+        "out_trade_no": "pd_order_d42",  # po_order-42's (out_trade_no_of)
         "trade_status": "TRADE_SUCCESS",
         "total_amount": "19.99",
         "receipt_amount": "19.99",
@@ -200,6 +201,7 @@ def test_a_status_that_is_no_payment_moves_nothing(
         ("no notify_id", 400, "invalid_event"),
         ("no out_trade_no", 400, "invalid_event"),
         ("amount not in yuan", 400, "invalid_event"),
+        ("out_trade_no no pay order's", 404, "unknown_pay_order"),
         ("sign_type RSA", 401, "bad_signature"),
     ],
 )
@@ -223,6 +225,7 @@ def test_a_bad_notification_is_refused_for_its_reason(
         "no out_trade_no": signed({k: v for k, v in good.items() if k != "out_trade_no"}, alipay),
         "amount not in yuan": signed(notification(total_amount="1999"), alipay),
         "sign_type RSA": {**signed(good, alipay), "sign_type": "RSA"},
+        "out_trade_no no pay order's": signed(notification(out_trade_no="T2026"), alipay),
     }[case]
     with pytest.raises(WebhookRejected) as refused:
         read(gateway, form)
@@ -298,3 +301,56 @@ def test_a_process_refuses_to_start_on_a_key_the_sdk_cannot_load(
     err = capsys.readouterr().err
     assert err.startswith("payorders worker: cannot start: gateway alipay: an Alipay key is not")
     assert "broken" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("pay_order_no", "out_trade_no"),
+    [
+        ("po_order42", "po_order42"),
+        ("po_order_42", "po_order_42"),
+        ("po_order-42", "pd_order_d42"),
+        ("po_a_b-c", "pd_a__b_dc"),
+        ("po_-", "pd__d"),
+        ("po_" + "x" * 61, "po_" + "x" * 61),
+        ("po_" + "x" * 59 + "-", "pd_" + "x" * 59 + "_d"),
+    ],
+)
+def test_a_pay_order_number_becomes_an_out_trade_no_alipay_takes_and_back(
+    pay_order_no: str, out_trade_no: str
+) -> None:
+    assert alipay.out_trade_no_of(pay_order_no) == out_trade_no
+    assert re.fullmatch(r"[A-Za-z0-9_]{1,64}", out_trade_no)
+    assert alipay.pay_order_no_of(out_trade_no) == pay_order_no
+
+
+@pytest.mark.parametrize(
+    "pay_order_no",
+    [
+        "po_" + "x" * 62,
+        "po_" + "x" * 60 + "-",
+        "po_" + "-" * 31,
+        "order-42",
+        "po_",
+        "po_a b",
+        "po_é",
+    ],
+)
+def test_a_pay_order_number_alipay_cannot_take_is_refused(pay_order_no: str) -> None:
+    with pytest.raises(ValueError):
+        alipay.out_trade_no_of(pay_order_no)
+
+
+@pytest.mark.parametrize(
+    "out_trade_no",
+    ["T2026", "pd_order__42", "pd_order_x42", "pd_order_", "pd_", "po_", "po-1", "pd_a-b", ""],
+)
+def test_an_out_trade_no_no_pay_order_of_ours_has_is_none(out_trade_no: str) -> None:
+    """Only the images of out_trade_no_of read back: pd_order__42 would be po_order_42,
+    which is written as it is."""
+    assert alipay.pay_order_no_of(out_trade_no) is None
+
+
+def test_checkout_on_alipay_refuses_another_currency_and_a_number_too_long() -> None:
+    assert alipay.refusal("po_order-42", "CNY") is None
+    assert "CNY only" in (alipay.refusal("po_order-42", "USD") or "")
+    assert "64 characters" in (alipay.refusal("po_" + "a-" * 31, "CNY") or "")
