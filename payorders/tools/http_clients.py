@@ -242,6 +242,9 @@ class GatewayClient(Protocol):
     redelivers_webhooks: bool
     """Whether the gateway sends a webhook again until it is acknowledged. If not, a lost
     one is repaired only by reconciliation, from the gateway's statement."""
+    takes_payments_after_expiry: bool
+    """Whether a trade can still be paid after the pay order's expiry, and paid twice (the
+    sandbox, Stripe); Alipay refuses both (``time_expire``, one payment per trade)."""
 
     async def pay(
         self,
@@ -352,6 +355,7 @@ class SandboxClient(_FaultsApi):
 
     label = "sandbox gateway"
     redelivers_webhooks = True
+    takes_payments_after_expiry = True
 
     def __init__(
         self,
@@ -467,6 +471,8 @@ class SandboxClient(_FaultsApi):
 class LocalAlipayClient(SandboxClient):
     """The local Alipay: a ledger of the sandbox's shape in a schema of its own, the same
     payments, ledger and faults API, its trades named by ``out_trade_no``."""
+
+    takes_payments_after_expiry = False
 
     def __init__(self, settings: Settings, *, pool: asyncpg.Pool | None = None) -> None:
         super().__init__(settings, pool=pool, schema=LOCAL_ALIPAY_SCHEMA, label="local Alipay")
@@ -616,6 +622,7 @@ class StripeToolClient:
 
     label = "Stripe wire (fault proxy)"
     redelivers_webhooks = False  # localstripe sends each webhook once
+    takes_payments_after_expiry = True
 
     def __init__(self, settings: Settings, service: ServiceClient) -> None:
         if settings.stripe_api_key is None:
