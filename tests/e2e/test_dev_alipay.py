@@ -1,0 +1,184 @@
+"""``payorders dev --gateway alipay``: the local Alipay as the stack's gateway, its two key
+pairs generated per stack in the data directory, the adapter's variables in the banner,
+the demo run to its tables, ``payorders pay`` and ``payorders fault`` against it, Alipay's
+notifications refused at the API unless signed, and nothing left behind once it stops."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from payorders.core.settings import Settings
+from payorders.gateways.alipay import out_trade_no_of
+from payorders.localstack import alipay_keys, stackinfo
+from payorders.localstack.binaries import find_binary
+from payorders.localstack.ports import free_port
+from payorders.localstack.stack import DevOptions, DevStack
+
+from .test_dev_stripe import exports, listeners
+
+CLI = find_binary("payorders")
+
+
+def test_the_alipay_stack_gives_its_children_the_adapter_s_variables(tmp_path: Path) -> None:
+    stack = DevStack(
+        Settings(data_dir=tmp_path), DevOptions(gateway_port=8601, api_port=8600, gateway="alipay")
+    )
+    env = stack.child_env()
+    keys = alipay_keys.key_files(tmp_path)
+    assert env["PAYORDERS_GATEWAY"] == "alipay"
+    assert env["PAYORDERS_ALIPAY_GATEWAY_URL"] == "http://127.0.0.1:8601/gateway.do"
+    assert env["PAYORDERS_ALIPAY_NOTIFY_URL"] == "http://127.0.0.1:8600/v1/webhooks/alipay"
+    assert env["PAYORDERS_ALIPAY_PRIVATE_KEY_FILE"] == str(keys.app_private)
+    assert env["PAYORDERS_ALIPAY_PUBLIC_KEY_FILE"] == str(keys.alipay_public)
+    assert "payorders.sandbox.alipay:app" in stack.children["gateway"].args
+    banner = stack.banner()
+    assert "local Alipay" in banner and "PRIVATE KEY" not in banner  # paths, never keys
+
+
+@dataclass
+class AlipayDev:
+    tmp: Path
+    ports: dict[str, int]
+    proc: subprocess.Popen[bytes]
+    out: Path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.tmp / "data"
+
+    def banner(self) -> str:
+        return self.out.read_text()
+
+    def env(self) -> dict[str, str]:
+        """A new shell's environment with the banner's variables exported."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PAYORDERS_", "TEMPORAL_"))}
+        return {**env, **exports(self.banner())}
+
+    def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [CLI, *args], env=self.env(), capture_output=True, text=True, timeout=timeout
+        )
+
+
+@pytest.fixture
+def alipay_dev() -> Iterator[AlipayDev]:
+    tmp = Path(tempfile.mkdtemp(prefix="payorders-dev-alipay-"))
+    out = tmp / "dev.out"
+    names = ("temporal", "ui", "api", "gateway", "worker-metrics", "orders", "stripe")
+    ports = {name: free_port() for name in names}
+    args = [CLI, "dev", "--gateway", "alipay", "--data-dir", str(tmp / "data")]
+    for name, port in ports.items():
+        args += [f"--{name}-port", str(port)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PAYORDERS_", "TEMPORAL_"))}
+    dev: AlipayDev | None = None
+    try:
+        with out.open("wb") as sink:
+            proc = subprocess.Popen(args, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        dev = AlipayDev(tmp, ports, proc, out)
+        deadline = time.monotonic() + 120
+        while stackinfo.read(dev.data_dir) is None:
+            assert proc.poll() is None, f"payorders dev exited:\n{dev.banner()}"
+            assert time.monotonic() < deadline, f"payorders dev did not come up:\n{dev.banner()}"
+            time.sleep(0.2)
+        yield dev
+    finally:
+        if dev is not None and dev.proc.poll() is None:
+            dev.proc.send_signal(signal.SIGINT)
+            try:
+                dev.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                dev.proc.kill()
+                dev.proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_payorders_dev_runs_the_demo_on_the_local_alipay_and_leaves_nothing(
+    alipay_dev: AlipayDev,
+) -> None:
+    info = stackinfo.read(alipay_dev.data_dir)
+    assert info is not None and info.gateway == "alipay"
+    exported = exports(alipay_dev.banner())
+    gateway_url = f"http://127.0.0.1:{alipay_dev.ports['gateway']}"
+    assert exported["PAYORDERS_GATEWAY"] == "alipay"
+    assert exported["PAYORDERS_ALIPAY_GATEWAY_URL"] == f"{gateway_url}/gateway.do"
+    keys = alipay_keys.key_files(alipay_dev.data_dir)
+    for key in (keys.app_private, keys.alipay_private):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key  # owner-only
+    assert Path(exported["PAYORDERS_ALIPAY_PRIVATE_KEY_FILE"]) == keys.app_private
+    found = listeners(alipay_dev.ports["gateway"])
+    assert found and {c.laddr.ip for c in found} == {"127.0.0.1"}, found
+    pids = {c.pid for c in found if c.pid}
+
+    # The demo, from another shell with the banner's variables, to its tables.
+    demo = alipay_dev.cli("demo")
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "(local Alipay)" in demo.stdout
+    assert "the gateway refuses the second payment" in demo.stdout
+    assert "the fund identity holds for every one" in demo.stdout
+
+    # payorders pay and payorders fault reach the local Alipay, by the trade's out_trade_no.
+    api = exported["PAYORDERS_API_URL"]
+    token = {"Authorization": f"Bearer {exported['PAYORDERS_API_TOKEN']}"}
+    order_no = f"devali-{uuid.uuid4().hex[:8]}"
+    created = httpx.post(
+        f"{api}/v1/pay-orders",
+        json={"order_no": order_no, "amount": 1999, "currency": "CNY"},
+        headers=token,
+        timeout=30,
+    )
+    assert created.status_code == 201, created.text
+    no = created.json()["pay_order_no"]
+    assert created.json()["checkout"]["out_trade_no"] == out_trade_no_of(no)
+    assert created.json()["checkout"]["qr_code"].startswith("https://qr.alipay.com/")
+    usd = httpx.post(
+        f"{api}/v1/pay-orders",
+        json={"order_no": f"{order_no}-usd", "amount": 1999, "currency": "USD"},
+        headers=token,
+        timeout=30,
+    )
+    assert usd.status_code == 422 and "CNY only" in usd.text
+    fault = alipay_dev.cli("fault", "--order", no, "--fail-next-refunds", "2", "--json")
+    assert fault.returncode == 0, fault.stderr
+    armed = httpx.get(f"{gateway_url}/v1/faults").json()
+    assert [f["fail_next_refunds"] for f in armed if f["scope"] == out_trade_no_of(no)] == [2]
+    paid = alipay_dev.cli("pay", no, "--json")
+    assert paid.returncode == 0, paid.stderr
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{api}/v1/pay-orders/{no}", headers=token).json()["status"] != "PAY_SUCCESS":
+        assert time.monotonic() < deadline, "the notification did not reach the pay order"
+        time.sleep(0.2)
+
+    # Alipay's notification route takes only what Alipay signed, as a form.
+    route = f"{api}/v1/webhooks/alipay"
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    unsigned = httpx.post(
+        route, content=f"out_trade_no={no}&trade_status=TRADE_SUCCESS", headers=form
+    )
+    assert unsigned.status_code == 401 and unsigned.text != "success"
+    assert httpx.post(route, json={"out_trade_no": no}).status_code == 415
+
+    # Stopped: no state file, nothing listening, no process of it left.
+    alipay_dev.proc.send_signal(signal.SIGINT)
+    assert alipay_dev.proc.wait(60) == 0, alipay_dev.banner()
+    assert stackinfo.read(alipay_dev.data_dir) is None
+    assert listeners(alipay_dev.ports["gateway"]) == []
+    assert [p for p in pids if psutil.pid_exists(p)] == []
+    left = subprocess.run(
+        ["pgrep", "-f", str(alipay_dev.data_dir)], capture_output=True, text=True
+    ).stdout.split()
+    assert left == []
