@@ -13,6 +13,7 @@ import asyncpg
 from pydantic import ValidationError
 
 from payorders.core import secrets, store
+from payorders.core.reconcile import ReconcileStore
 from payorders.core.settings import Settings
 from payorders.gateways.factory import GatewayNotConfigured, check_alipay, open_gateway
 from payorders.gateways.port import Gateway
@@ -120,7 +121,9 @@ async def open_resources(
         stack.push_async_callback(pool.close)
         await store.migrate(pool)
         if gateway is None:
-            gateway = await stack.enter_async_context(open_gateway(settings))
+            gateway = await stack.enter_async_context(
+                open_gateway(settings, book=ReconcileStore(pool))
+            )
         yield Resources(
             settings=settings, pool=pool, store=store.PayOrderStore(pool), gateway=gateway
         )

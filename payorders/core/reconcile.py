@@ -244,6 +244,19 @@ class PageResult:
     suspects: list[dict[str, Any]]
 
 
+SQL_TRADES_PAYABLE_IN = """
+SELECT pay_order_no FROM pay_order
+ WHERE gateway = $1 AND trade_ref IS NOT NULL
+   AND created_at < $3::timestamptz AND expires_at >= $2::timestamptz - make_interval(secs => $4)
+ ORDER BY pay_order_no"""
+SQL_REFUNDS_IN_FLIGHT_OF = """
+SELECT refund_key AS key, pay_order_no, txn_id FROM refund
+ WHERE status = 'PENDING' AND pay_order_no = ANY($1)
+UNION ALL
+SELECT idempotency_key, pay_order_no, txn_id FROM merchant_refund
+ WHERE status = 'REFUNDING' AND pay_order_no = ANY($1)"""
+
+
 class ReconcileStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -333,6 +346,22 @@ class ReconcileStore:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(SQL_ORDERS_EXIST, pay_order_nos)
         return {r["pay_order_no"] for r in rows}
+
+    async def trades_payable_in(
+        self, gateway: str, start: datetime, end: datetime, *, grace_s: float
+    ) -> list[str]:
+        """Pay orders whose trade at ``gateway`` could be paid within ``[start, end)``:
+        opened before ``end``, expiring (``grace_s`` past) at or after ``start``."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(SQL_TRADES_PAYABLE_IN, gateway, start, end, grace_s)
+        return [r["pay_order_no"] for r in rows]
+
+    async def refunds_in_flight_of(self, pay_order_nos: list[str]) -> list[tuple[str, str, str]]:
+        """``(key, pay_order_no, txn_id)`` of these pay orders' refunds not yet confirmed:
+        compensations ``PENDING``, merchant refunds ``REFUNDING``."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(SQL_REFUNDS_IN_FLIGHT_OF, pay_order_nos)
+        return [(r["key"], r["pay_order_no"], r["txn_id"]) for r in rows]
 
     async def payments_in_period(
         self, start: datetime, end: datetime, after: str, limit: int

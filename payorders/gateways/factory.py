@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from payorders.core.settings import Settings
-from payorders.gateways.alipay import AlipayConfig, AlipayGateway, AlipayKeyRefused
+from payorders.gateways.alipay import AlipayConfig, AlipayGateway, AlipayKeyRefused, TradeBook
 from payorders.gateways.http_sandbox import HttpGateway
 from payorders.gateways.port import Gateway
 from payorders.gateways.stripe import StripeGateway, StripeKeyRefused
@@ -78,13 +78,16 @@ def check_alipay(settings: Settings) -> None:
 
 
 @asynccontextmanager
-async def open_gateway(settings: Settings) -> AsyncIterator[Gateway]:
-    """The gateway activities and the webhook adapter call, with our client timeout."""
+async def open_gateway(
+    settings: Settings, *, book: TradeBook | None = None
+) -> AsyncIterator[Gateway]:
+    """The gateway activities and the webhook adapter call, with our client timeout.
+    ``book``: our records of the trades, which Alipay's statement is read by."""
     timeout_s = settings.gateway_client_timeout_ms / 1000
     gateway: HttpGateway | StripeGateway | AlipayGateway
     if settings.gateway == "alipay":
         try:
-            gateway = AlipayGateway(alipay_config(settings), client_timeout_s=timeout_s)
+            gateway = AlipayGateway(alipay_config(settings), client_timeout_s=timeout_s, book=book)
         except AlipayKeyRefused as e:
             raise GatewayNotConfigured(f"gateway alipay: {e}") from None
     elif settings.gateway == "stripe":

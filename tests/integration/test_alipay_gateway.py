@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
 
 import httpx
 import pytest
 
-from payorders.gateways.alipay import AlipayConfig, AlipayGateway, out_trade_no_of
+from payorders.gateways.alipay import AlipayConfig, AlipayGateway, TradeBook, out_trade_no_of
 from payorders.gateways.port import (
     GatewayAmbiguous,
     GatewayRejected,
@@ -41,7 +41,12 @@ class Local:
     notify_url: str
 
     def gateway(
-        self, *, private: str | None = None, alipay_public: str | None = None, timeout: float = 5
+        self,
+        *,
+        private: str | None = None,
+        alipay_public: str | None = None,
+        timeout: float = 5,
+        book: TradeBook | None = None,
     ) -> AlipayGateway:
         return AlipayGateway(
             AlipayConfig(
@@ -52,6 +57,7 @@ class Local:
                 gateway_url=f"{self.url}/gateway.do",
             ),
             client_timeout_s=timeout,
+            book=book,
         )
 
     async def pay(self, out_trade_no: str, amount: int = 1999) -> httpx.Response:
@@ -268,3 +274,61 @@ async def test_a_notification_verifies_and_names_the_pay_order(
     assert (event.pay_order_no, event.txn_id, event.amount) == (no, trade_no, 1999)
     assert gateway.verify_notification(form)
     assert not local.gateway(alipay_public=local.keys.app_public).verify_notification(form)
+
+
+@dataclass
+class Book:
+    """Our records of the trades, as the statement reads them (``ReconcileStore`` in the
+    product): which pay orders' trades to ask about, and their refunds not yet confirmed."""
+
+    trades: list[str]
+    in_flight: list[tuple[str, str, str]]
+    asked: list[tuple[datetime, datetime, float]] = field(default_factory=list)
+
+    async def trades_payable_in(
+        self, gateway: str, start: datetime, end: datetime, *, grace_s: float
+    ) -> list[str]:
+        assert gateway == "alipay"
+        self.asked.append((start, end, grace_s))
+        return self.trades
+
+    async def refunds_in_flight_of(self, pay_order_nos: list[str]) -> list[tuple[str, str, str]]:
+        return [r for r in self.in_flight if r[1] in pay_order_nos]
+
+
+async def test_the_statement_is_alipay_s_own_record_of_each_trade_we_opened(
+    local: Local, gateway: AlipayGateway
+) -> None:
+    before = datetime.now(UTC) - timedelta(seconds=2)
+    paid_no, paid_trade = await paid(local, gateway)
+    refunded_no, refunded_trade = await paid(local, gateway)
+    unpaid_no = new_no()
+    await gateway.open_trade(trade(unpaid_no))
+    never_opened = new_no()
+    # A refund Alipay made whose answer we never saw: still in flight here.
+    lost_key = f"refund-{refunded_no}-{refunded_trade}"
+    await local.arm(out_trade_no_of(refunded_no), timeout_after_success_next=1)
+    with pytest.raises(GatewayAmbiguous):
+        await local.gateway(timeout=0.5).refund(refund(refunded_no, refunded_trade, 1999, lost_key))
+    book = Book(
+        trades=[paid_no, refunded_no, unpaid_no, never_opened],
+        in_flight=[(lost_key, refunded_no, refunded_trade), ("mrefund-none", paid_no, paid_trade)],
+    )
+    reading = local.gateway(book=book)
+    after = datetime.now(UTC) + timedelta(seconds=2)
+
+    stmt = await reading.statement(before, after)
+    assert book.asked == [(before, after, 1.0)]
+    assert {(c.pay_order_no, c.txn_id, c.amount) for c in stmt.captures} == {
+        (paid_no, paid_trade, 1999),
+        (refunded_no, refunded_trade, 1999),  # refunded in full: still a capture
+    }
+    assert [(r.idempotency_key, r.txn_id, r.amount) for r in stmt.refunds] == [
+        (lost_key, refunded_trade, 1999)
+    ]
+    # A window the payments are not in: their trades are asked about, none is listed.
+    earlier = await reading.statement(before - timedelta(hours=1), before)
+    assert earlier.captures == []
+
+    with pytest.raises(GatewayUnavailable):  # the API's adapter has no book
+        await gateway.statement(before, after)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 
@@ -14,6 +15,7 @@ import pytest
 from payorders.core import store
 from payorders.core.domain import CloseReason, PayOrderStatus, RefundReason
 from payorders.core.models import CreatePayOrder, PaymentNotification, RecordPayment
+from payorders.core.reconcile import ReconcileStore
 from payorders.gateways.port import GatewayRejected, RefundRequest
 from payorders.sandbox.ledger import InProcessResources
 
@@ -342,3 +344,42 @@ async def test_who_asked_to_cancel_is_noted_once_while_paying_and_moves_nothing(
                 "UPDATE pay_order SET cancel_requested_by = 'not a name' WHERE pay_order_no = $1",
                 no,
             )
+
+
+async def test_the_trade_book_names_the_trades_payable_in_a_window_and_their_open_refunds(
+    svc: InProcessResources,
+) -> None:
+    """What the Alipay statement asks Alipay about (``ReconcileStore``, the trade book)."""
+    book = ReconcileStore(svc.pool)
+    nos = [await new_order(svc) for _ in range(3)]
+    opened, other_gateway, unopened = nos
+    await svc.store.record_trade(opened, "alipay", f"t-{opened}")
+    await svc.store.record_trade(other_gateway, "stripe", f"pi-{other_gateway}")
+    row = await svc.store.get_pay_order(opened)
+    assert row is not None
+    created, expires = row.created_at, row.expires_at
+    second = timedelta(seconds=1)
+
+    def payable(start: datetime, end: datetime) -> Awaitable[list[str]]:
+        return book.trades_payable_in("alipay", start, end, grace_s=1.0)
+
+    assert opened in await payable(created, expires)
+    assert unopened not in await payable(created, expires)
+    assert other_gateway not in await payable(created, expires)
+    assert opened not in await payable(created - 2 * second, created)  # before it was opened
+    assert opened in await payable(expires + second / 2, expires + 2 * second)  # Alipay's grain
+    assert opened not in await payable(expires + 2 * second, expires + 3 * second)
+
+    late = RecordPayment(
+        pay_order_no=opened,
+        payment=payment(order_no("t"), 100),
+        refund_reason=RefundReason.LATE,
+        expected_lock_version=None,
+    )
+    recorded = await svc.store.record_payment(late)
+    assert recorded.refund_key is not None
+    assert await book.refunds_in_flight_of([opened, unopened]) == [
+        (recorded.refund_key, opened, late.payment.txn_id)
+    ]
+    await svc.store.confirm_refund(recorded.refund_key, "rf_t")
+    assert await book.refunds_in_flight_of([opened]) == []
