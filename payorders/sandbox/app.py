@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
@@ -87,18 +87,13 @@ def create_sandbox_app(settings: Settings) -> FastAPI:
             )
             await gateway.install()
             api.state.sandbox = gateway
-            async with httpx.AsyncClient(
-                timeout=WEBHOOK_CLIENT_TIMEOUT_S, limits=POOL_LIMITS
-            ) as http:
-                delivery = asyncio.create_task(
+            async with (
+                httpx.AsyncClient(timeout=WEBHOOK_CLIENT_TIMEOUT_S, limits=POOL_LIMITS) as http,
+                in_background(
                     _deliver_forever(gateway, http, settings, secrets), name="webhook-delivery"
-                )
-                try:
-                    yield
-                finally:
-                    delivery.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await delivery
+                ),
+            ):
+                yield
         finally:
             await pool.close()
 
@@ -107,6 +102,19 @@ def create_sandbox_app(settings: Settings) -> FastAPI:
     api.include_router(router)
     add_error_handlers(api)
     return api
+
+
+@asynccontextmanager
+async def in_background(work: Coroutine[Any, Any, None], *, name: str) -> AsyncIterator[None]:
+    """``work`` runs as a task while the block runs, and is cancelled when it ends (a
+    local gateway's delivery loop, for its app's lifespan)."""
+    task = asyncio.create_task(work, name=name)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def add_error_handlers(api: FastAPI) -> None:
@@ -212,7 +220,7 @@ async def healthz(gateway: Sandbox) -> dict[str, str]:
 @payments_router.post("/v1/payments", status_code=201)
 async def create_payment(gateway: Sandbox, body: JsonObject) -> dict[str, Any]:
     """A customer pays: capture, and queue the ``payment.succeeded`` webhook."""
-    _only_fields(
+    only_fields(
         body,
         required=frozenset({"pay_order_no", "amount", "currency"}),
         optional=frozenset({"txn_id"}),
@@ -252,7 +260,7 @@ async def create_refund(
     idempotency_key: Annotated[str, Header(min_length=1, max_length=255)],
 ) -> dict[str, Any]:
     """Refund by the original route; the same ``Idempotency-Key`` refunds at most once."""
-    _only_fields(body, required=frozenset({"pay_order_no", "txn_id", "amount", "currency"}))
+    only_fields(body, required=frozenset({"pay_order_no", "txn_id", "amount", "currency"}))
     refund_request = RefundRequest(
         idempotency_key=idempotency_key,
         pay_order_no=_pay_order_no(body["pay_order_no"], "pay_order_no"),
@@ -285,7 +293,7 @@ async def dashboard_refund(gateway: Sandbox, body: JsonObject) -> dict[str, Any]
     """What the shop's staff do at a gateway's dashboard: refund a capture, not through
     payorders. The refund gets a key of the gateway's own and its ``refund.succeeded``
     webhook, as every refund does (sandbox only)."""
-    _only_fields(body, required=frozenset({"txn_id", "amount"}))
+    only_fields(body, required=frozenset({"txn_id", "amount"}))
     txn_id = domain.check_identifier(body["txn_id"], "txn_id")
     amount = domain.check_amount(body["amount"])
     try:
@@ -306,7 +314,7 @@ async def get_refund(gateway: Sandbox, idempotency_key: str) -> dict[str, Any]:
 @payments_router.post("/v1/trades", status_code=201)
 async def open_trade(gateway: Sandbox, body: JsonObject) -> dict[str, Any]:
     """Open a pay order's trade (idempotent by pay order): what a front end needs to pay."""
-    _only_fields(
+    only_fields(
         body,
         required=frozenset({"pay_order_no", "amount", "currency", "expires_at"}),
     )
@@ -446,7 +454,7 @@ def _refund_json(refund: GatewayRefund) -> dict[str, Any]:
     }
 
 
-def _only_fields(
+def only_fields(
     body: dict[str, Any], *, required: frozenset[str], optional: frozenset[str] = frozenset()
 ) -> None:
     unknown = sorted(set(body) - required - optional)

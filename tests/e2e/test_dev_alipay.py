@@ -5,12 +5,9 @@ notifications refused at the API unless signed, and nothing left behind once it 
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import stat
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,13 +21,10 @@ import pytest
 from payorders.core.settings import Settings
 from payorders.gateways.alipay import out_trade_no_of
 from payorders.localstack import alipay_keys, stackinfo
-from payorders.localstack.binaries import find_binary
-from payorders.localstack.ports import free_port
 from payorders.localstack.stack import DevOptions, DevStack
 
+from .dev_process import CLI, DevProcess, clean_env, dev_process
 from .test_dev_stripe import exports, listeners
-
-CLI = find_binary("payorders")
 
 
 def test_the_alipay_stack_gives_its_children_the_adapter_s_variables(tmp_path: Path) -> None:
@@ -51,22 +45,11 @@ def test_the_alipay_stack_gives_its_children_the_adapter_s_variables(tmp_path: P
 
 @dataclass
 class AlipayDev:
-    tmp: Path
-    ports: dict[str, int]
-    proc: subprocess.Popen[bytes]
-    out: Path
-
-    @property
-    def data_dir(self) -> Path:
-        return self.tmp / "data"
-
-    def banner(self) -> str:
-        return self.out.read_text()
+    dev: DevProcess
 
     def env(self) -> dict[str, str]:
         """A new shell's environment with the banner's variables exported."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PAYORDERS_", "TEMPORAL_"))}
-        return {**env, **exports(self.banner())}
+        return {**clean_env(), **exports(self.dev.banner())}
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -76,51 +59,25 @@ class AlipayDev:
 
 @pytest.fixture
 def alipay_dev() -> Iterator[AlipayDev]:
-    tmp = Path(tempfile.mkdtemp(prefix="payorders-dev-alipay-"))
-    out = tmp / "dev.out"
-    names = ("temporal", "ui", "api", "gateway", "worker-metrics", "orders", "stripe")
-    ports = {name: free_port() for name in names}
-    args = [CLI, "dev", "--gateway", "alipay", "--data-dir", str(tmp / "data")]
-    for name, port in ports.items():
-        args += [f"--{name}-port", str(port)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PAYORDERS_", "TEMPORAL_"))}
-    dev: AlipayDev | None = None
-    try:
-        with out.open("wb") as sink:
-            proc = subprocess.Popen(args, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        dev = AlipayDev(tmp, ports, proc, out)
-        deadline = time.monotonic() + 120
-        while stackinfo.read(dev.data_dir) is None:
-            assert proc.poll() is None, f"payorders dev exited:\n{dev.banner()}"
-            assert time.monotonic() < deadline, f"payorders dev did not come up:\n{dev.banner()}"
-            time.sleep(0.2)
-        yield dev
-    finally:
-        if dev is not None and dev.proc.poll() is None:
-            dev.proc.send_signal(signal.SIGINT)
-            try:
-                dev.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                dev.proc.kill()
-                dev.proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with dev_process("payorders-dev-alipay-", "--gateway", "alipay") as dev:
+        yield AlipayDev(dev)
 
 
 @pytest.mark.slow
 def test_payorders_dev_runs_the_demo_on_the_local_alipay_and_leaves_nothing(
     alipay_dev: AlipayDev,
 ) -> None:
-    info = stackinfo.read(alipay_dev.data_dir)
+    info = stackinfo.read(alipay_dev.dev.data_dir)
     assert info is not None and info.gateway == "alipay"
-    exported = exports(alipay_dev.banner())
-    gateway_url = f"http://127.0.0.1:{alipay_dev.ports['gateway']}"
+    exported = exports(alipay_dev.dev.banner())
+    gateway_url = f"http://127.0.0.1:{alipay_dev.dev.ports['gateway']}"
     assert exported["PAYORDERS_GATEWAY"] == "alipay"
     assert exported["PAYORDERS_ALIPAY_GATEWAY_URL"] == f"{gateway_url}/gateway.do"
-    keys = alipay_keys.key_files(alipay_dev.data_dir)
+    keys = alipay_keys.key_files(alipay_dev.dev.data_dir)
     for key in (keys.app_private, keys.alipay_private):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key  # owner-only
     assert Path(exported["PAYORDERS_ALIPAY_PRIVATE_KEY_FILE"]) == keys.app_private
-    found = listeners(alipay_dev.ports["gateway"])
+    found = listeners(alipay_dev.dev.ports["gateway"])
     assert found and {c.laddr.ip for c in found} == {"127.0.0.1"}, found
     pids = {c.pid for c in found if c.pid}
 
@@ -173,12 +130,12 @@ def test_payorders_dev_runs_the_demo_on_the_local_alipay_and_leaves_nothing(
     assert httpx.post(route, json={"out_trade_no": no}).status_code == 415
 
     # Stopped: no state file, nothing listening, no process of it left.
-    alipay_dev.proc.send_signal(signal.SIGINT)
-    assert alipay_dev.proc.wait(60) == 0, alipay_dev.banner()
-    assert stackinfo.read(alipay_dev.data_dir) is None
-    assert listeners(alipay_dev.ports["gateway"]) == []
+    alipay_dev.dev.proc.send_signal(signal.SIGINT)
+    assert alipay_dev.dev.proc.wait(60) == 0, alipay_dev.dev.banner()
+    assert stackinfo.read(alipay_dev.dev.data_dir) is None
+    assert listeners(alipay_dev.dev.ports["gateway"]) == []
     assert [p for p in pids if psutil.pid_exists(p)] == []
     left = subprocess.run(
-        ["pgrep", "-f", str(alipay_dev.data_dir)], capture_output=True, text=True
+        ["pgrep", "-f", str(alipay_dev.dev.data_dir)], capture_output=True, text=True
     ).stdout.split()
     assert left == []

@@ -9,14 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -27,9 +24,10 @@ import stripe
 from payorders.core.settings import Settings
 from payorders.localstack import stackinfo
 from payorders.localstack.binaries import find_binary
-from payorders.localstack.ports import free_port
 from payorders.localstack.stack import DevOptions, DevStack
 from payorders.localstack.stripe_wire import DELIVERIES_PATH
+
+from .dev_process import DevProcess, clean_env, dev_process
 
 CLI = find_binary("payorders")
 
@@ -130,66 +128,10 @@ def test_a_stack_file_written_before_the_gateway_choice_reads_as_the_sandbox(
 # --- the stack as a process ----------------------------------------------------------------
 
 
-@dataclass
-class StripeDev:
-    tmp: Path
-    stripe_port: int
-    api_port: int
-    proc: subprocess.Popen[bytes]
-    out: Path
-
-    @property
-    def data_dir(self) -> Path:
-        return self.tmp / "data"
-
-    def env(self) -> dict[str, str]:
-        return _env(self.data_dir)
-
-    def banner(self) -> str:
-        return self.out.read_text()
-
-
-def _env(data_dir: Path) -> dict[str, str]:
-    """This machine's environment without another stack's variables, and the data dir."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PAYORDERS_", "TEMPORAL_"))}
-    env["PAYORDERS_DATA_DIR"] = str(data_dir)
-    return env
-
-
 @pytest.fixture
-def stripe_dev() -> Iterator[StripeDev]:
-    tmp = Path(tempfile.mkdtemp(prefix="payorders-dev-stripe-"))
-    out = tmp / "dev.out"
-    ports = {
-        name: free_port()
-        for name in ("temporal", "ui", "api", "gateway", "worker-metrics", "orders")
-    }
-    stripe_port = free_port()
-    args = [CLI, "dev", "--gateway", "stripe", "--stripe-port", str(stripe_port)]
-    for name, port in ports.items():
-        args += [f"--{name}-port", str(port)]
-    dev: StripeDev | None = None
-    try:
-        with out.open("wb") as sink:
-            proc = subprocess.Popen(
-                args, env=_env(tmp / "data"), stdout=sink, stderr=subprocess.STDOUT
-            )
-        dev = StripeDev(tmp, stripe_port, ports["api"], proc, out)
-        deadline = time.monotonic() + 120
-        while stackinfo.read(dev.data_dir) is None:
-            assert proc.poll() is None, f"payorders dev exited:\n{dev.banner()}"
-            assert time.monotonic() < deadline, f"payorders dev did not come up:\n{dev.banner()}"
-            time.sleep(0.2)
+def stripe_dev() -> Iterator[DevProcess]:
+    with dev_process("payorders-dev-stripe-", "--gateway", "stripe") as dev:
         yield dev
-    finally:
-        if dev is not None and dev.proc.poll() is None:
-            dev.proc.send_signal(signal.SIGINT)
-            try:
-                dev.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                dev.proc.kill()
-                dev.proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def listeners(port: int) -> list[psutil._common.sconn]:
@@ -202,11 +144,11 @@ def listeners(port: int) -> list[psutil._common.sconn]:
 
 @pytest.mark.slow
 def test_payorders_dev_runs_localstripe_behind_the_wire_and_leaves_nothing(
-    stripe_dev: StripeDev,
+    stripe_dev: DevProcess,
 ) -> None:
     info = stackinfo.read(stripe_dev.data_dir)
     assert info is not None and info.gateway == "stripe"
-    wire_url = f"http://127.0.0.1:{stripe_dev.stripe_port}"
+    wire_url = f"http://127.0.0.1:{stripe_dev.ports['stripe']}"
     assert info.stripe_api_base == wire_url == info.gateway_url
     assert info.localstripe_url is not None and info.localstripe_url != wire_url
     localstripe_port = int(info.localstripe_url.rsplit(":", 1)[1])
@@ -218,7 +160,7 @@ def test_payorders_dev_runs_localstripe_behind_the_wire_and_leaves_nothing(
     assert exported["PAYORDERS_STRIPE_API_BASE"] == wire_url
     assert exported["PAYORDERS_STRIPE_API_KEY"].startswith("sk_test_")
     assert exported["PAYORDERS_STRIPE_WEBHOOK_SECRET"].startswith("whsec_")
-    assert exported["PAYORDERS_API_URL"] == f"http://127.0.0.1:{stripe_dev.api_port}"
+    assert exported["PAYORDERS_API_URL"] == f"http://127.0.0.1:{stripe_dev.ports['api']}"
     assert "generated for this stack" in banner
     assert (
         info.secrets is not None
@@ -227,7 +169,7 @@ def test_payorders_dev_runs_localstripe_behind_the_wire_and_leaves_nothing(
 
     # Loopback only, both of them.
     pids = set()
-    for port in (stripe_dev.stripe_port, localstripe_port):
+    for port in (stripe_dev.ports["stripe"], localstripe_port):
         found = listeners(port)
         assert found and {c.laddr.ip for c in found} == {"127.0.0.1"}, found
         pids |= {c.pid for c in found if c.pid}
@@ -268,7 +210,7 @@ def test_payorders_dev_runs_localstripe_behind_the_wire_and_leaves_nothing(
     # ``payorders fault`` finds the wire's faults API from the data directory.
     done = subprocess.run(
         [CLI, "fault", "--order", no, "--fail-next-refunds", "2", "--json"],
-        env=stripe_dev.env(),
+        env=clean_env(stripe_dev.data_dir),
         capture_output=True,
         text=True,
         timeout=60,
@@ -282,7 +224,7 @@ def test_payorders_dev_runs_localstripe_behind_the_wire_and_leaves_nothing(
     assert "stopped" in stripe_dev.banner()
     assert stackinfo.read(stripe_dev.data_dir) is None
     assert not (stripe_dev.data_dir / stackinfo.FILENAME).exists()
-    for port in (stripe_dev.stripe_port, localstripe_port):
+    for port in (stripe_dev.ports["stripe"], localstripe_port):
         assert listeners(port) == []
     assert [p for p in pids if psutil.pid_exists(p)] == []
     left = subprocess.run(

@@ -21,12 +21,10 @@ from payorders.gateways.port import (
     OpenTrade,
     RefundRequest,
 )
-from payorders.sandbox.alipay import LocalAlipayConfig, create_local_alipay_app, generate_key_pair
 from payorders.service import alipay_webhook
 from payorders.service.webhook import PaymentEvent
 
-from ..http_stack import serving
-from .test_local_alipay import Keys, Receiver
+from .test_local_alipay import Keys, Receiver, new_keys, running
 
 APP_ID = "2021000000000077"
 SCHEMA = f"alipay_gw_{uuid.uuid4().hex[:10]}"
@@ -71,30 +69,16 @@ class Local:
 
 @pytest.fixture(scope="module")
 def keys() -> Keys:
-    app_private, app_public = generate_key_pair()
-    server_private, server_public = generate_key_pair()
-    return Keys(app_private, app_public, server_private, server_public, generate_key_pair()[0])
+    return new_keys()
 
 
 @pytest.fixture(scope="module")
 async def local(db_url: str, keys: Keys) -> AsyncIterator[Local]:
-    receiver = Receiver()
-    async with serving(receiver.app()) as receiver_url:
-        config = LocalAlipayConfig(
-            app_id=APP_ID,
-            app_public_key_pem=keys.app_public,
-            private_key_pem=keys.server_private,
-            database_url=db_url,
-            schema=SCHEMA,
-            notify_speedup=2400.0,
-            server_timeout_s=1.0,
-            withhold_answer_s=3.0,
-        )
-        async with (
-            serving(create_local_alipay_app(config)) as url,
-            httpx.AsyncClient(base_url=url, timeout=10) as http,
-        ):
-            yield Local(url, http, receiver, keys, f"{receiver_url}/notify")
+    async with (
+        running(db_url, keys, app_id=APP_ID, schema=SCHEMA) as (url, notify_url, receiver),
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        yield Local(url, http, receiver, keys, notify_url)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -163,33 +164,48 @@ def new_no() -> str:
     return f"po_{uuid.uuid4().hex[:16]}"
 
 
-@pytest.fixture(scope="module")
-def keys() -> Keys:
+def new_keys() -> Keys:
+    """The app's key pair, the local Alipay's, and a stranger's private key."""
     app_private, app_public = generate_key_pair()
     server_private, server_public = generate_key_pair()
     other_private, _ = generate_key_pair()
     return Keys(app_private, app_public, server_private, server_public, other_private)
 
 
-@pytest.fixture(scope="module")
-async def alipay(db_url: str, keys: Keys) -> AsyncIterator[Alipay]:
+@asynccontextmanager
+async def running(
+    db_url: str, keys: Keys, *, app_id: str, schema: str
+) -> AsyncIterator[tuple[str, str, Receiver]]:
+    """A local Alipay on a free port, and the merchant's notify_url beside it:
+    ``(its URL, the notify_url, the receiver)``."""
     receiver = Receiver()
     async with serving(receiver.app()) as receiver_url:
         config = LocalAlipayConfig(
-            app_id=APP_ID,
+            app_id=app_id,
             app_public_key_pem=keys.app_public,
             private_key_pem=keys.server_private,
             database_url=db_url,
-            schema=SCHEMA,
+            schema=schema,
             notify_speedup=SPEEDUP,
             server_timeout_s=1.0,
             withhold_answer_s=WITHHOLD_S,
         )
-        async with (
-            serving(create_local_alipay_app(config)) as url,
-            httpx.AsyncClient(base_url=url, timeout=10) as http,
-        ):
-            yield Alipay(url, f"{receiver_url}/notify", keys, receiver, http)
+        async with serving(create_local_alipay_app(config)) as url:
+            yield url, f"{receiver_url}/notify", receiver
+
+
+@pytest.fixture(scope="module")
+def keys() -> Keys:
+    return new_keys()
+
+
+@pytest.fixture(scope="module")
+async def alipay(db_url: str, keys: Keys) -> AsyncIterator[Alipay]:
+    async with (
+        running(db_url, keys, app_id=APP_ID, schema=SCHEMA) as (url, notify_url, receiver),
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        yield Alipay(url, notify_url, keys, receiver, http)
 
 
 # --- precreate, query, close -----------------------------------------------------------------

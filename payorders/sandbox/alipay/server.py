@@ -10,8 +10,6 @@ answer.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -39,6 +37,8 @@ from payorders.sandbox.app import (
     add_error_handlers,
     capture_json,
     control_router,
+    in_background,
+    only_fields,
     unless_client_leaves,
 )
 from payorders.sandbox.ledger import NotAcknowledged
@@ -234,18 +234,11 @@ def create_local_alipay_app(config: LocalAlipayConfig) -> FastAPI:
             server = _Server(config, trades)
             api.state.sandbox = trades.ledger  # the control routes' ledger
             api.state.alipay = server
-            async with httpx.AsyncClient(
-                timeout=NOTIFY_CLIENT_TIMEOUT_S, limits=POOL_LIMITS
-            ) as http:
-                delivery = asyncio.create_task(
-                    _deliver_forever(server, http), name="alipay-notifications"
-                )
-                try:
-                    yield
-                finally:
-                    delivery.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await delivery
+            async with (
+                httpx.AsyncClient(timeout=NOTIFY_CLIENT_TIMEOUT_S, limits=POOL_LIMITS) as http,
+                in_background(_deliver_forever(server, http), name="alipay-notifications"),
+            ):
+                yield
         finally:
             await pool.close()
 
@@ -350,7 +343,11 @@ async def gateway_do(request: Request) -> Response:
 async def create_payment(request: Request, body: JsonObject) -> dict[str, Any]:
     """The buyer scans and pays (the sandbox's route and answer, so ``payorders pay`` works):
     409 when Alipay would refuse the payment."""
-    _only_fields(body, required={"pay_order_no", "amount", "currency"}, optional={"txn_id"})
+    only_fields(
+        body,
+        required=frozenset({"pay_order_no", "amount", "currency"}),
+        optional=frozenset({"txn_id"}),
+    )
     no = _out_trade_no(body["pay_order_no"])
     amount = domain.check_amount(body["amount"])
     currency = domain.check_currency(body["currency"])
@@ -369,24 +366,13 @@ async def create_payment(request: Request, body: JsonObject) -> dict[str, Any]:
 @router.post("/v1/scans")
 async def scan(request: Request, body: JsonObject) -> dict[str, Any]:
     """The buyer scans the QR code without paying yet: the trade exists (``WAIT_BUYER_PAY``)."""
-    _only_fields(body, required={"pay_order_no"})
+    only_fields(body, required=frozenset({"pay_order_no"}))
     no = _out_trade_no(body["pay_order_no"])
     try:
         trade = await _server(request).trades.scan(no)
     except PaymentRefused as e:
         raise ApiError(409, "scan_refused", str(e)) from None
     return {"out_trade_no": trade.out_trade_no, "trade_no": trade.trade_no, "status": trade.status}
-
-
-def _only_fields(
-    body: dict[str, Any], *, required: set[str], optional: set[str] | None = None
-) -> None:
-    unknown = sorted(set(body) - required - (optional or set()))
-    if unknown:
-        raise domain.InvalidInput(f"unknown field(s): {', '.join(unknown)}")
-    missing = sorted(required - set(body))
-    if missing:
-        raise domain.InvalidInput(f"missing field(s): {', '.join(missing)}")
 
 
 def _out_trade_no(value: object) -> str:
