@@ -89,6 +89,9 @@ SCENARIOS = [
 MERCHANT_SCENARIOS = frozenset(name for name, _ in SCENARIOS if name.startswith("merchant "))
 RACING_REFUNDS = 3
 """Refunds with different keys sent at once for 40% of the amount each: two fit."""
+LATE_SCENARIOS = frozenset({"late payment", "refund fails twice", "refund times out after success"})
+"""Paid after the order's expiry, so the money goes back (through the faults they arm)."""
+LATE_IN_SECOND_S = 0.6
 
 
 @dataclass
@@ -293,6 +296,17 @@ class Torture:
                     "fault", lambda: self.gateway.set_faults(no, webhook_duplicate_next=1)
                 )
                 self.figures.faults["webhooks duplicated"] += 1
+            late = scenario in LATE_SCENARIOS and not self.gateway.takes_payments_after_expiry
+            # Where the gateway refuses payments after the trade's expiry, a late payment
+            # lands inside the last second it still takes (Alipay's time_expire is to the
+            # second): the order expires at a tenth past a second, the payment 0.6 s later.
+            deadline = (
+                (datetime.now(UTC) + timedelta(seconds=self.expires_in_s)).replace(
+                    microsecond=100_000
+                )
+                if late
+                else None
+            )
             # A lost answer is retried with the same order number: checkout is idempotent.
             doc = await self._retry(
                 "create",
@@ -300,7 +314,8 @@ class Torture:
                     order_no=no.removeprefix("po_"),
                     amount=AMOUNT,
                     currency=self.currency,
-                    expires_in_s=self.expires_in_s,
+                    expires_in_s=None if late else self.expires_in_s,
+                    expires_at=deadline,
                 ),
             )
         self.pay_orders.append(no)
@@ -319,8 +334,11 @@ class Torture:
             case "wrong amount, then right":
                 await self._pay(no, AMOUNT - 1)
                 await self._pay(no)
-            case "late payment" | "refund fails twice" | "refund times out after success":
-                await self._pay(no, at=expires_at + timedelta(seconds=1))
+            case _ if scenario in LATE_SCENARIOS:
+                late_by = timedelta(
+                    seconds=1 if self.gateway.takes_payments_after_expiry else LATE_IN_SECOND_S
+                )
+                await self._pay(no, at=expires_at + late_by)
             case "no payment":
                 pass
             case _ if scenario in MERCHANT_SCENARIOS:
