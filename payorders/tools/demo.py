@@ -30,7 +30,7 @@ from payorders.tools.http_clients import (
 from payorders.tools.table import render
 
 SHORT = timedelta(seconds=4)
-LATE_IN_THE_SECOND = timedelta(milliseconds=700)
+LATE_IN_THE_SECOND = timedelta(milliseconds=500)
 SETTLE_WITHIN_S = 120.0
 EVENTS_WITHIN_S = 60.0
 """How long the demo waits for the order service to hear of its settled orders."""
@@ -122,7 +122,7 @@ async def _late_payment(c: Ctx, scenario: str, **faults: Any) -> list[str]:
 
     A gateway that refuses payments after the trade's expiry (Alipay's ``time_expire``, to
     the second) still takes one inside that last second: the order expires at a tenth past
-    a second and is paid 0.7 s later, after our expiry. Whether that money is late depends
+    a second and is paid 0.5 s later, after our expiry. Whether that money is late depends
     on whether the workflow's close reached Alipay first (else the close finds the trade
     paid, and it is a success): so there the refunds the faults are about are the shop's
     own, of a paid order, in full."""
@@ -147,7 +147,12 @@ async def _late_payment(c: Ctx, scenario: str, **faults: Any) -> list[str]:
         currency=currency_of(c.settings),
         expires_at=expires_at,
     )
-    await c.pay(no, at=expires_at + LATE_IN_THE_SECOND)
+    try:
+        await c.pay(no, at=expires_at + LATE_IN_THE_SECOND)
+    except ServiceError as e:
+        # It reached Alipay after that second (a loaded machine): refused, nothing moved.
+        if e.status != 409:
+            raise
     return [no]
 
 
@@ -217,7 +222,7 @@ SCENARIOS: list[tuple[str, str, Callable[[Ctx], Awaitable[list[str]]]]] = [
 ONE_PAYMENT_PER_TRADE = {
     "double payment": "the gateway refuses the second payment: paid once, nothing refunded",
     "late payment": "paid after our expiry, inside time_expire's second: PAY_EXPIRED and"
-    " refunded once, or PAY_SUCCESS if it reached Alipay before our close",
+    " refunded once (PAY_SUCCESS if it beat our close; refused if it missed that second)",
     "refund fails 5 times, then succeeds": "the shop's full refund: 1 refund at the gateway",
     "refund times out after the gateway did it": "the shop's full refund: 1 refund at the gateway",
 }

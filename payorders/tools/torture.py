@@ -297,16 +297,18 @@ class Torture:
                 )
                 self.figures.faults["webhooks duplicated"] += 1
             late = scenario in LATE_SCENARIOS and not self.gateway.takes_payments_after_expiry
-            # Where the gateway refuses payments after the trade's expiry, a late payment
-            # lands inside the last second it still takes (Alipay's time_expire is to the
-            # second): the order expires at a tenth past a second, the payment 0.6 s later.
-            deadline = (
-                (datetime.now(UTC) + timedelta(seconds=self.expires_in_s)).replace(
-                    microsecond=100_000
-                )
-                if late
-                else None
-            )
+
+            def deadline() -> datetime | None:
+                """Where the gateway refuses payments after the trade's expiry, a late
+                payment lands inside the last second it still takes (Alipay's time_expire
+                is to the second): the order expires at a tenth past a second, the payment
+                0.6 s later. Chosen at each attempt: a resend after a lost answer gets the
+                pay order as first created (checkout is idempotent by order number)."""
+                if not late:
+                    return None
+                at = datetime.now(UTC) + timedelta(seconds=self.expires_in_s)
+                return at.replace(microsecond=100_000)
+
             # A lost answer is retried with the same order number: checkout is idempotent.
             doc = await self._retry(
                 "create",
@@ -315,7 +317,7 @@ class Torture:
                     amount=AMOUNT,
                     currency=self.currency,
                     expires_in_s=None if late else self.expires_in_s,
-                    expires_at=deadline,
+                    expires_at=deadline(),
                 ),
             )
         self.pay_orders.append(no)

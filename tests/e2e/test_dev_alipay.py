@@ -12,17 +12,21 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 import psutil
 import pytest
+from Cryptodome.PublicKey import RSA
 
 from payorders.core.settings import Settings
-from payorders.gateways.alipay import out_trade_no_of
+from payorders.gateways.alipay import china_time, out_trade_no_of
 from payorders.localstack import alipay_keys, stackinfo
 from payorders.localstack.stack import DevOptions, DevStack
 
+from ..unit.test_alipay import signed
 from .dev_process import CLI, DevProcess, clean_env, dev_process
 from .test_dev_stripe import exports, listeners
 
@@ -120,14 +124,49 @@ def test_payorders_dev_runs_the_demo_on_the_local_alipay_and_leaves_nothing(
         assert time.monotonic() < deadline, "the notification did not reach the pay order"
         time.sleep(0.2)
 
-    # Alipay's notification route takes only what Alipay signed, as a form.
+    # Alipay's notification route takes only what Alipay signed, as a form, about our trade.
     route = f"{api}/v1/webhooks/alipay"
-    form = {"Content-Type": "application/x-www-form-urlencoded"}
-    unsigned = httpx.post(
-        route, content=f"out_trade_no={no}&trade_status=TRADE_SUCCESS", headers=form
-    )
-    assert unsigned.status_code == 401 and unsigned.text != "success"
-    assert httpx.post(route, json={"out_trade_no": no}).status_code == 415
+    alipay_key = RSA.import_key(keys.alipay_private.read_bytes())
+    stranger = RSA.generate(2048)
+    txn = httpx.get(f"{api}/v1/pay-orders/{no}", headers=token).json()["payments"][0]["txn_id"]
+    now = datetime.now(UTC)
+
+    def note(**changes: str) -> dict[str, str]:
+        base = {
+            "notify_time": china_time(now),
+            "notify_type": "trade_status_sync",
+            "notify_id": uuid.uuid4().hex,
+            "app_id": alipay_keys.APP_ID,
+            "charset": "utf-8",
+            "version": "1.0",
+            "trade_no": txn,
+            "out_trade_no": out_trade_no_of(no),
+            "trade_status": "TRADE_SUCCESS",
+            "total_amount": "19.99",
+            "gmt_payment": china_time(now),
+        }
+        return {**base, **changes}
+
+    def post(form: dict[str, str]) -> httpx.Response:
+        return httpx.post(
+            route,
+            content=urlencode(form),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+
+    for form, status in [
+        (note(), 401),  # unsigned
+        (signed(note(), stranger), 401),  # signed by another key
+        (signed(note(app_id="2021000000000099"), alipay_key), 400),
+        (signed(note(notify_time=china_time(now - timedelta(days=3))), alipay_key), 401),
+        (signed(note(total_amount="19.98"), alipay_key), 422),  # the amount differs
+        (signed(note(out_trade_no="po_never-opened"), alipay_key), 404),  # no such order
+    ]:
+        answer = post(form)
+        assert (answer.status_code, answer.text != "success") == (status, True), form
+    assert httpx.post(route, json={"out_trade_no": no}).status_code == 415  # not a form
+    again = signed(note(), alipay_key)  # Alipay's own, as it resends it: acknowledged
+    assert (post(again).text, post(again).text) == ("success", "success")
 
     # Stopped: no state file, nothing listening, no process of it left.
     alipay_dev.dev.proc.send_signal(signal.SIGINT)
