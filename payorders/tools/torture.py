@@ -91,7 +91,8 @@ RACING_REFUNDS = 3
 """Refunds with different keys sent at once for 40% of the amount each: two fit."""
 LATE_SCENARIOS = frozenset({"late payment", "refund fails twice", "refund times out after success"})
 """Paid after the order's expiry, so the money goes back (through the faults they arm)."""
-LATE_IN_SECOND_S = 0.6
+LATE_MARGIN_S = 0.15
+"""How long before the end of the expiry's second a late payment is sent at the latest."""
 
 
 @dataclass
@@ -301,9 +302,10 @@ class Torture:
             def deadline() -> datetime | None:
                 """Where the gateway refuses payments after the trade's expiry, a late
                 payment lands inside the last second it still takes (Alipay's time_expire
-                is to the second): the order expires at a tenth past a second, the payment
-                0.6 s later. Chosen at each attempt: a resend after a lost answer gets the
-                pay order as first created (checkout is idempotent by order number)."""
+                is to the second): the order expires at a tenth past a second, and is paid
+                once it has expired, within that second. Chosen at each attempt: a resend
+                after a lost answer gets the pay order as first created (checkout is
+                idempotent by order number)."""
                 if not late:
                     return None
                 at = datetime.now(UTC) + timedelta(seconds=self.expires_in_s)
@@ -337,15 +339,32 @@ class Torture:
                 await self._pay(no, AMOUNT - 1)
                 await self._pay(no)
             case _ if scenario in LATE_SCENARIOS:
-                late_by = timedelta(
-                    seconds=1 if self.gateway.takes_payments_after_expiry else LATE_IN_SECOND_S
-                )
-                await self._pay(no, at=expires_at + late_by)
+                if self.gateway.takes_payments_after_expiry:
+                    await self._pay(no, at=expires_at + timedelta(seconds=1))
+                else:
+                    await self._pay(no, at=await self._expired_within_its_second(no, expires_at))
             case "no payment":
                 pass
             case _ if scenario in MERCHANT_SCENARIOS:
                 await self._pay(no)
                 await self._merchant_refunds(no, scenario)
+
+    async def _expired_within_its_second(self, no: str, expires_at: datetime) -> datetime:
+        """When to pay ``no`` late at a gateway that takes payments only until the end of
+        its expiry's second (Alipay): as soon as the order is ``PAY_EXPIRED`` (the workflow
+        closed the trade, so the money is late), or at the last moment of that second."""
+        last = expires_at.replace(microsecond=0) + timedelta(seconds=1 - LATE_MARGIN_S)
+        await asyncio.sleep(max(0.0, (expires_at - datetime.now(UTC)).total_seconds()))
+        while datetime.now(UTC) < last:
+            with contextlib.suppress(*DB_ERRORS):
+                async with self.pool.acquire() as conn:
+                    status = await conn.fetchval(
+                        "SELECT status FROM pay_order WHERE pay_order_no = $1", no
+                    )
+                if status == "PAY_EXPIRED":
+                    break
+            await asyncio.sleep(0.03)
+        return min(datetime.now(UTC), last)
 
     async def _paid(self, no: str, within_s: float = 180) -> bool:
         """Whether ``no`` is PAY_SUCCESS, waiting for it while it is PAYING (from the
