@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from enum import Enum
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from alipay import AliPay
 from alipay.exceptions import AliPayException, AliPayValidationError
@@ -54,6 +54,7 @@ from payorders.gateways.port import (
     OpenTrade,
     RefundRequest,
     Statement,
+    TradeBook,
 )
 from payorders.gateways.telemetry import CALLS, OBSERVED
 
@@ -273,20 +274,6 @@ class AlipayConfig:
     notify_url: str
     """Where Alipay sends a trade's notifications (our ``/v1/webhooks/alipay``)."""
     gateway_url: str = PRODUCTION_GATEWAY
-
-
-class TradeBook(Protocol):
-    """Our records of the trades opened at Alipay, for the statement: Alipay's API v2 lists
-    no trades (its bill download is a day late and not in the SDK), so the statement asks
-    Alipay about each trade we opened (``ReconcileStore`` is one)."""
-
-    async def trades_payable_in(
-        self, gateway: str, start: datetime, end: datetime, *, grace_s: float
-    ) -> list[str]: ...
-
-    async def refunds_in_flight_of(
-        self, pay_order_nos: list[str]
-    ) -> list[tuple[str, str, str]]: ...
 
 
 TIME_GRAIN_S = 1.0

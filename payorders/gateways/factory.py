@@ -7,9 +7,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from payorders.core.settings import Settings
-from payorders.gateways.alipay import AlipayConfig, AlipayGateway, AlipayKeyRefused, TradeBook
+from payorders.gateways.alipay import AlipayConfig, AlipayGateway, AlipayKeyRefused
 from payorders.gateways.http_sandbox import HttpGateway
-from payorders.gateways.port import Gateway
+from payorders.gateways.port import Gateway, TradeBook
 from payorders.gateways.stripe import StripeGateway, StripeKeyRefused
 
 

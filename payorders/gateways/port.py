@@ -99,6 +99,19 @@ class Statement:
     refunds: list[GatewayRefund]
 
 
+class TradeBook(Protocol):
+    """Our records of the trades opened at a gateway, for a statement read trade by trade
+    where the gateway lists none (Alipay's API v2; ``ReconcileStore`` is one)."""
+
+    async def trades_payable_in(
+        self, gateway: str, start: datetime, end: datetime, *, grace_s: float
+    ) -> list[str]: ...
+
+    async def refunds_in_flight_of(
+        self, pay_order_nos: list[str]
+    ) -> list[tuple[str, str, str]]: ...
+
+
 class Gateway(Protocol):
     name: str
     """The gateway's name in checkout answers and logs (``sandbox``, ``stripe``)."""

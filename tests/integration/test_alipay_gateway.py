@@ -13,13 +13,14 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
-from payorders.gateways.alipay import AlipayConfig, AlipayGateway, TradeBook, out_trade_no_of
+from payorders.gateways.alipay import AlipayConfig, AlipayGateway, out_trade_no_of
 from payorders.gateways.port import (
     GatewayAmbiguous,
     GatewayRejected,
     GatewayUnavailable,
     OpenTrade,
     RefundRequest,
+    TradeBook,
 )
 from payorders.service import alipay_webhook
 from payorders.service.webhook import PaymentEvent
