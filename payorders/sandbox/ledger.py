@@ -572,56 +572,33 @@ class SandboxGateway:
 
     async def _refund_row(self, request: RefundRequest, *, notify: bool = False) -> asyncpg.Record:
         started = time.perf_counter()
+        await self.refund_faults_before(request)
+        async with self._pool.acquire() as conn, conn.transaction():
+            rec, created = await self.refund_in(conn, request, notify=notify, started=started)
+        if not created:
+            return rec
+        if notify:
+            self._webhook_queued.set()
+        await self.refund_faults_after(request)
+        return rec
+
+    # --- refunds, for another local gateway built on this ledger ----------------------------
+
+    async def refund_faults_before(self, request: RefundRequest) -> None:
+        """The faults a refund call meets before anything is done: ``delay_ms``, then
+        ``fail_next_refunds``.
+
+        Raises:
+            GatewayUnavailable: either fault (nothing was done).
+        """
         await self._apply_delay(request.pay_order_no)
         if await self._consume(request.pay_order_no, "fail_next_refunds"):
             await self._log_call(request.idempotency_key, "FAILED_INJECTED")
             raise GatewayUnavailable("sandbox gateway: refund failed (injected fault)")
-        s = self._s
-        async with self._pool.acquire() as conn, conn.transaction():
-            # Serialise calls with the same key so one key can only ever move money once.
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", request.idempotency_key
-            )
-            existing = await conn.fetchrow(
-                f"SELECT * FROM {s}.refund WHERE idempotency_key = $1", request.idempotency_key
-            )
-            if existing is not None:
-                if (existing["txn_id"], existing["amount"]) != (request.txn_id, request.amount):
-                    await self._log_call(request.idempotency_key, "REJECTED_KEY_REUSE", conn)
-                    raise GatewayRejected("idempotency key reused with other parameters")
-                await self._log_call(request.idempotency_key, "REPLAYED", conn)
-                return existing
-            cap = await conn.fetchrow(
-                f"SELECT * FROM {s}.capture WHERE txn_id = $1 FOR UPDATE", request.txn_id
-            )
-            if cap is None or cap["pay_order_no"] != request.pay_order_no:
-                await self._log_call(request.idempotency_key, "REJECTED_NO_CAPTURE", conn)
-                raise GatewayRejected(f"no capture {request.txn_id} for {request.pay_order_no}")
-            refunded = await conn.fetchval(
-                f"SELECT COALESCE(sum(amount), 0) FROM {s}.refund WHERE txn_id = $1",
-                request.txn_id,
-            )
-            if refunded + request.amount > cap["amount"] or request.currency != cap["currency"]:
-                await self._log_call(request.idempotency_key, "REJECTED_EXCEEDS", conn)
-                raise GatewayRejected("refund exceeds what was captured")
-            rec = await conn.fetchrow(
-                f"INSERT INTO {s}.refund (idempotency_key, gateway_refund_id, txn_id, amount,"
-                " currency, status, processing_ms) VALUES ($1, $2, $3, $4, $5, 'SUCCEEDED', $6)"
-                " RETURNING *",
-                request.idempotency_key,
-                f"rf_{uuid.uuid4().hex[:24]}",
-                request.txn_id,
-                request.amount,
-                request.currency,
-                (time.perf_counter() - started) * 1000,
-            )
-            await self._log_call(request.idempotency_key, "SUCCEEDED", conn)
-            if notify:
-                assert rec is not None
-                await self._queue_refund_webhook(conn, request.pay_order_no, rec)
-        assert rec is not None
-        if notify:
-            self._webhook_queued.set()
+
+    async def refund_faults_after(self, request: RefundRequest) -> None:
+        """The ``timeout_after_success_next`` fault of a refund just made (committed): its
+        answer is held back past the caller's timeout."""
         if await self._consume(request.pay_order_no, "timeout_after_success_next"):
             # The money has moved; the answer never reaches the caller before its timeout.
             await self._log_call(request.idempotency_key, "ANSWER_WITHHELD")
@@ -629,7 +606,80 @@ class SandboxGateway:
                 await asyncio.Event().wait()
             else:
                 await asyncio.sleep(self._withhold_answer_s)
-        return rec
+
+    async def refund_in(
+        self,
+        conn: Conn,
+        request: RefundRequest,
+        *,
+        notify: bool,
+        started: float | None = None,
+    ) -> tuple[asyncpg.Record, bool]:
+        """The refund made inside the caller's transaction, or the one made before under
+        its key: the row, and whether this call made it (no faults: see
+        ``refund_faults_before`` and ``_after``). With ``notify`` a new refund queues its
+        notification too; call ``wake_delivery`` once the transaction is committed.
+
+        Raises:
+            GatewayRejected: the key was used with other facts, no such capture, or more
+                than is left of it.
+        """
+        started = time.perf_counter() if started is None else started
+        s = self._s
+        # Serialise calls with the same key so one key can only ever move money once.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", request.idempotency_key
+        )
+        existing = await conn.fetchrow(
+            f"SELECT * FROM {s}.refund WHERE idempotency_key = $1", request.idempotency_key
+        )
+        if existing is not None:
+            if (existing["txn_id"], existing["amount"]) != (request.txn_id, request.amount):
+                await self._log_call(request.idempotency_key, "REJECTED_KEY_REUSE", conn)
+                raise GatewayRejected("idempotency key reused with other parameters")
+            await self._log_call(request.idempotency_key, "REPLAYED", conn)
+            return existing, False
+        cap = await conn.fetchrow(
+            f"SELECT * FROM {s}.capture WHERE txn_id = $1 FOR UPDATE", request.txn_id
+        )
+        if cap is None or cap["pay_order_no"] != request.pay_order_no:
+            await self._log_call(request.idempotency_key, "REJECTED_NO_CAPTURE", conn)
+            raise GatewayRejected(f"no capture {request.txn_id} for {request.pay_order_no}")
+        refunded = await conn.fetchval(
+            f"SELECT COALESCE(sum(amount), 0) FROM {s}.refund WHERE txn_id = $1",
+            request.txn_id,
+        )
+        if refunded + request.amount > cap["amount"] or request.currency != cap["currency"]:
+            await self._log_call(request.idempotency_key, "REJECTED_EXCEEDS", conn)
+            raise GatewayRejected("refund exceeds what was captured")
+        rec = await conn.fetchrow(
+            f"INSERT INTO {s}.refund (idempotency_key, gateway_refund_id, txn_id, amount,"
+            " currency, status, processing_ms) VALUES ($1, $2, $3, $4, $5, 'SUCCEEDED', $6)"
+            " RETURNING *",
+            request.idempotency_key,
+            f"rf_{uuid.uuid4().hex[:24]}",
+            request.txn_id,
+            request.amount,
+            request.currency,
+            (time.perf_counter() - started) * 1000,
+        )
+        assert rec is not None
+        await self._log_call(request.idempotency_key, "SUCCEEDED", conn)
+        if notify:
+            await self._queue_refund_webhook(conn, request.pay_order_no, rec)
+        return rec, True
+
+    async def log_refund_call(self, key: str, outcome: str, conn: Conn | None = None) -> None:
+        """One refund call's outcome, as the ledger's ``refund_calls`` show them."""
+        await self._log_call(key, outcome, conn)
+
+    async def queue_notification_in(
+        self, conn: Conn, event_id: str, *, pay_order_no: str, txn_id: str, body: bytes
+    ) -> None:
+        """A notification of the gateway's own (not a capture's or refund's), queued inside
+        the caller's transaction and shaped by the webhook faults armed now; call
+        ``wake_delivery`` once the transaction is committed."""
+        await self._queue_delivery(conn, event_id, pay_order_no, txn_id, body)
 
     async def query_refund(self, idempotency_key: str, txn_id: str) -> GatewayRefund | None:
         rec = await self._refund_by_key(idempotency_key)

@@ -8,6 +8,6 @@ formats, ``trades`` the methods, ``server`` the HTTP service.
 """
 
 from payorders.sandbox.alipay.server import LocalAlipayConfig, app, create_local_alipay_app
-from payorders.sandbox.alipay.wire import generate_key_pair
+from payorders.sandbox.local import generate_key_pair
 
 __all__ = ["LocalAlipayConfig", "app", "create_local_alipay_app", "generate_key_pair"]

@@ -12,37 +12,25 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, NoReturn
+from typing import Any
 from urllib.parse import parse_qsl
 
+import asyncpg
 import httpx
 from Cryptodome.PublicKey import RSA
-from fastapi import APIRouter, Body, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 
 from payorders import logs
-from payorders.core import domain, store
-from payorders.gateways.http_sandbox import POOL_LIMITS
-from payorders.gateways.port import GatewayUnavailable
+from payorders.gateways.port import Capture, GatewayUnavailable
+from payorders.sandbox import local
 from payorders.sandbox.alipay import wire
-from payorders.sandbox.alipay.trades import AlipayTrades, PaymentRefused
+from payorders.sandbox.alipay.trades import AlipayTrades
 from payorders.sandbox.alipay.wire import AlipayError
-from payorders.sandbox.app import (
-    ProcessingTime,
-    add_error_handlers,
-    capture_json,
-    control_router,
-    in_background,
-    only_fields,
-    unless_client_leaves,
-)
-from payorders.sandbox.ledger import NotAcknowledged
-from payorders.service.errors import ApiError
+from payorders.sandbox.ledger import SandboxGateway
+from payorders.sandbox.local import NotificationSchedule, unless_client_leaves
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +42,7 @@ NOTIFICATIONS = len(RETRY_SCHEDULE_S) + 1
 ACKNOWLEDGEMENT = b"success"
 """The only answer that ends the notifications: exactly these 7 characters; any other answer
 is notified again (same page)."""
-DELIVERY_INTERVAL_S = 0.1
-NOTIFY_CLIENT_TIMEOUT_S = 5.0
+LABEL = "local alipay"
 
 ENV_APP_ID = "PAYORDERS_LOCAL_ALIPAY_APP_ID"
 ENV_APP_PUBLIC_KEY = "PAYORDERS_LOCAL_ALIPAY_APP_PUBLIC_KEY"
@@ -94,11 +81,13 @@ class LocalAlipayConfig:
 
 
 class _Server:
-    """What the routes share: the trades, the keys and the configuration."""
+    """What the routes share: the trades, the keys and the configuration; the frame's
+    ``LocalGateway`` (``sandbox.local``)."""
 
     def __init__(self, config: LocalAlipayConfig, trades: AlipayTrades) -> None:
         self.config = config
         self.trades = trades
+        self.schedule = NotificationSchedule(RETRY_SCHEDULE_S, config.notify_speedup)
         self.app_key = wire.load_key(config.app_public_key_pem, private=False)
         self.key = wire.load_key(config.private_key_pem, private=True)
         self._methods: dict[str, Callable[[dict[str, Any], str | None], Awaitable[Any]]] = {
@@ -178,6 +167,12 @@ class _Server:
         if params.get("format", "JSON").upper() != "JSON":
             raise wire.invalid("format", "format must be JSON")
 
+    # --- the frame's LocalGateway ------------------------------------------------------------
+
+    @property
+    def ledger(self) -> SandboxGateway:
+        return self.trades.ledger
+
     def render(self, stored: bytes) -> tuple[str, dict[str, str], bytes]:
         """A stored notification as this attempt sends it: ``notify_time`` now, signed."""
         doc = json.loads(stored)
@@ -185,9 +180,29 @@ class _Server:
         headers = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
         return doc["url"], headers, wire.notification_form(params, self.key)
 
-    def retry_after_ms(self, attempt: int) -> float:
-        wait_s = RETRY_SCHEDULE_S[min(attempt, len(RETRY_SCHEDULE_S)) - 1]
-        return wait_s * 1000 / self.config.notify_speedup
+    def refusal(self, answer: httpx.Response) -> str | None:
+        if answer.content == ACKNOWLEDGEMENT:
+            return None
+        return f"HTTP {answer.status_code} {answer.content[:40]!r}, not the literal 'success'"
+
+    async def tick(self) -> None:
+        return None
+
+    async def pay(
+        self, *, out_trade_no: str, amount: int, currency: str, pay_key: str | None
+    ) -> Capture:
+        return await self.trades.pay(
+            out_trade_no=out_trade_no, amount=amount, currency=currency, pay_key=pay_key
+        )
+
+    async def scan(self, out_trade_no: str) -> dict[str, Any]:
+        """The trade exists from the scan on (``WAIT_BUYER_PAY``)."""
+        trade = await self.trades.scan(out_trade_no)
+        return {
+            "out_trade_no": trade.out_trade_no,
+            "trade_no": trade.trade_no,
+            "status": trade.status,
+        }
 
 
 def _biz_content(params: dict[str, str]) -> dict[str, Any]:
@@ -215,39 +230,28 @@ def create_local_alipay_app(config: LocalAlipayConfig) -> FastAPI:
     """
     wire.load_key(config.app_public_key_pem, private=False)
     wire.load_key(config.private_key_pem, private=True)
-    if not config.notify_speedup > 0:
-        raise ValueError("notify_speedup must be greater than zero")
+    NotificationSchedule(RETRY_SCHEDULE_S, config.notify_speedup)  # refuses a bad speedup
 
-    @asynccontextmanager
-    async def lifespan(api: FastAPI) -> AsyncIterator[None]:
-        pool = await store.create_pool(config.database_url, min_size=1, max_size=config.db_pool_max)
-        try:
-            trades = AlipayTrades(
-                pool,
-                schema=config.schema,
-                app_id=config.app_id,
-                seller_id=config.seller_id,
-                server_timeout_s=config.server_timeout_s,
-                withhold_answer_s=config.withhold_answer_s,
-            )
-            await trades.install()
-            server = _Server(config, trades)
-            api.state.sandbox = trades.ledger  # the control routes' ledger
-            api.state.alipay = server
-            async with (
-                httpx.AsyncClient(timeout=NOTIFY_CLIENT_TIMEOUT_S, limits=POOL_LIMITS) as http,
-                in_background(_deliver_forever(server, http), name="alipay-notifications"),
-            ):
-                yield
-        finally:
-            await pool.close()
+    async def open_gateway(pool: asyncpg.Pool) -> _Server:
+        trades = AlipayTrades(
+            pool,
+            schema=config.schema,
+            app_id=config.app_id,
+            seller_id=config.seller_id,
+            server_timeout_s=config.server_timeout_s,
+            withhold_answer_s=config.withhold_answer_s,
+        )
+        await trades.install()
+        return _Server(config, trades)
 
-    api = FastAPI(title="payorders local Alipay", lifespan=lifespan)
-    api.add_middleware(ProcessingTime)
-    api.include_router(router)
-    api.include_router(control_router)
-    add_error_handlers(api)
-    return api
+    return local.local_gateway_app(
+        title="payorders local Alipay",
+        database_url=config.database_url,
+        db_pool_max=config.db_pool_max,
+        open_gateway=open_gateway,
+        vendor_router=router,
+        max_trade_no_len=64,
+    )
 
 
 def app() -> FastAPI:
@@ -255,23 +259,12 @@ def app() -> FastAPI:
     ``PAYORDERS_LOCAL_ALIPAY_*`` and ``PAYORDERS_DATABASE_URL``; one line and exit 2 when
     one is missing or not what it should be."""
     logs.configure(logging.WARNING)
-    values = {}
-    for name in (ENV_APP_ID, ENV_APP_PUBLIC_KEY, ENV_PRIVATE_KEY, ENV_DATABASE_URL):
-        values[name] = os.environ.get(name, "").strip()
-        if not values[name]:
-            _refuse(f"{name} is not set")
-    for name, private in ((ENV_APP_PUBLIC_KEY, False), (ENV_PRIVATE_KEY, True)):
-        try:
-            wire.load_key(values[name], private=private)
-        except ValueError as e:
-            _refuse(f"{name}: {e}")
-    speedup_text = os.environ.get(ENV_NOTIFY_SPEEDUP, "1")
-    try:
-        speedup = float(speedup_text)
-    except ValueError:
-        speedup = 0.0
-    if not 0 < speedup < float("inf"):
-        _refuse(f"{ENV_NOTIFY_SPEEDUP}: a number greater than zero, not {speedup_text!r}")
+    values = local.required_env(
+        LABEL, ENV_APP_ID, ENV_APP_PUBLIC_KEY, ENV_PRIVATE_KEY, ENV_DATABASE_URL
+    )
+    local.key_env(LABEL, values, ENV_APP_PUBLIC_KEY, private=False)
+    local.key_env(LABEL, values, ENV_PRIVATE_KEY, private=True)
+    speedup = local.number_env(LABEL, ENV_NOTIFY_SPEEDUP, "1", positive=True)
     return create_local_alipay_app(
         LocalAlipayConfig(
             app_id=values[ENV_APP_ID],
@@ -283,44 +276,14 @@ def app() -> FastAPI:
     )
 
 
-def _refuse(why: str) -> NoReturn:
-    print(f"payorders local alipay: cannot start: {why}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
-async def _deliver_forever(server: _Server, http: httpx.AsyncClient) -> None:
-    async def send(url: str, headers: dict[str, str], body: bytes) -> int:
-        resp = await http.post(url, headers=headers, content=body)
-        if resp.content != ACKNOWLEDGEMENT:
-            raise NotAcknowledged(
-                resp.status_code,
-                f"HTTP {resp.status_code} {resp.content[:40]!r}, not the literal 'success'",
-            )
-        return resp.status_code
-
-    ledger = server.trades.ledger
-    while True:
-        try:
-            await ledger.deliver_due(
-                send,
-                max_attempts=NOTIFICATIONS,
-                render=server.render,
-                retry_after_ms=server.retry_after_ms,
-            )
-        except Exception:
-            # A database hiccup must not end delivery for good: the rows wait, try again.
-            log.exception("local alipay: notification round failed")
-        await ledger.webhook_queued(DELIVERY_INTERVAL_S)
-
-
 # --- routes ----------------------------------------------------------------------------------
 
 router = APIRouter()
-JsonObject = Annotated[dict[str, Any], Body()]
+"""``gateway.do``; the frame adds the buyer's side and the control routes."""
 
 
 def _server(request: Request) -> _Server:
-    server = request.app.state.alipay
+    server = request.app.state.local
     assert isinstance(server, _Server)
     return server
 
@@ -337,45 +300,3 @@ async def gateway_do(request: Request) -> Response:
             pairs.append(("charset", "not utf-8"))  # answered isv.invalid-charset
     answer = await unless_client_leaves(request, _server(request).answer(pairs))
     return Response(answer, media_type="application/json;charset=utf-8")
-
-
-@router.post("/v1/payments", status_code=201)
-async def create_payment(request: Request, body: JsonObject) -> dict[str, Any]:
-    """The buyer scans and pays (the sandbox's route and answer, so ``payorders pay`` works):
-    409 when Alipay would refuse the payment."""
-    only_fields(
-        body,
-        required=frozenset({"pay_order_no", "amount", "currency"}),
-        optional=frozenset({"txn_id"}),
-    )
-    no = _out_trade_no(body["pay_order_no"])
-    amount = domain.check_amount(body["amount"])
-    currency = domain.check_currency(body["currency"])
-    txn_id = body.get("txn_id")
-    if txn_id is not None:
-        domain.check_identifier(txn_id, "txn_id")
-    try:
-        capture = await _server(request).trades.pay(
-            out_trade_no=no, amount=amount, currency=currency, pay_key=txn_id
-        )
-    except PaymentRefused as e:
-        raise ApiError(409, "payment_refused", str(e)) from None
-    return capture_json(capture)
-
-
-@router.post("/v1/scans")
-async def scan(request: Request, body: JsonObject) -> dict[str, Any]:
-    """The buyer scans the QR code without paying yet: the trade exists (``WAIT_BUYER_PAY``)."""
-    only_fields(body, required=frozenset({"pay_order_no"}))
-    no = _out_trade_no(body["pay_order_no"])
-    try:
-        trade = await _server(request).trades.scan(no)
-    except PaymentRefused as e:
-        raise ApiError(409, "scan_refused", str(e)) from None
-    return {"out_trade_no": trade.out_trade_no, "trade_no": trade.trade_no, "status": trade.status}
-
-
-def _out_trade_no(value: object) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 64:
-        raise domain.InvalidInput("pay_order_no must be the trade's out_trade_no (1-64 characters)")
-    return value

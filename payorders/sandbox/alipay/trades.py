@@ -33,6 +33,7 @@ from payorders.gateways.port import Capture, GatewayRejected, RefundRequest
 from payorders.sandbox.alipay import wire
 from payorders.sandbox.alipay.wire import business, success, yuan
 from payorders.sandbox.ledger import SandboxGateway
+from payorders.sandbox.local import PaymentRefused
 
 CURRENCY = "CNY"
 WAIT, SUCCESS, CLOSED = "WAIT_BUYER_PAY", "TRADE_SUCCESS", "TRADE_CLOSED"
@@ -68,10 +69,6 @@ _SELECT = (
     "SELECT t.*, COALESCE((SELECT sum(r.amount) FROM {s}.refund r"
     " WHERE r.txn_id = t.trade_no), 0)::bigint AS refunded FROM {s}.alipay_trade t"
 )
-
-
-class PaymentRefused(Exception):
-    """The buyer's payment (or scan) is refused: the reason, as a 409 says it."""
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,6 @@ uses (python-alipay-sdk) is the check on it.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 from collections.abc import Mapping
@@ -32,15 +30,17 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlencode
 
-from Cryptodome.Hash import SHA256
 from Cryptodome.PublicKey import RSA
-from Cryptodome.Signature import pkcs1_15
+
+from payorders.sandbox.local import generate_key_pair as generate_key_pair
+from payorders.sandbox.local import load_key as load_key
+from payorders.sandbox.local import sign as sign
+from payorders.sandbox.local import verify as verify
 
 CHINA = timezone(timedelta(hours=8))
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 MAX_FEN = 100_000_000 * 100
 """``total_amount`` takes [0.01, 100000000] yuan (alipay.trade.precreate's page)."""
-KEY_BITS = 2048
 
 # Price: "0 or 2 digits after the decimal point" (the English page of alipay.trade.precreate,
 # https://open.alitrip.com/docs/doc.htm?articleId=104628&docType=1&treeId=140), "精确到小数点
@@ -61,49 +61,9 @@ MESSAGES = {
 }
 
 
-# --- keys and signatures ---------------------------------------------------------------------
-
-
-def generate_key_pair() -> tuple[str, str]:
-    """A new RSA 2048 key pair as PEM: ``(private, public)`` (the local stack, the tests)."""
-    key = RSA.generate(KEY_BITS)
-    return key.export_key("PEM").decode(), key.public_key().export_key("PEM").decode()
-
-
-def load_key(text: str, *, private: bool) -> RSA.RsaKey:
-    """An RSA key from PEM, or from the bare base64 that Alipay's console shows.
-
-    Raises:
-        ValueError: not an RSA key, or a public key where a private one is needed.
-    """
-    what = "private" if private else "public"
-    material: str | bytes = text.strip()
-    if isinstance(material, str) and "-----BEGIN" not in material:
-        try:
-            material = base64.b64decode("".join(material.split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(f"not an RSA {what} key (neither PEM nor base64)") from None
-    try:
-        key = RSA.import_key(material)
-    except (ValueError, IndexError, TypeError):
-        raise ValueError(f"not an RSA {what} key") from None
-    if private and not key.has_private():
-        raise ValueError("a public key where the private key is needed")
-    return key if private else key.public_key()
-
-
-def sign(key: RSA.RsaKey, text: str) -> str:
-    """RSA2: SHA256withRSA, PKCS#1 v1.5, base64 without line breaks."""
-    return base64.b64encode(pkcs1_15.new(key).sign(SHA256.new(text.encode()))).decode()
-
-
-def verify(key: RSA.RsaKey, text: str, signature: str) -> bool:
-    try:
-        raw = base64.b64decode(signature, validate=True)
-        pkcs1_15.new(key).verify(SHA256.new(text.encode()), raw)
-    except (binascii.Error, ValueError, TypeError):
-        return False
-    return True
+# --- signatures ------------------------------------------------------------------------------
+# RSA2 is SHA256withRSA, the signature every local gateway shares: its keys and its sign and
+# verify are ``sandbox.local``'s (``load_key``, ``sign``, ``verify`` imported above).
 
 
 def signing_string(params: Mapping[str, str], *, leave_out: frozenset[str]) -> str:
