@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from payorders.core import secrets, store
 from payorders.core.reconcile import ReconcileStore
 from payorders.core.settings import Settings
-from payorders.gateways.factory import GatewayNotConfigured, check_alipay, open_gateway
+from payorders.gateways.factory import GatewayNotConfigured, check_gateway, open_gateway
 from payorders.gateways.port import Gateway
 from payorders.localstack import stackinfo
 
@@ -35,9 +35,9 @@ def settings_or_exit(role: secrets.Role) -> Settings:
         _refuse(role, f"{variable}{where}: {first['msg']}")
     except secrets.SecretRefused as e:
         _refuse(role, str(e))
-    if role in ("api", "worker") and settings.gateway == "alipay":
+    if role in ("api", "worker"):
         try:
-            check_alipay(settings)
+            check_gateway(settings)
         except GatewayNotConfigured as e:
             _refuse(role, str(e))
     return settings

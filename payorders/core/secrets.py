@@ -143,6 +143,33 @@ def _alipay_key(settings: Settings) -> None:
         )
 
 
+def _wechatpay_secrets(settings: Settings) -> None:
+    """WeChat Pay's two secrets: the merchant's private key (signs every request; read and
+    checked as a key when the gateway opens) and the APIv3 key (decrypts callbacks), which
+    must be exactly 32 bytes."""
+    key = settings.wechatpay_private_key
+    if (key is None or not key.get_secret_value().strip()) and not (
+        settings.wechatpay_private_key_file
+    ):
+        raise SecretRefused(
+            "PAYORDERS_WECHATPAY_PRIVATE_KEY is not set (nor PAYORDERS_WECHATPAY_PRIVATE_KEY_FILE):"
+            " the merchant's API private key, PEM"
+        )
+    apiv3 = settings.wechatpay_apiv3_key
+    if apiv3 is None or len(apiv3.get_secret_value().encode()) != 32:
+        raise SecretRefused(
+            "PAYORDERS_WECHATPAY_APIV3_KEY must be the merchant's APIv3 key, 32 bytes"
+        )
+
+
+def _gateway_secret(settings: Settings) -> None:
+    """The secret of the adapter itself, where it has one (Alipay, WeChat Pay)."""
+    if settings.gateway == "alipay":
+        _alipay_key(settings)
+    elif settings.gateway == "wechatpay":
+        _wechatpay_secrets(settings)
+
+
 def require(settings: Settings, role: Role) -> None:
     """Refuse to start ``role`` without the secrets it needs.
 
@@ -162,13 +189,13 @@ def require(settings: Settings, role: Role) -> None:
                 (s.get_secret_value() for s in settings.stripe_webhook_secret),
             )
         else:
-            _alipay_key(settings)
+            _gateway_secret(settings)
     elif role == "gateway":
         _check_all(
             "PAYORDERS_WEBHOOK_SECRETS", (s.get_secret_value() for s in settings.webhook_secrets)
         )
-    if role == "worker" and settings.gateway == "alipay":
-        _alipay_key(settings)
+    if role == "worker":
+        _gateway_secret(settings)
     if role in ("api", "gateway"):
         return
     if settings.order_events_url is not None or role == "orders":

@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     """Deprecated: one token with the ``admin`` scope (use ``api_tokens``). Clients (the
     CLI, the tools) send this one."""
-    gateway: Literal["sandbox", "stripe", "alipay"] = "sandbox"
+    gateway: Literal["sandbox", "stripe", "alipay", "wechatpay"] = "sandbox"
     """Which gateway adapter the worker and the API use."""
     gateway_url: str | None = None
     """The sandbox gateway's HTTP base (required with ``gateway=sandbox``; the local stack
@@ -104,6 +104,33 @@ class Settings(BaseSettings):
     alipay_notify_max_age_s: PositiveInt = 2 * 86400
     """A notification whose ``notify_time`` is older is refused as stale (Alipay retries
     for about 25 h)."""
+    wechatpay_mchid: str | None = None
+    """The merchant's id at WeChat Pay (required with ``gateway=wechatpay``)."""
+    wechatpay_appid: str | None = None
+    """The app id the merchant's trades are made for (required with ``gateway=wechatpay``)."""
+    wechatpay_private_key: SecretStr | None = None
+    """The merchant's API private key (PEM), which signs every request; or ``_file``."""
+    wechatpay_private_key_file: Path | None = None
+    """A file holding ``wechatpay_private_key`` (the PEM), instead of the value itself."""
+    wechatpay_cert_serial_no: str | None = None
+    """The serial number of the merchant's API certificate (hex), named in each request."""
+    wechatpay_apiv3_key: SecretStr | None = None
+    """The merchant's APIv3 key (32 bytes), which decrypts callbacks."""
+    wechatpay_public_key: str | None = None
+    """WeChat Pay's public key (PEM, the "WeChat Pay public key" mode), which verifies every
+    answer and callback; or ``_file``."""
+    wechatpay_public_key_file: Path | None = None
+    """A file holding ``wechatpay_public_key``."""
+    wechatpay_public_key_id: str | None = None
+    """That key's id (``PUB_KEY_ID_...``), which answers and callbacks name."""
+    wechatpay_gateway_url: str = "https://api.mch.weixin.qq.com"
+    """WeChat Pay's API (the local stack points it at its local WeChat Pay)."""
+    wechatpay_notify_url: str | None = None
+    """Where WeChat Pay sends callbacks: this service's public ``/v1/webhooks/wechatpay``
+    (required with ``gateway=wechatpay``)."""
+    wechatpay_callback_tolerance_s: PositiveInt = 300
+    """A callback whose ``Wechatpay-Timestamp`` is further from now is refused as stale (WeChat
+    Pay signs each delivery afresh)."""
     webhook_url: str = "http://127.0.0.1:8000/v1/webhooks/gateway"
     """Where the (sandbox) gateway delivers its webhooks."""
     webhook_secrets: Annotated[list[SecretStr], NoDecode] = []

@@ -36,7 +36,7 @@ from temporalio.client import Client
 from payorders.core import search_attributes as sa
 from payorders.core import secrets
 from payorders.core.settings import Settings
-from payorders.localstack import alipay_keys, stackinfo
+from payorders.localstack import alipay_keys, stackinfo, wechatpay_keys
 from payorders.localstack import postgres as embedded
 from payorders.localstack.binaries import find_binary
 from payorders.localstack.localstripe import LocalStripe, LocalStripeError
@@ -82,11 +82,17 @@ DEV_WORKER_DEFAULTS = {
 }
 
 
-GatewayKind = Literal["sandbox", "stripe", "alipay"]
-GATEWAYS: tuple[GatewayKind, ...] = ("sandbox", "stripe", "alipay")
+GatewayKind = Literal["sandbox", "stripe", "alipay", "wechatpay"]
+GATEWAYS: tuple[GatewayKind, ...] = ("sandbox", "stripe", "alipay", "wechatpay")
+LOCAL_GATEWAYS = ("sandbox", "alipay", "wechatpay")
+"""The gateways of ours the stack runs on its gateway port (Stripe is localstripe behind
+the Stripe wire)."""
 ALIPAY_NOTIFY_SPEEDUP = "600"
 """The local Alipay retries a notification on Alipay's schedule (4 min, 10 min, ... over
 about 25 h), this many times faster: the first retry after 0.4 s."""
+WECHATPAY_NOTIFY_SPEEDUP = "60"
+"""The local WeChat Pay retries a callback on WeChat Pay's schedule (15 s, 15 s, 30 s, 3 min,
+... over about 24 h), this many times faster: the first retry after 0.25 s."""
 
 STRIPE_WEBHOOK_ID = "payorders-dev"
 """localstripe's id for the stack's webhook endpoint (registering it again replaces it)."""
@@ -106,7 +112,13 @@ _SECRET_PREFIXES = {
     "PAYORDERS_STRIPE_API_KEY": "sk_test_",
     "PAYORDERS_STRIPE_WEBHOOK_SECRET": "whsec_",
 }
-SECRET_VARIABLES = (*_SECRET_PREFIXES, "PAYORDERS_API_TOKENS")
+SECRET_VARIABLES = (
+    *_SECRET_PREFIXES,
+    "PAYORDERS_API_TOKENS",
+    "PAYORDERS_ALIPAY_PRIVATE_KEY",
+    "PAYORDERS_WECHATPAY_PRIVATE_KEY",
+    "PAYORDERS_WECHATPAY_APIV3_KEY",
+)
 """Never inherited by a child from the environment: the stack gives each its own."""
 ORDER_SERVICE_PREFIX = "order service | "
 """How the order service's output reads on the stack's console."""
@@ -452,6 +464,29 @@ class DevStack:
                     "PAYORDERS_LOCAL_ALIPAY_NOTIFY_SPEEDUP": ALIPAY_NOTIFY_SPEEDUP,
                 },
             )
+        if self.gateway == "wechatpay":
+            wx = wechatpay_keys.material(self.data_dir)
+            return Child(
+                "gateway",
+                [
+                    *uvicorn,
+                    "--port",
+                    str(self.options.gateway_port),
+                    *quiet,
+                    "payorders.sandbox.wechatpay:app",
+                ],
+                f"{self.gateway_url}/healthz",
+                env={
+                    "PAYORDERS_LOCAL_WECHATPAY_MCHID": wechatpay_keys.MCHID,
+                    "PAYORDERS_LOCAL_WECHATPAY_APPID": wechatpay_keys.APPID,
+                    "PAYORDERS_LOCAL_WECHATPAY_MERCHANT_PUBLIC_KEY": wx.merchant_public.read_text(),
+                    "PAYORDERS_LOCAL_WECHATPAY_MERCHANT_SERIAL_NO": wx.merchant_serial_no,
+                    "PAYORDERS_LOCAL_WECHATPAY_APIV3_KEY": wx.apiv3_key,
+                    "PAYORDERS_LOCAL_WECHATPAY_PRIVATE_KEY": wx.wechatpay_private.read_text(),
+                    "PAYORDERS_LOCAL_WECHATPAY_PUBLIC_KEY_ID": wx.public_key_id,
+                    "PAYORDERS_LOCAL_WECHATPAY_NOTIFY_SPEEDUP": WECHATPAY_NOTIFY_SPEEDUP,
+                },
+            )
         if self.gateway == "sandbox":
             return Child(
                 "gateway",
@@ -530,7 +565,7 @@ class DevStack:
         _check_port_free(self.options.ip, self.options.temporal_port, "temporal")
         _check_port_free(self.options.ip, self.options.ui_port, "ui")
         _check_port_free(self.options.ip, self.options.api_port, "api")
-        if self.gateway in ("sandbox", "alipay"):
+        if self.gateway in LOCAL_GATEWAYS:
             _check_port_free(self.options.ip, self.options.gateway_port, "gateway")
         else:
             # localstripe's own port was found free beside it (or anywhere) a moment ago.
@@ -617,9 +652,11 @@ class DevStack:
 
     def _child_label(self, child: Child) -> str:
         if child.name == "gateway":
-            return {"stripe": "Stripe wire (fault proxy)", "alipay": "local Alipay"}.get(
-                self.gateway, "sandbox gateway"
-            )
+            return {
+                "stripe": "Stripe wire (fault proxy)",
+                "alipay": "local Alipay",
+                "wechatpay": "local WeChat Pay",
+            }.get(self.gateway, "sandbox gateway")
         if child.name == "orders":
             return "order service"
         return child.name
@@ -721,6 +758,9 @@ class DevStack:
         if self.gateway == "stripe":
             for k in ("PAYORDERS_STRIPE_API_KEY", "PAYORDERS_STRIPE_WEBHOOK_SECRET"):
                 out[k] = self.secrets[k]
+        if self.gateway == "wechatpay":
+            # The merchant's APIv3 key, made with the stack's WeChat Pay keys.
+            out["PAYORDERS_WECHATPAY_APIV3_KEY"] = wechatpay_keys.material(self.data_dir).apiv3_key
         return out
 
     def client_variables(self) -> dict[str, str]:
@@ -751,6 +791,19 @@ class DevStack:
                 "PAYORDERS_ALIPAY_PUBLIC_KEY_FILE": str(keys.alipay_public),
                 "PAYORDERS_ALIPAY_GATEWAY_URL": f"{self.gateway_url}/gateway.do",
                 "PAYORDERS_ALIPAY_NOTIFY_URL": f"{self.api_url}/v1/webhooks/alipay",
+            }
+        if self.gateway == "wechatpay":
+            wx = wechatpay_keys.material(self.data_dir)
+            return {
+                "PAYORDERS_GATEWAY": "wechatpay",
+                "PAYORDERS_WECHATPAY_MCHID": wechatpay_keys.MCHID,
+                "PAYORDERS_WECHATPAY_APPID": wechatpay_keys.APPID,
+                "PAYORDERS_WECHATPAY_PRIVATE_KEY_FILE": str(wx.merchant_private),
+                "PAYORDERS_WECHATPAY_CERT_SERIAL_NO": wx.merchant_serial_no,
+                "PAYORDERS_WECHATPAY_PUBLIC_KEY_FILE": str(wx.wechatpay_public),
+                "PAYORDERS_WECHATPAY_PUBLIC_KEY_ID": wx.public_key_id,
+                "PAYORDERS_WECHATPAY_GATEWAY_URL": self.gateway_url,
+                "PAYORDERS_WECHATPAY_NOTIFY_URL": f"{self.api_url}/v1/webhooks/wechatpay",
             }
         assert self.stripe_url is not None
         return {"PAYORDERS_GATEWAY": "stripe", "PAYORDERS_STRIPE_API_BASE": self.stripe_url}
@@ -1038,6 +1091,11 @@ class DevStack:
                     f"{self.gateway_url}/gateway.do  (faults API: {self.gateway_url})",
                 ),
                 ("Alipay notifications", f"{self.api_url}/v1/webhooks/alipay"),
+            ]
+        if self.gateway == "wechatpay":
+            return [
+                ("local WeChat Pay", f"{self.gateway_url}/v3  (faults API: {self.gateway_url})"),
+                ("WeChat Pay callbacks", f"{self.api_url}/v1/webhooks/wechatpay"),
             ]
         assert self.stripe_url is not None and self.localstripe_url is not None
         return [

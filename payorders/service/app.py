@@ -9,8 +9,8 @@ its router (``endpoints``) and what it takes and answers (``schemas``):
 - ``operator_refunds``: ``POST /v1/operator-refunds``: ``refund``;
   ``GET /v1/operator-refunds/{txn_id}``: ``read`` or ``refund`` (an operator refunds money
   captured for a pay order we never had).
-- ``webhooks``: ``POST /v1/webhooks/gateway``, ``/v1/webhooks/stripe`` and
-  ``/v1/webhooks/alipay``,
+- ``webhooks``: ``POST /v1/webhooks/gateway``, ``/v1/webhooks/stripe``,
+  ``/v1/webhooks/alipay`` and ``/v1/webhooks/wechatpay``,
   authenticated by their signature instead. Each answers 2xx only once Temporal has
   accepted the payment, 4xx for what must never be retried, and 503 while Temporal (or the
   gateway, to verify against) cannot be reached.
@@ -90,6 +90,7 @@ SIGNED_ROUTES = (
     webhooks.WEBHOOK_ROUTE,
     webhooks.STRIPE_WEBHOOK_ROUTE,
     webhooks.ALIPAY_WEBHOOK_ROUTE,
+    webhooks.WECHATPAY_WEBHOOK_ROUTE,
 )
 
 

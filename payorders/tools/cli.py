@@ -218,7 +218,7 @@ def _timestamp(text: str) -> datetime:
 # --- connections -------------------------------------------------------------------------
 
 
-GATEWAYS = ("sandbox", "stripe", "alipay")
+GATEWAYS = ("sandbox", "stripe", "alipay", "wechatpay")
 
 
 @dataclass
@@ -921,8 +921,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--gateway",
         choices=GATEWAYS,
         default="sandbox",
-        help="the gateway: the sandbox's, localstripe behind the Stripe wire, or the local"
-        " Alipay (default sandbox)",
+        help="the gateway: the sandbox's, localstripe behind the Stripe wire, the local"
+        " Alipay or the local WeChat Pay (default sandbox)",
     )
     c.add_argument("--gateway-port", type=_count, default=8001, help="sandbox gateway port")
     c.add_argument(

@@ -23,7 +23,7 @@ from stripe.params import PaymentIntentUpdateParams
 
 from payorders.core import domain
 from payorders.core.settings import Settings
-from payorders.gateways import alipay
+from payorders.gateways import alipay, wechatpay
 from payorders.gateways.http_sandbox import POOL_LIMITS
 from payorders.gateways.stripe import PAY_ORDER_KEY, REFUND_KEY
 from payorders.localstack.localstripe import money_by_pay_order
@@ -61,6 +61,7 @@ def _raise_for(resp: httpx.Response) -> None:
 # and DELETE, an operator refund by its txn_id, a merchant refund by its refund_no. A
 # timeout is not retried: the caller chose how long to wait.
 LOCAL_ALIPAY_SCHEMA = "alipay_gateway"
+LOCAL_WECHATPAY_SCHEMA = "wechatpay_gateway"
 """Where the local Alipay keeps its ledger (``payorders.sandbox.alipay``)."""
 RESEND_ATTEMPTS = 3
 RESEND_ON = (httpx.NetworkError, httpx.RemoteProtocolError)
@@ -305,8 +306,8 @@ async def _sleep_until(when: datetime | None) -> None:
 
 
 def currency_of(settings: Settings) -> str:
-    """The currency the tools' pay orders are in: Alipay takes CNY only."""
-    return "CNY" if settings.gateway == "alipay" else "USD"
+    """The currency the tools' pay orders are in: Alipay and WeChat Pay take CNY only."""
+    return "CNY" if settings.gateway in ("alipay", "wechatpay") else "USD"
 
 
 def gateway_client(
@@ -322,6 +323,8 @@ def gateway_client(
     """
     if settings.gateway == "stripe":
         return StripeToolClient(settings, service)
+    if settings.gateway == "wechatpay":
+        return LocalWechatPayClient(settings, pool=pool)
     if settings.gateway == "alipay":
         # The local Alipay keeps its money in a ledger of the sandbox's shape, in a schema
         # of its own, and serves the same payments, ledger and faults API.
@@ -380,6 +383,19 @@ class SandboxClient(_FaultsApi):
     def _ours(self, at_gateway: str) -> str:
         """``_at_gateway`` read back."""
         return at_gateway
+
+    # A fault's scope is the trade's name at the gateway (or ``*``).
+    async def faults(self) -> list[dict[str, Any]]:
+        return [
+            {**f, "scope": self._ours(f["scope"])} if f.get("scope") != "*" else f
+            for f in await super().faults()
+        ]
+
+    async def set_faults(self, scope: str, **faults: Any) -> None:
+        await super().set_faults(scope if scope == "*" else self._at_gateway(scope), **faults)
+
+    async def clear_faults(self, scope: str | None = None) -> None:
+        await super().clear_faults(None if scope is None else self._at_gateway(scope))
 
     def _named_ours(self, doc: dict[str, Any]) -> dict[str, Any]:
         if isinstance(doc.get("pay_order_no"), str):
@@ -486,18 +502,27 @@ class LocalAlipayClient(SandboxClient):
     def _ours(self, at_gateway: str) -> str:
         return alipay.pay_order_no_of(at_gateway) or at_gateway
 
-    # A fault's scope is the trade's name at the gateway (or ``*``).
-    async def faults(self) -> list[dict[str, Any]]:
-        return [
-            {**f, "scope": self._ours(f["scope"])} if f.get("scope") != "*" else f
-            for f in await super().faults()
-        ]
 
-    async def set_faults(self, scope: str, **faults: Any) -> None:
-        await super().set_faults(scope if scope == "*" else self._at_gateway(scope), **faults)
+class LocalWechatPayClient(SandboxClient):
+    """The local WeChat Pay: a ledger of the sandbox's shape in a schema of its own, the
+    same payments, ledger and faults API, its orders named by ``out_trade_no`` (the pay
+    order number where it fits WeChat Pay's 32 characters, a digest of it otherwise)."""
 
-    async def clear_faults(self, scope: str | None = None) -> None:
-        await super().clear_faults(None if scope is None else self._at_gateway(scope))
+    takes_payments_after_expiry = False
+
+    def __init__(self, settings: Settings, *, pool: asyncpg.Pool | None = None) -> None:
+        super().__init__(
+            settings, pool=pool, schema=LOCAL_WECHATPAY_SCHEMA, label="local WeChat Pay"
+        )
+        self._named: dict[str, str] = {}
+
+    def _at_gateway(self, pay_order_no: str) -> str:
+        name = wechatpay.out_trade_no_of(pay_order_no)
+        self._named[name] = pay_order_no  # a digest reads back only from what we asked
+        return name
+
+    def _ours(self, at_gateway: str) -> str:
+        return self._named.get(at_gateway, at_gateway)
 
 
 # --- Stripe -------------------------------------------------------------------------------

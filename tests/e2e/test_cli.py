@@ -289,7 +289,7 @@ def test_an_unknown_gateway_is_refused_naming_the_choices(
 ) -> None:
     assert refusal([command, "--gateway", "paypal"], capsys) == (
         f"payorders {command}: error: argument --gateway: invalid choice: 'paypal'"
-        " (choose from 'sandbox', 'stripe', 'alipay')"
+        " (choose from 'sandbox', 'stripe', 'alipay', 'wechatpay')"
     )
 
 

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from payorders.core import domain
 from payorders.core.tokens import Caller, Scope
-from payorders.gateways import alipay
+from payorders.gateways import alipay, wechatpay
 from payorders.pay_orders import CancelPending, CheckoutPending, PayOrderConflict, UnknownPayOrder
 from payorders.service.auth import ScopedRoute, requires
 from payorders.service.deps import DepsDep, call_temporal, require_json
@@ -56,9 +56,8 @@ async def create_pay_order(body: CreatePayOrderRequest, deps: DepsDep) -> JSONRe
     order is a 409."""
     expires_in = None if body.expires_in_s is None else timedelta(seconds=body.expires_in_s)
     now = datetime.now(UTC)
-    if deps.settings.gateway == "alipay" and (
-        why := alipay.refusal(domain.pay_order_no_for(body.order_no), body.currency)
-    ):
+    refusal = {"alipay": alipay.refusal, "wechatpay": wechatpay.refusal}.get(deps.settings.gateway)
+    if refusal and (why := refusal(domain.pay_order_no_for(body.order_no), body.currency)):
         raise ApiError(422, "invalid_request", why)
     try:
         # Judged here, so that the messages use this API's field names.

@@ -19,6 +19,7 @@ log = logging.getLogger("payorders.pay_orders")
 # names a mismatch is reported under.
 SANDBOX_FIELDS = ("data.pay_order_no", "data.amount", "data.currency")
 ALIPAY_FIELDS = ("out_trade_no", "total_amount", "total_amount")
+WECHATPAY_FIELDS = ("resource.out_trade_no", "resource.amount.total", "resource.amount.currency")
 STRIPE_FIELDS = (
     "data.object.metadata.pay_order_no",
     "data.object.amount_received",

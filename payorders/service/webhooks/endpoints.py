@@ -1,6 +1,6 @@
 """``POST /v1/webhooks/gateway`` (the sandbox gateway's protocol),
-``POST /v1/webhooks/stripe`` and ``POST /v1/webhooks/alipay``: the gateways' payment
-notifications, authenticated by their
+``POST /v1/webhooks/stripe``, ``POST /v1/webhooks/alipay`` and
+``POST /v1/webhooks/wechatpay``: the gateways' payment notifications, authenticated by their
 signature instead of a bearer token. Each answers 2xx only once Temporal has accepted the
 payment, 4xx for what must never be retried, and 503 while Temporal (or the gateway, to
 verify against) cannot be reached."""
@@ -11,17 +11,19 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import PlainTextResponse
 
 from payorders.gateways.alipay import AlipayGateway
-from payorders.service import alipay_webhook, stripe_webhook, webhook
+from payorders.gateways.wechatpay import WechatPayGateway
+from payorders.service import alipay_webhook, stripe_webhook, webhook, wechatpay_webhook
 from payorders.service import metrics as api_metrics
-from payorders.service.deps import DepsDep, require_json
+from payorders.service.deps import Deps, DepsDep, require_json
 from payorders.service.errors import ApiError
 from payorders.service.webhooks.accept import (
     ALIPAY_FIELDS,
     STRIPE_FIELDS,
+    WECHATPAY_FIELDS,
     accept_payment,
     accept_refund,
     accepted,
@@ -33,6 +35,7 @@ log = logging.getLogger("payorders.pay_orders")
 WEBHOOK_ROUTE = "/v1/webhooks/gateway"
 STRIPE_WEBHOOK_ROUTE = "/v1/webhooks/stripe"
 ALIPAY_WEBHOOK_ROUTE = "/v1/webhooks/alipay"
+WECHATPAY_WEBHOOK_ROUTE = "/v1/webhooks/wechatpay"
 
 # No scopes: a plain router (auth.ScopedRoute is for routes that need a token).
 router = APIRouter()
@@ -156,16 +159,63 @@ async def alipay_webhook_route(request: Request, deps: DepsDep) -> PlainTextResp
     elif isinstance(event, webhook.RefundNotice):
         await accept_refund(deps, event)
     else:
-        order = await deps.store.get_pay_order(event.pay_order_no)
-        if order is not None and (order.amount, order.currency.strip()) != (
-            event.amount,
-            event.currency,
-        ):
-            # Alipay takes exactly the trade's total_amount: a signed notification saying
-            # otherwise is no payment of this pay order's trade.
-            log.error("alipay notification %s: total_amount differs", event.event_id)
-            raise ApiError(
-                422, "mismatch", "total_amount: the notification must match the pay order"
-            )
+        await _check_amount(deps, event, "total_amount")
         await accept_payment(deps, event, ALIPAY_FIELDS)
     return PlainTextResponse("success")
+
+
+async def _check_amount(deps: Deps, event: webhook.PaymentEvent, field: str) -> None:
+    """Alipay and WeChat Pay take exactly the trade's own amount: a signed notification
+    saying otherwise is no payment of this pay order's trade (422, never retried into a
+    payment)."""
+    order = await deps.store.get_pay_order(event.pay_order_no)
+    if order is not None and (order.amount, order.currency.strip()) != (
+        event.amount,
+        event.currency,
+    ):
+        log.error("%s: %s differs from the pay order's", event.event_id, field)
+        raise ApiError(422, "mismatch", f"{field}: the notification must match the pay order")
+
+
+@router.post(
+    WECHATPAY_WEBHOOK_ROUTE,
+    status_code=204,
+    response_class=Response,
+    openapi_extra=_signed_body("Wechatpay-Signature"),
+    responses={
+        204: {"description": "accepted: WeChat Pay stops sending it"},
+        401: {"description": "unsigned, signed by another key, or stale"},
+        503: {"description": "retry later"},
+    },
+)
+async def wechatpay_webhook_route(request: Request, deps: DepsDep) -> Response:
+    """WeChat Pay's callbacks (API v3): the ``Wechatpay-*`` headers verified and the
+    resource decrypted by the SDK, the timestamp within
+    ``PAYORDERS_WECHATPAY_CALLBACK_TOLERANCE_S``, the merchant, app and pay order ours,
+    deduplicated by the notification's ``id``, then the same path as every gateway's
+    payment. 204 only once accepted; any other answer makes WeChat Pay send it again."""
+    gateway = deps.gateway
+    if deps.settings.gateway != "wechatpay" or not isinstance(gateway, WechatPayGateway):
+        raise ApiError(404, "not_found", "this service does not use the WeChat Pay gateway")
+    try:
+        event = wechatpay_webhook.read_callback(
+            request.headers,
+            await request.body(),
+            read=gateway.read_callback,
+            mchid=gateway.mchid,
+            appid=gateway.appid,
+            now=datetime.now(UTC),
+            tolerance_s=deps.settings.wechatpay_callback_tolerance_s,
+        )
+    except webhook.WebhookRejected as e:
+        log.warning("wechatpay callback rejected: %s", e.reason)
+        api_metrics.note_webhook_reason(request.scope, api_metrics.webhook_check_reason(e))
+        raise ApiError(e.status, "webhook_rejected", e.reason) from None
+    if isinstance(event, wechatpay_webhook.IgnoredCallback):
+        log.info("wechatpay callback %s ignored", event.event_id)
+    elif isinstance(event, webhook.RefundNotice):
+        await accept_refund(deps, event)
+    else:
+        await _check_amount(deps, event, "amount.total")
+        await accept_payment(deps, event, WECHATPAY_FIELDS)
+    return Response(status_code=204)
