@@ -29,8 +29,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Annotated, Any, NoReturn, Protocol, TypeVar
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Generic, NoReturn, Protocol, Self, TypeVar
 
 import asyncpg
 import httpx
@@ -46,10 +46,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from payorders.core import domain, store
 from payorders.core.domain import RefundStatus
+from payorders.core.store import Conn
 from payorders.gateways.http_sandbox import POOL_LIMITS
 from payorders.gateways.port import PROCESSING_HEADER, Capture, GatewayRefund, GatewayUnavailable
-from payorders.localstack.faults import FaultsPatch
-from payorders.sandbox.ledger import NotAcknowledged, SandboxGateway, SandboxRefund
+from payorders.localstack.faults import Faults, FaultsPatch
+from payorders.sandbox.ledger import (
+    NotAcknowledged,
+    SandboxGateway,
+    SandboxRefund,
+    WebhookBodies,
+)
 from payorders.service.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -384,6 +390,232 @@ class PaymentRefused(Exception):
     """The buyer's payment (or scan) is refused: the reason, as a 409 says it."""
 
 
+class LocalTrade(Protocol):
+    """What the frame reads of a local vendor's trade (the vendor's own dataclass)."""
+
+    @property
+    def out_trade_no(self) -> str: ...
+
+    @property
+    def pay_key(self) -> str | None:
+        """The ``txn_id`` of the buyer's payment that paid it (``None``: unpaid, or paid by
+        the ``paid_on_close_amount`` fault)."""
+
+    @property
+    def paid_at(self) -> datetime | None: ...
+
+    def expired(self, now: datetime) -> bool:
+        """Whether ``now`` is past the trade's ``time_expire`` (at the vendor's precision)."""
+
+
+TradeT = TypeVar("TradeT", bound=LocalTrade)
+
+
+class LocalTradeBook(Generic[TradeT]):
+    """A local vendor's trades (one table in the gateway's schema) beside the sandbox's ledger
+    (``self.ledger``), and what every vendor here does alike with them: the buyer's payment
+    and scan, a trade found by its transaction id or ``out_trade_no``, the
+    ``paid_on_close_amount`` fault's race.
+
+    A vendor's book names its table, its rows' ``SELECT`` and its transaction id's column,
+    and brings the rest as hooks: its trade from a row, a trade's total, transaction id and
+    closed state, how a trade is marked paid, what a scan shows, the buyer's refusals in its
+    own words.
+    """
+
+    vendor: ClassVar[str]
+    """Its name in the buyer's refusals ("… takes CNY only")."""
+    table: ClassVar[str]
+    """Its trades' table in the gateway's schema."""
+    select: ClassVar[str]
+    """``SELECT … FROM {s}.<table> t``: one trade row (``{s}``: the schema)."""
+    txn_column: ClassVar[str]
+    """The column of the vendor's transaction id (the ledger's ``txn_id``)."""
+    lock_id: ClassVar[int]
+    """The advisory lock its ``ddl`` is installed under."""
+    ddl: ClassVar[str]
+    """Its tables (``{s}``: the schema)."""
+    currency: ClassVar[str] = "CNY"
+    """What it takes; nothing else."""
+
+    no_trade: ClassVar[str]
+    """The refusal of a payment or scan of no trade (``{no}``: its ``out_trade_no``)."""
+    one_payment: ClassVar[str]
+    """The refusal of a second payment (``{no}``)."""
+    not_the_total: ClassVar[str]
+    """The refusal of another amount (``{amount}``, ``{total}``)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        schema: str,
+        server_timeout_s: float,
+        withhold_answer_s: float,
+        bodies: WebhookBodies,
+    ) -> None:
+        self._pool = pool
+        self._s = schema
+        self.ledger = SandboxGateway(
+            pool,
+            schema=schema,
+            server_timeout_s=server_timeout_s,
+            withhold_answer_s=withhold_answer_s,
+            bodies=bodies,
+        )
+
+    async def install(self) -> None:
+        await self.ledger.install()
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", self.lock_id)
+            await conn.execute(self.ddl.format(s=self._s))
+
+    async def tick(self) -> None:
+        """Work of the vendor's own, before each delivery round (due state changes)."""
+        return None
+
+    # --- the hooks ---------------------------------------------------------------------------
+
+    def _trade(self, rec: asyncpg.Record) -> TradeT:
+        raise NotImplementedError
+
+    def _total(self, trade: TradeT) -> int:
+        """What the trade is to be paid: exactly this."""
+        raise NotImplementedError
+
+    def _txn_id(self, trade: TradeT) -> str | None:
+        raise NotImplementedError
+
+    def _closed(self, trade: TradeT) -> bool:
+        raise NotImplementedError
+
+    def _expired_refusal(self, trade: TradeT) -> str:
+        """The refusal of a payment or scan past ``time_expire``."""
+        raise NotImplementedError
+
+    async def _mark_paid(self, conn: Conn, trade: TradeT, *, pay_key: str | None) -> str:
+        """The locked trade paid (``pay_key`` kept with it): its transaction id."""
+        raise NotImplementedError
+
+    async def _shown(self, conn: Conn, trade: TradeT) -> dict[str, Any]:
+        """What the buyer's scan of a payable (locked) trade does and answers."""
+        raise NotImplementedError
+
+    # --- the buyer's side --------------------------------------------------------------------
+
+    async def scan(self, out_trade_no: str) -> dict[str, Any]:
+        """The buyer scans the QR code without paying yet.
+
+        Raises:
+            PaymentRefused: no such trade, paid, closed, or past its ``time_expire``.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            trade = await self._payable(conn, out_trade_no)
+            return await self._shown(conn, trade)
+
+    async def pay(
+        self, *, out_trade_no: str, amount: int, currency: str, pay_key: str | None
+    ) -> Capture:
+        """The buyer pays: the trade is paid, the ledger holds the capture (``txn_id`` = the
+        vendor's transaction id) and the notification is queued. One payment per trade, of
+        exactly its total in ``currency``, until ``time_expire`` (a payment at that very
+        second is taken). ``pay_key`` (the caller's ``txn_id``) makes a resent payment
+        answer the same capture.
+
+        Raises:
+            PaymentRefused: why not.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            trade = await self._find(conn, out_trade_no=out_trade_no, lock=True)
+            if pay_key is not None and trade is not None and trade.pay_key == pay_key:
+                # The same payment resent (its txn_id is ours to match): the same capture.
+                if (amount, currency) != (self._total(trade), self.currency):
+                    raise PaymentRefused(f"txn {pay_key} exists with other facts")
+                txn_id = self._txn_id(trade)
+                assert txn_id is not None
+                cap = await self.ledger.query_capture(txn_id)
+                assert cap is not None
+                return cap
+            if pay_key is not None and await conn.fetchval(
+                f"SELECT 1 FROM {self._s}.{self.table} WHERE pay_key = $1", pay_key
+            ):
+                raise PaymentRefused(f"txn {pay_key} exists with other facts")
+            trade = await self._payable(conn, out_trade_no)
+            if currency != self.currency:
+                raise PaymentRefused(f"{self.vendor} takes {self.currency} only, not {currency}")
+            if amount != self._total(trade):
+                raise PaymentRefused(
+                    self.not_the_total.format(amount=amount, total=self._total(trade))
+                )
+            capture = await self._pay_locked(conn, trade, pay_key=pay_key)
+        self.ledger.wake_delivery()
+        return capture
+
+    async def _payable(self, conn: Conn, out_trade_no: str) -> TradeT:
+        trade = await self._find(conn, out_trade_no=out_trade_no, lock=True)
+        if trade is None:
+            raise PaymentRefused(self.no_trade.format(no=out_trade_no))
+        if trade.paid_at is not None:
+            raise PaymentRefused(self.one_payment.format(no=out_trade_no))
+        if self._closed(trade):
+            raise PaymentRefused(f"{out_trade_no} is closed")
+        if trade.expired(datetime.now(UTC)):
+            raise PaymentRefused(self._expired_refusal(trade))
+        return trade
+
+    async def _pay_locked(self, conn: Conn, trade: TradeT, *, pay_key: str | None) -> Capture:
+        txn_id = await self._mark_paid(conn, trade, pay_key=pay_key)
+        capture, _ = await self.ledger.capture_in(
+            conn,
+            pay_order_no=trade.out_trade_no,
+            amount=self._total(trade),
+            currency=self.currency,
+            txn_id=txn_id,
+            notify=True,
+        )
+        return capture
+
+    async def _paid_on_close(self, conn: Conn, trade: TradeT, faults: Faults) -> TradeT:
+        """The ``paid_on_close_amount`` fault on a close of the locked ``trade``: the buyer
+        pays an open trade at the very instant of the close, which then finds it paid (the
+        vendor takes only the trade's own total, so the fault's amount and currency only arm
+        it). The trade as the close goes on with it."""
+        if trade.paid_at is not None or self._closed(trade) or not faults.paid_on_close_amount:
+            return trade
+        await self._pay_locked(conn, trade, pay_key=None)
+        paid = await self._find(conn, out_trade_no=trade.out_trade_no)
+        assert paid is not None
+        return paid
+
+    # --- reads -------------------------------------------------------------------------------
+
+    async def _named(self, *, txn_id: str | None, out_trade_no: str | None) -> TradeT | None:
+        """The trade a request names: by its transaction id when given, else by
+        ``out_trade_no``."""
+        async with self._pool.acquire() as conn:
+            return await self._find(conn, out_trade_no=out_trade_no, txn_id=txn_id)
+
+    async def _find(
+        self,
+        conn: Conn,
+        *,
+        out_trade_no: str | None = None,
+        txn_id: str | None = None,
+        lock: bool = False,
+    ) -> TradeT | None:
+        """By ``txn_id`` when given, else by ``out_trade_no``; ``lock``: the row locked for
+        the caller's transaction."""
+        column, value = (
+            (self.txn_column, txn_id) if txn_id is not None else ("out_trade_no", out_trade_no)
+        )
+        if lock:
+            await conn.execute(
+                f"SELECT 1 FROM {self._s}.{self.table} WHERE {column} = $1 FOR UPDATE", value
+            )
+        rec = await conn.fetchrow(self.select.format(s=self._s) + f" WHERE t.{column} = $1", value)
+        return None if rec is None else self._trade(rec)
+
+
 @dataclass(frozen=True)
 class NotificationSchedule:
     """A vendor's waits between notifications of one event until one is acknowledged,
@@ -405,6 +637,44 @@ class NotificationSchedule:
         """The wait after failed notification number ``attempt`` (1 for the first)."""
         wait_s = self.waits_s[min(attempt, len(self.waits_s)) - 1]
         return wait_s * 1000 / self.speedup
+
+
+BookT = TypeVar("BookT", bound=LocalTradeBook[Any])
+
+
+class LocalServer(Generic[BookT]):
+    """What a local vendor's routes share (``of``), and the frame's ``LocalGateway`` over its
+    trade book (``trades``): the book's ledger, scan, payment and own rounds, on the vendor's
+    notification ``schedule``. A vendor's server adds how its notifications are sent
+    (``render``) and acknowledged (``refusal``)."""
+
+    def __init__(self, trades: BookT, schedule: NotificationSchedule) -> None:
+        self.trades = trades
+        self.schedule = schedule
+
+    @classmethod
+    def of(cls, request: Request) -> Self:
+        """The server of the app serving ``request``."""
+        server = request.app.state.local
+        assert isinstance(server, cls)
+        return server
+
+    @property
+    def ledger(self) -> SandboxGateway:
+        return self.trades.ledger
+
+    async def tick(self) -> None:
+        await self.trades.tick()
+
+    async def pay(
+        self, *, out_trade_no: str, amount: int, currency: str, pay_key: str | None
+    ) -> Capture:
+        return await self.trades.pay(
+            out_trade_no=out_trade_no, amount=amount, currency=currency, pay_key=pay_key
+        )
+
+    async def scan(self, out_trade_no: str) -> dict[str, Any]:
+        return await self.trades.scan(out_trade_no)
 
 
 class LocalGateway(Protocol):
@@ -454,22 +724,26 @@ def local_gateway_app(
     title: str,
     database_url: str,
     db_pool_max: int,
-    open_gateway: Callable[[asyncpg.Pool], Awaitable[LocalGateway]],
+    open_book: Callable[[asyncpg.Pool], BookT],
+    serve: Callable[[BookT], LocalGateway],
     vendor_router: APIRouter,
     max_trade_no_len: int,
 ) -> FastAPI:
     """A local vendor gateway's ASGI app; it connects to PostgreSQL when it starts serving.
 
-    ``open_gateway(pool)`` makes the gateway (its schema installed); the app serves
-    ``vendor_router``, the buyer's side (``out_trade_no`` of at most ``max_trade_no_len``
-    characters), the control routes, and delivers the notifications until it stops.
+    ``open_book(pool)`` makes the trade book (the frame installs its schema), ``serve(book)``
+    the gateway over it; the app serves ``vendor_router``, the buyer's side (``out_trade_no``
+    of at most ``max_trade_no_len`` characters), the control routes, and delivers the
+    notifications until it stops.
     """
 
     @asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
         pool = await store.create_pool(database_url, min_size=1, max_size=db_pool_max)
         try:
-            gateway = await open_gateway(pool)
+            book = open_book(pool)
+            await book.install()
+            gateway = serve(book)
             api.state.sandbox = gateway.ledger  # the control routes' ledger
             api.state.local = gateway
             async with (
@@ -589,6 +863,15 @@ def key_env(label: str, values: dict[str, str], name: str, *, private: bool) -> 
         load_key(values[name], private=private)
     except ValueError as e:
         refuse_to_start(label, f"{name}: {e}")
+
+
+def vendor_env(label: str, *names: str, public_key: str, private_key: str) -> dict[str, str]:
+    """A local vendor's variables, each set and not blank, ``public_key`` and ``private_key``
+    among them RSA keys of those kinds (``refuse_to_start`` otherwise)."""
+    values = required_env(label, *names)
+    key_env(label, values, public_key, private=False)
+    key_env(label, values, private_key, private=True)
+    return values
 
 
 def number_env(label: str, name: str, default: str, *, positive: bool) -> float:

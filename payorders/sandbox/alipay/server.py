@@ -24,13 +24,12 @@ from Cryptodome.PublicKey import RSA
 from fastapi import APIRouter, FastAPI, Request, Response
 
 from payorders import logs
-from payorders.gateways.port import Capture, GatewayUnavailable
+from payorders.gateways.port import GatewayUnavailable
 from payorders.sandbox import local
 from payorders.sandbox.alipay import wire
 from payorders.sandbox.alipay.trades import AlipayTrades
 from payorders.sandbox.alipay.wire import AlipayError
-from payorders.sandbox.ledger import SandboxGateway
-from payorders.sandbox.local import NotificationSchedule, unless_client_leaves
+from payorders.sandbox.local import LocalServer, NotificationSchedule, unless_client_leaves
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +79,13 @@ class LocalAlipayConfig:
     db_pool_max: int = 10
 
 
-class _Server:
+class _Server(LocalServer[AlipayTrades]):
     """What the routes share: the trades, the keys and the configuration; the frame's
     ``LocalGateway`` (``sandbox.local``)."""
 
     def __init__(self, config: LocalAlipayConfig, trades: AlipayTrades) -> None:
+        super().__init__(trades, NotificationSchedule(RETRY_SCHEDULE_S, config.notify_speedup))
         self.config = config
-        self.trades = trades
-        self.schedule = NotificationSchedule(RETRY_SCHEDULE_S, config.notify_speedup)
         self.app_key = wire.load_key(config.app_public_key_pem, private=False)
         self.key = wire.load_key(config.private_key_pem, private=True)
         self._methods: dict[str, Callable[[dict[str, Any], str | None], Awaitable[Any]]] = {
@@ -169,10 +167,6 @@ class _Server:
 
     # --- the frame's LocalGateway ------------------------------------------------------------
 
-    @property
-    def ledger(self) -> SandboxGateway:
-        return self.trades.ledger
-
     def render(self, stored: bytes) -> tuple[str, dict[str, str], bytes]:
         """A stored notification as this attempt sends it: ``notify_time`` now, signed."""
         doc = json.loads(stored)
@@ -184,25 +178,6 @@ class _Server:
         if answer.content == ACKNOWLEDGEMENT:
             return None
         return f"HTTP {answer.status_code} {answer.content[:40]!r}, not the literal 'success'"
-
-    async def tick(self) -> None:
-        return None
-
-    async def pay(
-        self, *, out_trade_no: str, amount: int, currency: str, pay_key: str | None
-    ) -> Capture:
-        return await self.trades.pay(
-            out_trade_no=out_trade_no, amount=amount, currency=currency, pay_key=pay_key
-        )
-
-    async def scan(self, out_trade_no: str) -> dict[str, Any]:
-        """The trade exists from the scan on (``WAIT_BUYER_PAY``)."""
-        trade = await self.trades.scan(out_trade_no)
-        return {
-            "out_trade_no": trade.out_trade_no,
-            "trade_no": trade.trade_no,
-            "status": trade.status,
-        }
 
 
 def _biz_content(params: dict[str, str]) -> dict[str, Any]:
@@ -232,8 +207,8 @@ def create_local_alipay_app(config: LocalAlipayConfig) -> FastAPI:
     wire.load_key(config.private_key_pem, private=True)
     NotificationSchedule(RETRY_SCHEDULE_S, config.notify_speedup)  # refuses a bad speedup
 
-    async def open_gateway(pool: asyncpg.Pool) -> _Server:
-        trades = AlipayTrades(
+    def open_book(pool: asyncpg.Pool) -> AlipayTrades:
+        return AlipayTrades(
             pool,
             schema=config.schema,
             app_id=config.app_id,
@@ -241,14 +216,13 @@ def create_local_alipay_app(config: LocalAlipayConfig) -> FastAPI:
             server_timeout_s=config.server_timeout_s,
             withhold_answer_s=config.withhold_answer_s,
         )
-        await trades.install()
-        return _Server(config, trades)
 
     return local.local_gateway_app(
         title="payorders local Alipay",
         database_url=config.database_url,
         db_pool_max=config.db_pool_max,
-        open_gateway=open_gateway,
+        open_book=open_book,
+        serve=lambda trades: _Server(config, trades),
         vendor_router=router,
         max_trade_no_len=64,
     )
@@ -259,11 +233,15 @@ def app() -> FastAPI:
     ``PAYORDERS_LOCAL_ALIPAY_*`` and ``PAYORDERS_DATABASE_URL``; one line and exit 2 when
     one is missing or not what it should be."""
     logs.configure(logging.WARNING)
-    values = local.required_env(
-        LABEL, ENV_APP_ID, ENV_APP_PUBLIC_KEY, ENV_PRIVATE_KEY, ENV_DATABASE_URL
+    values = local.vendor_env(
+        LABEL,
+        ENV_APP_ID,
+        ENV_APP_PUBLIC_KEY,
+        ENV_PRIVATE_KEY,
+        ENV_DATABASE_URL,
+        public_key=ENV_APP_PUBLIC_KEY,
+        private_key=ENV_PRIVATE_KEY,
     )
-    local.key_env(LABEL, values, ENV_APP_PUBLIC_KEY, private=False)
-    local.key_env(LABEL, values, ENV_PRIVATE_KEY, private=True)
     speedup = local.number_env(LABEL, ENV_NOTIFY_SPEEDUP, "1", positive=True)
     return create_local_alipay_app(
         LocalAlipayConfig(
@@ -282,12 +260,6 @@ router = APIRouter()
 """``gateway.do``; the frame adds the buyer's side and the control routes."""
 
 
-def _server(request: Request) -> _Server:
-    server = request.app.state.local
-    assert isinstance(server, _Server)
-    return server
-
-
 @router.api_route("/gateway.do", methods=["GET", "POST"])
 async def gateway_do(request: Request) -> Response:
     """Alipay's API v2 endpoint: the parameters in the query, or a form, or both."""
@@ -298,5 +270,5 @@ async def gateway_do(request: Request) -> Response:
             pairs += parse_qsl(body.decode(), keep_blank_values=True)
         except UnicodeDecodeError:
             pairs.append(("charset", "not utf-8"))  # answered isv.invalid-charset
-    answer = await unless_client_leaves(request, _server(request).answer(pairs))
+    answer = await unless_client_leaves(request, _Server.of(request).answer(pairs))
     return Response(answer, media_type="application/json;charset=utf-8")

@@ -32,8 +32,7 @@ from payorders.core.store import Conn
 from payorders.gateways.port import Capture, GatewayRejected, RefundRequest
 from payorders.sandbox.alipay import wire
 from payorders.sandbox.alipay.wire import business, success, yuan
-from payorders.sandbox.ledger import SandboxGateway
-from payorders.sandbox.local import PaymentRefused
+from payorders.sandbox.local import LocalTradeBook
 
 CURRENCY = "CNY"
 WAIT, SUCCESS, CLOSED = "WAIT_BUYER_PAY", "TRADE_SUCCESS", "TRADE_CLOSED"
@@ -113,9 +112,25 @@ class Trade:
         return "" if self.buyer_id is None else f"{self.buyer_id[4:7]}****{self.buyer_id[-4:]}"
 
 
-class AlipayTrades:
+class AlipayTrades(LocalTradeBook[Trade]):
     """Alipay's methods over the trades and the sandbox's ledger (``self.ledger``, which
     sends this class's notifications: it is the ledger's ``WebhookBodies``)."""
+
+    vendor = "Alipay"
+    table = "alipay_trade"
+    select = _SELECT
+    txn_column = "trade_no"
+    lock_id = _LOCK_ID
+    ddl = _DDL
+    currency = CURRENCY
+    # The buyer's side (``LocalTradeBook.pay``): Alipay takes one payment per trade, of
+    # exactly ``total_amount`` in CNY, until ``time_expire`` (a payment at that very second
+    # is taken).
+    no_trade = "no pre-order {no} (alipay.trade.precreate first)"
+    one_payment = "{no} is paid already: one payment per trade"
+    not_the_total = (
+        "amount {amount} is not the trade's total_amount {total} (Alipay takes exactly the total)"
+    )
 
     def __init__(
         self,
@@ -127,23 +142,15 @@ class AlipayTrades:
         server_timeout_s: float,
         withhold_answer_s: float,
     ) -> None:
-        self._pool = pool
-        self._s = schema
-        self._app_id = app_id
-        self._seller_id = seller_id
-        self.ledger = SandboxGateway(
+        super().__init__(
             pool,
             schema=schema,
             server_timeout_s=server_timeout_s,
             withhold_answer_s=withhold_answer_s,
             bodies=self,
         )
-
-    async def install(self) -> None:
-        await self.ledger.install()
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
-            await conn.execute(_DDL.format(s=self._s))
+        self._app_id = app_id
+        self._seller_id = seller_id
 
     # --- alipay.trade.* ----------------------------------------------------------------------
 
@@ -233,13 +240,9 @@ class AlipayTrades:
         faults = await self.ledger.apply_delay(found.out_trade_no)
         now = datetime.now(UTC)
         async with self._pool.acquire() as conn, conn.transaction():
-            trade = await self._find(conn, out_trade_no=found.out_trade_no, lock=True)
-            assert trade is not None
-            raced = trade.paid_at is None and trade.status != CLOSED
-            if raced and faults.paid_on_close_amount:
-                await self._pay_locked(conn, trade, pay_key=None)
-                trade = await self._find(conn, out_trade_no=trade.out_trade_no)
-                assert trade is not None
+            locked = await self._find(conn, out_trade_no=found.out_trade_no, lock=True)
+            assert locked is not None
+            trade = await self._paid_on_close(conn, locked, faults)
             outcome = self._close_outcome(trade, now)
             if outcome is None:
                 await conn.execute(
@@ -337,74 +340,21 @@ class AlipayTrades:
 
     # --- the buyer's side --------------------------------------------------------------------
 
-    async def scan(self, out_trade_no: str) -> Trade:
+    async def _shown(self, conn: Conn, trade: Trade) -> dict[str, Any]:
         """The buyer scans the QR code: the trade exists from now (``WAIT_BUYER_PAY``, a
-        ``trade_no``). Scanning again changes nothing.
-
-        Raises:
-            PaymentRefused: no such pre-order, closed, or past its ``time_expire``.
-        """
-        async with self._pool.acquire() as conn, conn.transaction():
-            trade = await self._payable(conn, out_trade_no)
-            if not trade.scanned:
-                await self._scan_locked(conn, trade)
-            found = await self._find(conn, out_trade_no=out_trade_no)
+        ``trade_no``). Scanning again changes nothing."""
+        if not trade.scanned:
+            await self._scan_locked(conn, trade)
+        found = await self._find(conn, out_trade_no=trade.out_trade_no)
         assert found is not None
-        return found
+        return {
+            "out_trade_no": found.out_trade_no,
+            "trade_no": found.trade_no,
+            "status": found.status,
+        }
 
-    async def pay(
-        self, *, out_trade_no: str, amount: int, currency: str, pay_key: str | None
-    ) -> Capture:
-        """The buyer pays (scanning first if not yet): the trade is ``TRADE_SUCCESS``, the
-        ledger holds the capture (``txn_id`` = ``trade_no``) and the notification is queued.
-        Alipay takes one payment per trade, of exactly ``total_amount`` in CNY, until
-        ``time_expire`` (a payment at that very second is taken). ``pay_key`` (the caller's
-        ``txn_id``) makes a resent payment answer the same capture.
-
-        Raises:
-            PaymentRefused: why not.
-        """
-        async with self._pool.acquire() as conn, conn.transaction():
-            trade = await self._find(conn, out_trade_no=out_trade_no, lock=True)
-            paid = trade is not None and trade.paid_at is not None
-            if paid and pay_key is not None and trade is not None and trade.pay_key == pay_key:
-                # The same payment resent (its txn_id is ours to match): the same capture.
-                if (amount, currency) != (trade.total_amount, CURRENCY):
-                    raise PaymentRefused(f"txn {pay_key} exists with other facts")
-                assert trade.trade_no is not None
-                cap = await self.ledger.query_capture(trade.trade_no)
-                assert cap is not None
-                return cap
-            if pay_key is not None and await conn.fetchval(
-                f"SELECT 1 FROM {self._s}.alipay_trade WHERE pay_key = $1", pay_key
-            ):
-                raise PaymentRefused(f"txn {pay_key} exists with other facts")
-            trade = await self._payable(conn, out_trade_no)
-            if currency != CURRENCY:
-                raise PaymentRefused(f"Alipay takes CNY only, not {currency}")
-            if amount != trade.total_amount:
-                raise PaymentRefused(
-                    f"amount {amount} is not the trade's total_amount {trade.total_amount}"
-                    " (Alipay takes exactly the total)"
-                )
-            capture = await self._pay_locked(conn, trade, pay_key=pay_key)
-        self.ledger.wake_delivery()
-        return capture
-
-    async def _payable(self, conn: Conn, out_trade_no: str) -> Trade:
-        trade = await self._find(conn, out_trade_no=out_trade_no, lock=True)
-        if trade is None:
-            raise PaymentRefused(f"no pre-order {out_trade_no} (alipay.trade.precreate first)")
-        if trade.paid_at is not None:
-            raise PaymentRefused(f"{out_trade_no} is paid already: one payment per trade")
-        if trade.status == CLOSED:
-            raise PaymentRefused(f"{out_trade_no} is closed")
-        now = datetime.now(UTC)
-        if trade.expired(now):
-            raise PaymentRefused(
-                f"{out_trade_no} expired at {wire.china_time(trade.time_expire)} (time_expire)"
-            )
-        return trade
+    def _expired_refusal(self, trade: Trade) -> str:
+        return f"{trade.out_trade_no} expired at {wire.china_time(trade.time_expire)} (time_expire)"
 
     async def _scan_locked(self, conn: Conn, trade: Trade) -> str:
         seq = await conn.fetchval(f"SELECT nextval('{self._s}.alipay_trade_no_seq')")
@@ -419,7 +369,8 @@ class AlipayTrades:
         )
         return trade_no
 
-    async def _pay_locked(self, conn: Conn, trade: Trade, *, pay_key: str | None) -> Capture:
+    async def _mark_paid(self, conn: Conn, trade: Trade, *, pay_key: str | None) -> str:
+        """Paid (scanned first if not yet): ``TRADE_SUCCESS``; its ``trade_no``."""
         trade_no = trade.trade_no or await self._scan_locked(conn, trade)
         await conn.execute(
             f"UPDATE {self._s}.alipay_trade SET status = 'TRADE_SUCCESS', paid_at = now(),"
@@ -427,21 +378,13 @@ class AlipayTrades:
             trade.out_trade_no,
             pay_key,
         )
-        capture, _ = await self.ledger.capture_in(
-            conn,
-            pay_order_no=trade.out_trade_no,
-            amount=trade.total_amount,
-            currency=CURRENCY,
-            txn_id=trade_no,
-            notify=True,
-        )
-        return capture
+        return trade_no
 
     # --- notifications (the ledger's WebhookBodies) ------------------------------------------
 
     async def payment(self, conn: Conn, capture: Capture) -> tuple[str, bytes] | None:
         """``trade_status_sync`` with ``TRADE_SUCCESS``, to the trade's ``notify_url``."""
-        trade = await self._find(conn, trade_no=capture.txn_id)
+        trade = await self._find(conn, txn_id=capture.txn_id)
         if trade is None or trade.notify_url is None:
             return None
         return self._notification(trade, trade_status=SUCCESS)
@@ -452,7 +395,7 @@ class AlipayTrades:
         """After a refund: ``TRADE_SUCCESS`` while money is left, ``TRADE_CLOSED`` once all is
         refunded, with ``refund_fee`` (all refunded so far), ``gmt_refund`` and
         ``out_biz_no`` (the refund's ``out_request_no``) (notification page)."""
-        trade = await self._find(conn, trade_no=refund["txn_id"])
+        trade = await self._find(conn, txn_id=refund["txn_id"])
         if trade is None or trade.notify_url is None:
             return None
         closed = trade.refunded >= trade.total_amount
@@ -507,32 +450,22 @@ class AlipayTrades:
         out_trade_no = _optional_text(biz, "out_trade_no", max_len=64)
         if trade_no is None and out_trade_no is None:
             raise _bad("trade_no or out_trade_no is required")
-        async with self._pool.acquire() as conn:
-            if trade_no is not None:
-                trade = await self._find(conn, trade_no=trade_no)
-            else:
-                trade = await self._find(conn, out_trade_no=out_trade_no)
+        trade = await self._named(txn_id=trade_no, out_trade_no=out_trade_no)
         if trade is None or (scanned_only and not trade.scanned):
             raise business("ACQ.TRADE_NOT_EXIST", "交易不存在")
         return trade
 
-    async def _find(
-        self,
-        conn: Conn,
-        *,
-        out_trade_no: str | None = None,
-        trade_no: str | None = None,
-        lock: bool = False,
-    ) -> Trade | None:
-        column, value = (
-            ("trade_no", trade_no) if trade_no is not None else ("out_trade_no", out_trade_no)
-        )
-        if lock:
-            await conn.execute(
-                f"SELECT 1 FROM {self._s}.alipay_trade WHERE {column} = $1 FOR UPDATE", value
-            )
-        rec = await conn.fetchrow(_SELECT.format(s=self._s) + f" WHERE t.{column} = $1", value)
-        return None if rec is None else Trade(**dict(rec))
+    def _trade(self, rec: asyncpg.Record) -> Trade:
+        return Trade(**dict(rec))
+
+    def _total(self, trade: Trade) -> int:
+        return trade.total_amount
+
+    def _txn_id(self, trade: Trade) -> str | None:
+        return trade.trade_no
+
+    def _closed(self, trade: Trade) -> bool:
+        return trade.status == CLOSED
 
     async def _refunded(self, trade_no: str) -> int:
         return sum(r.amount for r in await self.ledger.refunds_of(trade_no))

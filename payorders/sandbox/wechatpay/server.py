@@ -27,10 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from payorders import logs
 from payorders.core import domain
-from payorders.gateways.port import Capture, GatewayUnavailable
+from payorders.gateways.port import GatewayUnavailable
 from payorders.sandbox import local
-from payorders.sandbox.ledger import SandboxGateway
-from payorders.sandbox.local import NotificationSchedule, unless_client_leaves
+from payorders.sandbox.local import LocalServer, NotificationSchedule, unless_client_leaves
 from payorders.sandbox.wechatpay import wire
 from payorders.sandbox.wechatpay.trades import WechatPayTrades
 from payorders.sandbox.wechatpay.wire import WechatPayError
@@ -96,14 +95,13 @@ class LocalWechatPayConfig:
     db_pool_max: int = 10
 
 
-class _Server:
+class _Server(LocalServer[WechatPayTrades]):
     """What the routes share: the trades, the keys and the configuration; the frame's
     ``LocalGateway`` (``sandbox.local``)."""
 
     def __init__(self, config: LocalWechatPayConfig, trades: WechatPayTrades) -> None:
+        super().__init__(trades, NotificationSchedule(RETRY_SCHEDULE_S, config.notify_speedup))
         self.config = config
-        self.trades = trades
-        self.schedule = NotificationSchedule(RETRY_SCHEDULE_S, config.notify_speedup)
         self.merchant_key = wire.load_key(config.merchant_public_key_pem, private=False)
         self.key = wire.load_key(config.platform_private_key_pem, private=True)
 
@@ -171,10 +169,6 @@ class _Server:
 
     # --- the frame's LocalGateway ------------------------------------------------------------
 
-    @property
-    def ledger(self) -> SandboxGateway:
-        return self.trades.ledger
-
     def render(self, stored: bytes) -> tuple[str, dict[str, str], bytes]:
         """A stored callback as this attempt sends it: the same body, signed now."""
         doc = json.loads(stored)
@@ -190,19 +184,6 @@ class _Server:
         if answer.status_code in ACKNOWLEDGED:
             return None
         return f"HTTP {answer.status_code}: only 200 or 204 acknowledges a callback"
-
-    async def tick(self) -> None:
-        await self.trades.settle_due()
-
-    async def pay(
-        self, *, out_trade_no: str, amount: int, currency: str, pay_key: str | None
-    ) -> Capture:
-        return await self.trades.pay(
-            out_trade_no=out_trade_no, amount=amount, currency=currency, pay_key=pay_key
-        )
-
-    async def scan(self, out_trade_no: str) -> dict[str, Any]:
-        return await self.trades.scan(out_trade_no)
 
 
 # --- the app ---------------------------------------------------------------------------------
@@ -225,8 +206,8 @@ def create_local_wechatpay_app(config: LocalWechatPayConfig) -> FastAPI:
     if not 0 <= config.refund_processing_s < float("inf"):
         raise ValueError("refund_processing_s must be zero or more")
 
-    async def open_gateway(pool: asyncpg.Pool) -> _Server:
-        trades = WechatPayTrades(
+    def open_book(pool: asyncpg.Pool) -> WechatPayTrades:
+        return WechatPayTrades(
             pool,
             schema=config.schema,
             mchid=config.mchid,
@@ -235,14 +216,13 @@ def create_local_wechatpay_app(config: LocalWechatPayConfig) -> FastAPI:
             withhold_answer_s=config.withhold_answer_s,
             refund_processing_s=config.refund_processing_s,
         )
-        await trades.install()
-        return _Server(config, trades)
 
     return local.local_gateway_app(
         title="payorders local WeChat Pay",
         database_url=config.database_url,
         db_pool_max=config.db_pool_max,
-        open_gateway=open_gateway,
+        open_book=open_book,
+        serve=lambda trades: _Server(config, trades),
         vendor_router=router,
         max_trade_no_len=32,
     )
@@ -253,7 +233,7 @@ def app() -> FastAPI:
     ``PAYORDERS_LOCAL_WECHATPAY_*`` and ``PAYORDERS_DATABASE_URL``; one line and exit 2 when
     one is missing or not what it should be."""
     logs.configure(logging.WARNING)
-    values = local.required_env(
+    values = local.vendor_env(
         LABEL,
         ENV_MCHID,
         ENV_APPID,
@@ -263,9 +243,9 @@ def app() -> FastAPI:
         ENV_PRIVATE_KEY,
         ENV_PUBLIC_KEY_ID,
         ENV_DATABASE_URL,
+        public_key=ENV_MERCHANT_PUBLIC_KEY,
+        private_key=ENV_PRIVATE_KEY,
     )
-    local.key_env(LABEL, values, ENV_MERCHANT_PUBLIC_KEY, private=False)
-    local.key_env(LABEL, values, ENV_PRIVATE_KEY, private=True)
     try:
         wire.check_apiv3_key(values[ENV_APIV3_KEY])
     except ValueError as e:
@@ -295,16 +275,10 @@ router = APIRouter()
 control routes."""
 
 
-def _server(request: Request) -> _Server:
-    server = request.app.state.local
-    assert isinstance(server, _Server)
-    return server
-
-
 @router.post("/v3/pay/transactions/native")
 async def native_prepay(request: Request) -> Response:
     """Native下单 (https://pay.weixin.qq.com/doc/v3/merchant/4012791877)."""
-    server = _server(request)
+    server = _Server.of(request)
 
     async def op(body: dict[str, Any] | None) -> dict[str, Any]:
         assert body is not None
@@ -316,7 +290,7 @@ async def native_prepay(request: Request) -> Response:
 @router.get("/v3/pay/transactions/out-trade-no/{out_trade_no}")
 async def query_by_out_trade_no(request: Request, out_trade_no: str) -> Response:
     """商户订单号查询订单 (https://pay.weixin.qq.com/doc/v3/merchant/4013070356)."""
-    server = _server(request)
+    server = _Server.of(request)
 
     async def op(_: dict[str, Any] | None) -> dict[str, Any]:
         return await server.trades.query(
@@ -329,7 +303,7 @@ async def query_by_out_trade_no(request: Request, out_trade_no: str) -> Response
 @router.get("/v3/pay/transactions/id/{transaction_id}")
 async def query_by_transaction_id(request: Request, transaction_id: str) -> Response:
     """微信支付订单号查询订单 (https://pay.weixin.qq.com/doc/v3/merchant/4013070354)."""
-    server = _server(request)
+    server = _Server.of(request)
 
     async def op(_: dict[str, Any] | None) -> dict[str, Any]:
         return await server.trades.query(
@@ -342,7 +316,7 @@ async def query_by_transaction_id(request: Request, transaction_id: str) -> Resp
 @router.post("/v3/pay/transactions/out-trade-no/{out_trade_no}/close")
 async def close(request: Request, out_trade_no: str) -> Response:
     """关闭订单 (https://pay.weixin.qq.com/doc/v3/merchant/4013070360): 204, no body."""
-    server = _server(request)
+    server = _Server.of(request)
 
     async def op(body: dict[str, Any] | None) -> None:
         assert body is not None
@@ -354,7 +328,7 @@ async def close(request: Request, out_trade_no: str) -> Response:
 @router.post("/v3/refund/domestic/refunds")
 async def create_refund(request: Request) -> Response:
     """退款申请 (``POST /v3/refund/domestic/refunds``)."""
-    server = _server(request)
+    server = _Server.of(request)
 
     async def op(body: dict[str, Any] | None) -> dict[str, Any]:
         assert body is not None
@@ -366,7 +340,7 @@ async def create_refund(request: Request) -> Response:
 @router.get("/v3/refund/domestic/refunds/{out_refund_no}")
 async def query_refund(request: Request, out_refund_no: str) -> Response:
     """查询单笔退款 (https://pay.wechatpay.cn/doc/v3/partner/4012760530)."""
-    server = _server(request)
+    server = _Server.of(request)
 
     async def op(_: dict[str, Any] | None) -> dict[str, Any]:
         return await server.trades.query_refund(out_refund_no)
@@ -398,15 +372,15 @@ async def arm_refund_outcomes(
     """Arm refund outcomes for an ``out_trade_no``, or for every order with scope ``*``."""
     if scope != "*" and not 1 <= len(scope) <= 32:
         raise domain.InvalidInput("scope must be * or an out_trade_no")
-    await _server(request).trades.arm_refund_outcomes(scope, **outcomes.model_dump())
+    await _Server.of(request).trades.arm_refund_outcomes(scope, **outcomes.model_dump())
     return {"scope": scope, **outcomes.model_dump()}
 
 
 @router.get("/v1/wechatpay/refund-outcomes")
 async def refund_outcomes(request: Request) -> list[dict[str, Any]]:
-    return await _server(request).trades.refund_outcomes()
+    return await _Server.of(request).trades.refund_outcomes()
 
 
 @router.delete("/v1/wechatpay/refund-outcomes", status_code=204)
 async def clear_refund_outcomes(request: Request) -> None:
-    await _server(request).trades.clear_refund_outcomes()
+    await _Server.of(request).trades.clear_refund_outcomes()

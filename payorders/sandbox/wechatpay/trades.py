@@ -38,8 +38,7 @@ import asyncpg
 
 from payorders.core.store import Conn
 from payorders.gateways.port import Capture, RefundRequest
-from payorders.sandbox.ledger import SandboxGateway
-from payorders.sandbox.local import PaymentRefused
+from payorders.sandbox.local import LocalTradeBook
 from payorders.sandbox.wechatpay import wire
 from payorders.sandbox.wechatpay.wire import WechatPayError, invalid_request, param_error
 
@@ -181,9 +180,24 @@ class Refund:
     success_time: datetime | None
 
 
-class WechatPayTrades:
+class WechatPayTrades(LocalTradeBook[Trade]):
     """WeChat Pay's APIs over the orders, refunds and the sandbox's ledger
     (``self.ledger``, which sends this class's callbacks)."""
+
+    vendor = "WeChat Pay"
+    table = "wechatpay_trade"
+    select = _SELECT_TRADE
+    txn_column = "transaction_id"
+    lock_id = _LOCK_ID
+    ddl = _DDL
+    currency = CURRENCY
+    # The buyer's side (``LocalTradeBook.pay``): one payment per order, of exactly its
+    # total in CNY, until ``time_expire`` (a payment at that very second is taken).
+    no_trade = "no order {no} (Native下单 first)"
+    one_payment = "{no} is paid already: one payment per order"
+    not_the_total = (
+        "amount {amount} is not the order's total {total} (WeChat Pay takes exactly the total)"
+    )
 
     def __init__(
         self,
@@ -196,24 +210,16 @@ class WechatPayTrades:
         withhold_answer_s: float,
         refund_processing_s: float,
     ) -> None:
-        self._pool = pool
-        self._s = schema
-        self._mchid = mchid
-        self._apiv3_key = wire.check_apiv3_key(apiv3_key)
-        self._refund_processing = timedelta(seconds=refund_processing_s)
-        self.ledger = SandboxGateway(
+        super().__init__(
             pool,
             schema=schema,
             server_timeout_s=server_timeout_s,
             withhold_answer_s=withhold_answer_s,
             bodies=_Callbacks(self),
         )
-
-    async def install(self) -> None:
-        await self.ledger.install()
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
-            await conn.execute(_DDL.format(s=self._s))
+        self._mchid = mchid
+        self._apiv3_key = wire.check_apiv3_key(apiv3_key)
+        self._refund_processing = timedelta(seconds=refund_processing_s)
 
     # --- Native下单, 查询订单, 关闭订单 ------------------------------------------------------
 
@@ -284,11 +290,7 @@ class WechatPayTrades:
         https://pay.weixin.qq.com/doc/v3/merchant/4013070354 (by ``transaction_id``, only a
         paid order has one): the order, or ``404 ORDER_NOT_EXIST``."""
         self._check_mchid(mchid)
-        async with self._pool.acquire() as conn:
-            if transaction_id is not None:
-                trade = await self._find(conn, transaction_id=transaction_id)
-            else:
-                trade = await self._find(conn, out_trade_no=out_trade_no)
+        trade = await self._named(txn_id=transaction_id, out_trade_no=out_trade_no)
         if trade is None:
             raise _order_not_exist()
         await self.ledger.apply_delay(trade.out_trade_no)
@@ -307,13 +309,10 @@ class WechatPayTrades:
         self._check_mchid(body.get("mchid"))
         faults = await self.ledger.apply_delay(out_trade_no)
         async with self._pool.acquire() as conn, conn.transaction():
-            trade = await self._find(conn, out_trade_no=out_trade_no, lock=True)
-            if trade is None:
+            locked = await self._find(conn, out_trade_no=out_trade_no, lock=True)
+            if locked is None:
                 raise _order_not_exist()
-            if trade.state == NOTPAY and faults.paid_on_close_amount:
-                await self._pay_locked(conn, trade, pay_key=None)
-                trade = await self._find(conn, out_trade_no=out_trade_no)
-                assert trade is not None
+            trade = await self._paid_on_close(conn, locked, faults)
             if trade.state == NOTPAY:
                 await conn.execute(
                     f"UPDATE {self._s}.wechatpay_trade SET state = 'CLOSED', closed_at = now()"
@@ -449,6 +448,10 @@ class WechatPayTrades:
         await self.ledger.apply_delay(found.out_trade_no)
         return self.refund_json(found)
 
+    async def tick(self) -> None:
+        """Before each delivery round: the refunds due settle."""
+        await self.settle_due()
+
     async def settle_due(self, out_refund_no: str | None = None) -> None:
         """Refunds ``PROCESSING`` past their time end as armed: ``SUCCESS`` (the ledger's
         refund row, the money back with the buyer), ``ABNORMAL`` or ``CLOSED``; each
@@ -574,74 +577,23 @@ class WechatPayTrades:
 
     # --- the buyer's side --------------------------------------------------------------------
 
-    async def scan(self, out_trade_no: str) -> dict[str, Any]:
-        """The buyer scans the ``code_url``: the order is shown, still ``NOTPAY``.
-
-        Raises:
-            PaymentRefused: no such order, paid, closed, or past its ``time_expire``.
-        """
-        async with self._pool.acquire() as conn, conn.transaction():
-            trade = await self._payable(conn, out_trade_no)
+    async def _shown(self, conn: Conn, trade: Trade) -> dict[str, Any]:
+        """The buyer scans the ``code_url``: the order is shown, still ``NOTPAY``."""
         return {
             "out_trade_no": trade.out_trade_no,
             "code_url": trade.code_url,
             "trade_state": trade.trade_state,
         }
 
-    async def pay(
-        self, *, out_trade_no: str, amount: int, currency: str, pay_key: str | None
-    ) -> Capture:
-        """The buyer pays: the order is ``SUCCESS`` with a ``transaction_id``, the ledger
-        holds the capture (``txn_id`` = ``transaction_id``) and the callback is queued. One
-        payment per order, of exactly its total in CNY, until ``time_expire`` (a payment at
-        that very second is taken). ``pay_key`` (the caller's ``txn_id``) makes a resent
-        payment answer the same capture.
+    def _expired_refusal(self, trade: Trade) -> str:
+        return (
+            f"{trade.out_trade_no} could be paid until {wire.rfc3339(trade.time_expire)}"
+            " (time_expire)"
+        )
 
-        Raises:
-            PaymentRefused: why not.
-        """
-        async with self._pool.acquire() as conn, conn.transaction():
-            trade = await self._find(conn, out_trade_no=out_trade_no, lock=True)
-            if pay_key is not None and trade is not None and trade.pay_key == pay_key:
-                # The same payment resent (its txn_id is ours to match): the same capture.
-                if (amount, currency) != (trade.total, CURRENCY):
-                    raise PaymentRefused(f"txn {pay_key} exists with other facts")
-                assert trade.transaction_id is not None
-                cap = await self.ledger.query_capture(trade.transaction_id)
-                assert cap is not None
-                return cap
-            if pay_key is not None and await conn.fetchval(
-                f"SELECT 1 FROM {self._s}.wechatpay_trade WHERE pay_key = $1", pay_key
-            ):
-                raise PaymentRefused(f"txn {pay_key} exists with other facts")
-            trade = await self._payable(conn, out_trade_no)
-            if currency != CURRENCY:
-                raise PaymentRefused(f"WeChat Pay takes CNY only, not {currency}")
-            if amount != trade.total:
-                raise PaymentRefused(
-                    f"amount {amount} is not the order's total {trade.total}"
-                    " (WeChat Pay takes exactly the total)"
-                )
-            capture = await self._pay_locked(conn, trade, pay_key=pay_key)
-        self.ledger.wake_delivery()
-        return capture
-
-    async def _payable(self, conn: Conn, out_trade_no: str) -> Trade:
-        trade = await self._find(conn, out_trade_no=out_trade_no, lock=True)
-        if trade is None:
-            raise PaymentRefused(f"no order {out_trade_no} (Native下单 first)")
-        if trade.paid_at is not None:
-            raise PaymentRefused(f"{out_trade_no} is paid already: one payment per order")
-        if trade.state == CLOSED:
-            raise PaymentRefused(f"{out_trade_no} is closed")
-        if trade.expired(datetime.now(UTC)):
-            raise PaymentRefused(
-                f"{out_trade_no} could be paid until {wire.rfc3339(trade.time_expire)}"
-                " (time_expire)"
-            )
-        return trade
-
-    async def _pay_locked(self, conn: Conn, trade: Trade, *, pay_key: str | None) -> Capture:
+    async def _mark_paid(self, conn: Conn, trade: Trade, *, pay_key: str | None) -> str:
+        """Paid: ``SUCCESS`` with a ``transaction_id`` and the payer's ``openid``; the
+        ``transaction_id``."""
         seq = await conn.fetchval(f"SELECT nextval('{self._s}.wechatpay_seq')")
         transaction_id = _transaction_id(seq)
         await conn.execute(
@@ -652,22 +604,14 @@ class WechatPayTrades:
             f"o{wire.random_text(27)}",
             pay_key,
         )
-        capture, _ = await self.ledger.capture_in(
-            conn,
-            pay_order_no=trade.out_trade_no,
-            amount=trade.total,
-            currency=CURRENCY,
-            txn_id=transaction_id,
-            notify=True,
-        )
-        return capture
+        return transaction_id
 
     # --- callbacks ---------------------------------------------------------------------------
 
     async def payment_callback(self, conn: Conn, capture: Capture) -> tuple[str, bytes] | None:
         """``TRANSACTION.SUCCESS`` to the order's ``notify_url``, the order as the query
         answers it (https://wechatpay.im/webhook/v3/TRANSACTION.SUCCESS)."""
-        trade = await self._find(conn, transaction_id=capture.txn_id)
+        trade = await self._find(conn, txn_id=capture.txn_id)
         if trade is None:
             return None
         return self._callback(
@@ -760,36 +704,22 @@ class WechatPayTrades:
         out_trade_no = _optional_text(body, "out_trade_no", max_len=32)
         if transaction_id is None and out_trade_no is None:
             raise param_error("transaction_id or out_trade_no is required")
-        async with self._pool.acquire() as conn:
-            if transaction_id is not None:
-                trade = await self._find(conn, transaction_id=transaction_id)
-            else:
-                trade = await self._find(conn, out_trade_no=out_trade_no)
+        trade = await self._named(txn_id=transaction_id, out_trade_no=out_trade_no)
         if trade is None:
             raise WechatPayError(404, "RESOURCE_NOT_EXISTS", "订单不存在")
         return trade
 
-    async def _find(
-        self,
-        conn: Conn,
-        *,
-        out_trade_no: str | None = None,
-        transaction_id: str | None = None,
-        lock: bool = False,
-    ) -> Trade | None:
-        column, value = (
-            ("transaction_id", transaction_id)
-            if transaction_id is not None
-            else ("out_trade_no", out_trade_no)
-        )
-        if lock:
-            await conn.execute(
-                f"SELECT 1 FROM {self._s}.wechatpay_trade WHERE {column} = $1 FOR UPDATE", value
-            )
-        rec = await conn.fetchrow(
-            _SELECT_TRADE.format(s=self._s) + f" WHERE t.{column} = $1", value
-        )
-        return None if rec is None else Trade(**dict(rec))
+    def _trade(self, rec: asyncpg.Record) -> Trade:
+        return Trade(**dict(rec))
+
+    def _total(self, trade: Trade) -> int:
+        return trade.total
+
+    def _txn_id(self, trade: Trade) -> str | None:
+        return trade.transaction_id
+
+    def _closed(self, trade: Trade) -> bool:
+        return trade.state == CLOSED
 
     async def _find_refund(
         self, conn: Conn, out_refund_no: str, *, lock: bool = False
