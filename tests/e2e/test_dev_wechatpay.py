@@ -10,20 +10,25 @@ import os
 import signal
 import stat
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from payorders.core.settings import Settings
-from payorders.gateways.wechatpay import out_trade_no_of
+from payorders.gateways.wechatpay import CHINA, out_trade_no_of
 from payorders.localstack import stackinfo, wechatpay_keys
 from payorders.localstack.stack import DevOptions, DevStack
 
+from ..unit.test_wechatpay import callback, encrypted, signed, transaction
 from .dev_process import CLI, DevProcess, clean_env, dev_process
 from .test_dev_stripe import exports, listeners
 
@@ -120,10 +125,52 @@ def test_payorders_dev_runs_the_demo_on_the_local_wechatpay_and_leaves_nothing(
     paid = wechat_dev.cli("pay", no, "--json")
     assert paid.returncode == 0, paid.stderr
 
-    # The callback route takes only what WeChat Pay signed; this one is not.
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{api}/v1/pay-orders/{no}", headers=token).json()["status"] != "PAY_SUCCESS":
+        assert time.monotonic() < deadline, "the callback did not reach the pay order"
+        time.sleep(0.2)
+
+    # The callback route takes only what WeChat Pay signed and sealed, about our order.
     route = f"{api}/v1/webhooks/wechatpay"
-    unsigned = httpx.post(route, json={"id": "x", "event_type": "TRANSACTION.SUCCESS"})
-    assert unsigned.status_code == 401
+    wx = wechatpay_keys.material(dev.data_dir)
+    platform = serialization.load_pem_private_key(wx.wechatpay_private.read_bytes(), None)
+    assert isinstance(platform, rsa.RSAPrivateKey)
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    txn = httpx.get(f"{api}/v1/pay-orders/{no}", headers=token).json()["payments"][0]["txn_id"]
+    now = datetime.now(UTC)
+
+    def payment(**changes: object) -> dict[str, object]:
+        base = transaction(
+            appid=wechatpay_keys.APPID,
+            mchid=wechatpay_keys.MCHID,
+            out_trade_no=out_trade_no_of(no),
+            attach=no,
+            transaction_id=txn,
+            success_time=now.astimezone(CHINA).isoformat(timespec="seconds"),
+        )
+        return {**base, **changes}
+
+    def post(resource: dict[str, object], key: rsa.RSAPrivateKey, *, at: datetime = now,
+             apiv3: str = wx.apiv3_key, note_id: str | None = None) -> httpx.Response:  # fmt: skip
+        body = callback(encrypted(resource, key=apiv3), id=note_id or uuid.uuid4().hex)
+        headers = signed(body, key, at=at, serial=wx.public_key_id)
+        return httpx.post(
+            route, content=body, headers={**headers, "Content-Type": "application/json"}
+        )
+
+    for answer, status in [
+        (httpx.post(route, json={"id": "x", "event_type": "TRANSACTION.SUCCESS"}), 401),
+        (post(payment(), stranger), 401),  # signed by another key
+        (post(payment(), platform, at=now - timedelta(minutes=10)), 401),  # stale
+        (post(payment(), platform, apiv3="x" * 32), 401),  # sealed with another APIv3 key
+        (post(payment(mchid="1900000999"), platform), 400),  # another merchant
+        (post(payment(amount={"total": 1998, "currency": "CNY"}), platform), 422),
+        # Another order's number on this transaction: not what WeChat Pay's record says.
+        (post(payment(out_trade_no="po_never-opened", attach="po_never-opened"), platform), 422),
+    ]:
+        assert answer.status_code == status, answer.text
+    once = uuid.uuid4().hex  # WeChat Pay's own callback, as it resends it: acknowledged
+    assert [post(payment(), platform, note_id=once).status_code for _ in range(2)] == [204, 204]
 
     dev.proc.send_signal(signal.SIGINT)
     assert dev.proc.wait(60) == 0, dev.banner()
