@@ -7,9 +7,11 @@ temporary directory that is removed at the end.
 
 The benchmark process is the checkout and the gateway adapter: it starts pay orders and
 sends payment signals through ``payorders.pay_orders.PayOrders``, exactly as the API does. It
-also starts a worker for the trivial workflow (``bench/_trivial_worker.py``, its own process,
-tuned as the pay-order worker), the engine's ceiling measured in the same run on the same
-server.
+also starts the workers of the engine's references (``bench/_trivial_worker.py``, their own
+process, tuned as the pay-order worker): the trivial workflow, the ceiling, and the
+same-shape skeleton (``bench/_skeleton.py``), measured in the same run on the same server.
+A skeleton's "commit" is the datagram its empty record-payment activity sends to the
+benchmark's UDP socket on loopback (``Commits.succeeded``, the benchmark's clock).
 
 A commit is observed from PostgreSQL itself: a trigger on ``outbox`` (installed only in
 the benchmark's database) sends ``pg_notify`` with ``clock_timestamp()`` at the insert of
@@ -41,10 +43,19 @@ from typing import Any
 
 import asyncpg
 import psutil
-from temporalio.client import Client
+from temporalio.client import Client, WithStartWorkflowOperation
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
 
+from bench import _shape as shape
+from bench import _skeleton as skeleton
 from bench._trivial_worker import TRIVIAL_QUEUE, TrivialWorkflow
 from payorders import pay_orders as payorders_api
+from payorders.core import search_attributes as sa
 from payorders.core import store as store_mod
 from payorders.core.settings import Settings
 from payorders.localstack.stack import DevStack
@@ -111,6 +122,16 @@ class Commits:
 
     def count(self) -> int:
         return len(self.succeeded) + len(self.expired)
+
+
+class _SkeletonClock(asyncio.DatagramProtocol):
+    """A skeleton's "commit": the datagram of its record-payment activity."""
+
+    def __init__(self, commits: Commits) -> None:
+        self._commits = commits
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._commits.succeeded[data.decode()] = time.time()
 
 
 @dataclass
@@ -187,6 +208,55 @@ class Bench:
         await bounded(n, concurrency, job)
         await asyncio.gather(*(h.result() for h in handles))
         return n / (time.time() - t0)
+
+    async def skeleton(self, n: int, concurrency: int, tag: str) -> float:
+        """Same-shape skeletons paid per second (needs ``trivial_worker=True``), driven as
+        the direct path drives pay orders: update-with-start (``checkout``), then the
+        ``payment_succeeded`` signal; the time runs from the first start to the last
+        record-payment activity."""
+
+        async def pay_order(i: int) -> str:
+            order_no = self.order_no(i, tag)
+            no = f"po_{order_no}"
+            expires_at = datetime.now(UTC) + timedelta(hours=1)
+            start = WithStartWorkflowOperation(
+                skeleton.SkeletonWorkflow.run,
+                shape.padded(
+                    shape.INPUT,
+                    pay_order_no=no,
+                    expires_in_s=3600,
+                    settlement_window_s=self.settings.settlement_window_s,
+                ),
+                id=f"skeleton-{no}",
+                task_queue=skeleton.SKELETON_QUEUE,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                search_attributes=TypedSearchAttributes(
+                    [
+                        SearchAttributePair(sa.PAY_ORDER_STATUS, "PAYING"),
+                        SearchAttributePair(sa.ORDER_NO, order_no),
+                        SearchAttributePair(sa.EXPIRES_AT, expires_at),
+                    ]
+                ),
+                memo={
+                    "amount": 1000,
+                    "currency": "USD",
+                    "expires_at": expires_at.isoformat(),
+                    "start_id": uuid.uuid4().hex,
+                },
+                static_summary=f"pay order for {order_no}: 1000 USD",
+            )
+            await self.client.execute_update_with_start_workflow(
+                skeleton.SkeletonWorkflow.checkout, start_workflow_operation=start
+            )
+            handle = await start.workflow_handle()
+            await handle.signal(
+                skeleton.SkeletonWorkflow.payment_succeeded,
+                shape.padded(shape.PAYMENT, txn_id=f"txn-{no}"),
+            )
+            return no
+
+        return await paid_round(self, n, concurrency, pay_order)
 
     @functools.cached_property
     def _postmaster_pid(self) -> int:
@@ -331,11 +401,15 @@ async def bench_stack(
             commits=commits,
             run_id=uuid.uuid4().hex[:8],
         )
+        clock, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _SkeletonClock(commits), local_addr=("127.0.0.1", 0)
+        )
+        host, port = clock.get_extra_info("sockname")[:2]
         trivial = (
             subprocess.Popen(
                 [sys.executable, "-m", "bench._trivial_worker"],
                 cwd=ROOT,
-                env=stack.child_env(),
+                env={**stack.child_env(), skeleton.ADDRESS_ENV: f"{host}:{port}"},
             )
             if trivial_worker
             else None
@@ -347,6 +421,7 @@ async def bench_stack(
             if trivial is not None:
                 trivial.terminate()
                 trivial.wait(15)
+            clock.close()
             await listener.close()
             await db.close()
             stop.set()

@@ -1,9 +1,13 @@
-"""The ceiling: a workflow that does nothing, and its worker, in its own process like the
+"""The engine's references, each with its worker in one process of their own like the
 pay-order worker and tuned by the same function (``worker.worker_tuning``): the same
 workflow runner (sandboxed or not, by ``PAYORDERS_WORKFLOW_SANDBOX``), pollers and cache.
 
-The workflow lives in this small module, and everything else comes in through the
-sandbox's pass-through block, as in ``workflows/``: a sandboxed run re-imports this module
+- the ceiling: a workflow that does nothing (``BenchTrivialWorkflow``);
+- the same-shape skeleton (``bench/_skeleton.py``): a pay order's Temporal shape on the
+  happy path with empty activities.
+
+The workflows live in small modules, and everything else comes in through the sandbox's
+pass-through block, as in ``workflows/``: a sandboxed run re-imports the workflow's module
 alone, as a sandboxed pay order re-imports its workflow module, not the benchmark harness.
 
     python -m bench._trivial_worker    (settings from the environment, as the worker's)
@@ -20,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
     from temporalio.client import Client
     from temporalio.worker import Worker
 
+    from bench import _skeleton as skeleton
     from payorders import pay_orders
     from payorders.core.settings import Settings
     from worker import worker_tuning
@@ -46,6 +51,23 @@ def build_trivial_worker(client: Client, settings: Settings) -> Worker:
     )
 
 
+def build_skeleton_worker(client: Client, settings: Settings) -> Worker:
+    """The skeleton's worker: its workflow, its activities (empty) and the pay-order
+    worker's tuning from the same settings."""
+    return Worker(
+        client,
+        task_queue=skeleton.SKELETON_QUEUE,
+        workflows=[skeleton.SkeletonWorkflow],
+        activities=[
+            skeleton.create_pay_order,
+            skeleton.open_trade,
+            skeleton.Recorder().record_payment,
+            *skeleton.REGULAR,
+        ],
+        **worker_tuning(settings),
+    )
+
+
 async def main() -> None:
     settings = Settings()
     # The product's client (its data converter), as the pay-order worker connects.
@@ -53,7 +75,7 @@ async def main() -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    async with build_trivial_worker(client, settings):
+    async with build_trivial_worker(client, settings), build_skeleton_worker(client, settings):
         await stop.wait()
 
 
