@@ -47,6 +47,10 @@ class DevProcess:
         return self.out.read_text()
 
 
+BANNER_END = "Never reuse them elsewhere."
+"""The banner's secrets line, after every ``export`` (``DevStack.banner``)."""
+
+
 @contextmanager
 def dev_process(prefix: str, *args: str, within_s: float = 120) -> Iterator[DevProcess]:
     """``payorders dev ARGS`` on free ports, up (its ``stack.json`` written) when yielded."""
@@ -64,7 +68,9 @@ def dev_process(prefix: str, *args: str, within_s: float = 120) -> Iterator[DevP
             )
         dev = DevProcess(tmp, ports, proc, out)
         deadline = time.monotonic() + within_s
-        while stackinfo.read(dev.data_dir) is None:
+        # stack.json is written as the stack comes up, the banner just after: wait for both,
+        # so a test never reads half a banner.
+        while stackinfo.read(dev.data_dir) is None or BANNER_END not in dev.banner():
             assert proc.poll() is None, f"payorders dev exited:\n{dev.banner()}"
             assert time.monotonic() < deadline, f"payorders dev did not come up:\n{dev.banner()}"
             time.sleep(0.2)
