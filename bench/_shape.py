@@ -66,31 +66,28 @@ def _story_sizes() -> tuple[int, int, int]:
     return waiting, settled, len(story.markdown(head))
 
 
+_ORDER_FIELDS: dict[str, Any] = {
+    "pay_order_no": _NO,
+    "order_no": _ORDER,
+    "amount": _AMOUNT,
+    "currency": _CURRENCY,
+    "expires_at": _NOW,
+}
+"""What the input, the create command and the row say alike of the pay order."""
+
 _row = PayOrderRow(
-    pay_order_no=_NO,
-    order_no=_ORDER,
-    amount=_AMOUNT,
-    currency=_CURRENCY,
+    **_ORDER_FIELDS,
     status=PayOrderStatus.PAYING,
     paid_amount=0,
     refunded_amount=0,
     lock_version=1,
-    expires_at=_NOW,
     created_at=_NOW,
     updated_at=_NOW,
 )
 _payment = PaymentNotification(txn_id=_TXN, amount=_AMOUNT, currency=_CURRENCY, paid_at=_NOW)
 
-INPUT = _size(
-    PayOrderInput(
-        pay_order_no=_NO, order_no=_ORDER, amount=_AMOUNT, currency=_CURRENCY, expires_at=_NOW
-    )
-)
-CREATE = _size(
-    CreatePayOrder(
-        pay_order_no=_NO, order_no=_ORDER, amount=_AMOUNT, currency=_CURRENCY, expires_at=_NOW
-    )
-)
+INPUT = _size(PayOrderInput(**_ORDER_FIELDS))
+CREATE = _size(CreatePayOrder(**_ORDER_FIELDS))
 ROW = _size(_row)
 OPEN = _size(OpenTradeCmd(pay_order_no=_NO, amount=_AMOUNT, currency=_CURRENCY, expires_at=_NOW))
 CHECKOUT = _size(Checkout(gateway="sandbox", trade_ref=_NO))
