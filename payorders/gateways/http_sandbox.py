@@ -1,4 +1,4 @@
-"""The gateway Protocol over HTTP (httpx), against the sandbox gateway's API or any gateway
+"""The gateway Protocol over HTTP (aiohttp), against the sandbox gateway's API or any gateway
 that speaks it.
 
 A client timeout, a connection reset or a 5xx never proves the gateway failed: each is
@@ -11,11 +11,15 @@ out but the gateway did not" shows up in data.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import aiohttp
 import httpx
 
 from payorders.core.domain import RefundStatus
@@ -38,7 +42,9 @@ from payorders.gateways.telemetry import CALLS, OBSERVED, PROCESSING
 # A client that sends on such a connection at that instant sees it drop with no answer.
 # Our HTTP clients (this adapter, the tools', the sandbox's webhook sender) therefore give up
 # idle connections sooner than the server does.
-POOL_LIMITS = httpx.Limits(keepalive_expiry=2.0)
+KEEPALIVE_EXPIRY_S = 2.0
+POOL_LIMITS = httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)
+"""For the httpx clients (the tools', the local gateways' notification senders)."""
 
 
 log = logging.getLogger(__name__)
@@ -77,37 +83,60 @@ def _refund(doc: dict[str, Any]) -> GatewayRefund:
     )
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One HTTP answer, read whole."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    content: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
 class HttpGateway:
     """Implements ``payorders.gateways.port.Gateway`` over HTTP."""
 
     def __init__(self, base_url: str, *, client_timeout_s: float) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=base_url, timeout=client_timeout_s, limits=POOL_LIMITS
-        )
+        self._base_url = base_url.rstrip("/")
         self._timeout = client_timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        # Made at the first call: an aiohttp session belongs to the running event loop.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_EXPIRY_S),
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+            )
+        return self._session
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     async def _call(
         self, op: str, method: str, path: str, *, ok_404: bool = False, **kwargs: Any
-    ) -> httpx.Response | None:
+    ) -> Answer | None:
         started = time.perf_counter()
         try:
-            resp = await self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException:
+            async with self._http().request(method, self._base_url + path, **kwargs) as r:
+                resp = Answer(r.status, r.headers, await r.read())
+        except TimeoutError:
             observed = (time.perf_counter() - started) * 1000
             self._count(op, "ambiguous_timeout", observed, None)
             raise GatewayAmbiguous(
                 f"{op}: no answer within {self._timeout:.1f}s; outcome unknown",
                 observed_ms=observed,
             ) from None
-        except httpx.TransportError as e:
-            observed = (time.perf_counter() - started) * 1000
+        except aiohttp.ClientConnectorError as e:
             # A refused connection never reached the gateway; anything later might have.
-            if isinstance(e, httpx.ConnectError):
-                self._count(op, "unavailable", observed, None)
-                raise GatewayUnavailable(f"{op}: cannot connect ({e})") from None
+            observed = (time.perf_counter() - started) * 1000
+            self._count(op, "unavailable", observed, None)
+            raise GatewayUnavailable(f"{op}: cannot connect ({e})") from None
+        except aiohttp.ClientError as e:
+            observed = (time.perf_counter() - started) * 1000
             self._count(op, "ambiguous_transport", observed, None)
             raise GatewayAmbiguous(f"{op}: {type(e).__name__}", observed_ms=observed) from None
         observed = (time.perf_counter() - started) * 1000
@@ -225,21 +254,21 @@ class HttpGateway:
         )
 
 
-def _processing_ms(resp: httpx.Response) -> float | None:
+def _processing_ms(resp: Answer) -> float | None:
     try:
         return float(resp.headers[PROCESSING_HEADER])
     except (KeyError, ValueError):
         return None
 
 
-def _error_code(resp: httpx.Response) -> str | None:
+def _error_code(resp: Answer) -> str | None:
     try:
         return str(resp.json()["error"]["code"])
     except (ValueError, KeyError, TypeError):
         return None
 
 
-def _error_message(resp: httpx.Response) -> str:
+def _error_message(resp: Answer) -> str:
     try:
         return str(resp.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):
