@@ -17,6 +17,7 @@ from payorders.core import domain
 from payorders.core.domain import PayOrderStatus
 from payorders.core.models import (
     Checkout,
+    CheckoutTerms,
     CreatePayOrder,
     OpenTradeCmd,
     PaymentNotification,
@@ -91,6 +92,15 @@ CREATE = _size(CreatePayOrder(**_ORDER_FIELDS))
 ROW = _size(_row)
 OPEN = _size(OpenTradeCmd(pay_order_no=_NO, amount=_AMOUNT, currency=_CURRENCY, expires_at=_NOW))
 CHECKOUT = _size(Checkout(gateway="sandbox", trade_ref=_NO))
+CHECKOUT_TERMS = _size(
+    CheckoutTerms(
+        checkout=Checkout(gateway="sandbox", trade_ref=_NO),
+        amount=_AMOUNT,
+        currency=_CURRENCY,
+        expires_at=_NOW,
+        start_id="0" * 32,
+    )
+)
 PAYMENT = _size(_payment)
 RECORD = _size(
     RecordPayment(pay_order_no=_NO, payment=_payment, refund_reason=None, expected_lock_version=1)

@@ -56,9 +56,10 @@ class SkeletonWorkflow:
 
     @workflow.update(name="checkout")
     async def checkout(self) -> dict[str, Any]:
+        # The pay order answers ``checkout_terms``: its trade and the run's terms.
         await workflow.wait_condition(lambda: self._checkout is not None)
         assert self._checkout is not None
-        return self._checkout
+        return shape.padded(shape.CHECKOUT_TERMS, checkout=self._checkout)
 
     @workflow.run
     async def run(self, input: dict[str, Any]) -> dict[str, Any]:

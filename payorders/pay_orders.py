@@ -52,6 +52,7 @@ from payorders.core.models import (
     PAY_ORDER_VERSION,
     CancelResult,
     Checkout,
+    CheckoutTerms,
     LateRefundInput,
     MerchantRefund,
     MerchantRefundInput,
@@ -299,12 +300,13 @@ class PayOrders:
         }
         checkout: Checkout | None = None
         not_payable: str | None = None
+        terms: CheckoutTerms | None = None
         handle: WorkflowHandle[Any, Any]
         try:
             if wait_checkout:
                 # Start and ask in one call: the update rides in the workflow's first task,
                 # so checkout waits one trip to the gateway and no extra workflow task.
-                checkout, not_payable = await self._checkout_with_start(
+                checkout, terms, not_payable = await self._checkout_with_start(
                     WithStartWorkflowOperation("PayOrderWorkflow", pay_input, **start),
                     pay_order_no,
                 )
@@ -316,7 +318,16 @@ class PayOrders:
             handle = self._client.get_workflow_handle(workflow_id)
             if wait_checkout:
                 not_payable = await self._closed_reason(pay_order_no)
-        existing = await (await handle.describe()).memo()
+        if terms is not None:
+            # The run's own answer carries its memo's facts: no describe on the happy path.
+            existing: dict[str, Any] = {
+                "amount": terms.amount,
+                "currency": terms.currency,
+                "expires_at": terms.expires_at.isoformat(),
+                "start_id": terms.start_id,
+            }
+        else:
+            existing = await (await handle.describe()).memo()
         if existing.get("amount") != amount or existing.get("currency") != currency:
             raise PayOrderConflict(
                 f"order {order_no} already has pay order {pay_order_no}"
@@ -336,16 +347,29 @@ class PayOrders:
 
     async def _checkout_with_start(
         self, start: WithStartWorkflowOperation[Any, Any], pay_order_no: str
-    ) -> tuple[Checkout | None, str | None]:
-        """The workflow's answer to ``checkout``: its trade, or why there is none to pay."""
+    ) -> tuple[Checkout | None, CheckoutTerms | None, str | None]:
+        """The workflow's answer to ``checkout_terms``: its trade and terms, or why there is
+        no trade to pay. A worker older than that update (a rolling upgrade) is asked
+        ``checkout`` instead, and the terms are left to a describe."""
+        rpc_timeout = timedelta(milliseconds=self._settings.checkout_wait_ms)
         try:
-            # The RPC's own deadline, not a cancelled task: the SDK then says so plainly.
-            checkout: Checkout = await self._client.execute_update_with_start_workflow(
-                "checkout",
-                start_workflow_operation=start,
-                result_type=Checkout,
-                rpc_timeout=timedelta(milliseconds=self._settings.checkout_wait_ms),
+            try:
+                # The RPC's own deadline, not a cancelled task: the SDK then says so plainly.
+                terms: CheckoutTerms = await self._client.execute_update_with_start_workflow(
+                    "checkout_terms",
+                    start_workflow_operation=start,
+                    result_type=CheckoutTerms,
+                    rpc_timeout=rpc_timeout,
+                )
+                return terms.checkout, terms, None
+            except WorkflowUpdateFailedError as e:
+                if not _unknown_update(e):
+                    raise
+            handle = await start.workflow_handle()
+            checkout: Checkout = await handle.execute_update(
+                "checkout", result_type=Checkout, rpc_timeout=rpc_timeout
             )
+            return checkout, None, None
         except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
             # Our deadline or the server's ran out first: either way the workflow may be
             # started and still opening the trade. The operation keeps the start's own
@@ -358,9 +382,8 @@ class PayOrders:
         except WorkflowUpdateFailedError as e:
             cause = e.cause
             if isinstance(cause, ApplicationError) and cause.type == "NotPayable":
-                return None, cause.message
+                return None, None, cause.message
             raise
-        return checkout, None
 
     async def _closed_reason(self, pay_order_no: str) -> str:
         row = await self._store.get_pay_order(pay_order_no)
@@ -678,3 +701,14 @@ class PayOrders:
             # It completed between our read and the start: the row now says how.
             refund = await self._store.operator_refunds.get(txn_id) or refund
         return OperatorRefundStarted(refund=refund, created=created, workflow_id=workflow_id)
+
+
+def _unknown_update(error: WorkflowUpdateFailedError) -> bool:
+    """Whether the worker that ran the update has no handler of that name (the SDK's
+    rejection says so in its message: it has no code or type of its own)."""
+    cause = error.cause
+    return (
+        isinstance(cause, ApplicationError)
+        and "expected but not found" in cause.message
+        and "Update handler for" in cause.message
+    )

@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
     from payorders.core.models import (
         CancelResult,
         Checkout,
+        CheckoutTerms,
         CloseTrade,
         CreatePayOrder,
         ExpirePayOrder,
@@ -97,6 +98,20 @@ class PayOrderWorkflow:
         if self._checkout is None:
             raise ApplicationError(self._no_checkout or "", type="NotPayable", non_retryable=True)
         return self._checkout
+
+    @workflow.update(name="checkout_terms")
+    async def checkout_terms(self) -> CheckoutTerms:
+        """``checkout``'s answer with the terms this run was started with, so that checkout
+        needs no describe of the run after its update-with-start (bench/README.md, issue
+        23). Only reads: replays of earlier histories are unchanged."""
+        checkout = await self.checkout()
+        return CheckoutTerms(
+            checkout=checkout,
+            amount=self._in.amount,
+            currency=self._in.currency,
+            expires_at=self._in.expires_at,
+            start_id=workflow.memo_value("start_id", None),
+        )
 
     @workflow.update(name="cancel")
     async def cancel(self) -> CancelResult:

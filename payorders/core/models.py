@@ -227,6 +227,20 @@ class Checkout(_Model):
     details: dict[str, str] = {}
 
 
+class CheckoutTerms(_Model):
+    """The ``checkout_terms`` update's answer: ``checkout`` with the terms the pay order was
+    started with (its memo's facts). A checkout client tells from it, with no describe,
+    whether it started the run (``start_id`` is its own) and whether an earlier start asked
+    for another amount."""
+
+    checkout: Checkout
+    amount: StrictInt
+    currency: str
+    expires_at: datetime
+    start_id: str | None
+    """The memo's ``start_id``: set by the checkout call that started the run."""
+
+
 class CloseTrade(_Model):
     pay_order_no: str
     trade_ref: str | None = None

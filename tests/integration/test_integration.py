@@ -13,17 +13,19 @@ from typing import Any
 
 import pytest
 from pydantic import SecretStr
+from temporalio import workflow
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
 from payorders.core.domain import InvalidPayment, InvalidPayOrder, PayOrderStatus, RefundStatus
-from payorders.core.models import LateRefundResult
+from payorders.core.models import Checkout, CheckoutTerms, LateRefundResult, PayOrderInput
 from payorders.pay_orders import NotifyOutcome, StartedPayOrder, UnknownPayOrder
 from payorders.sandbox.app import create_sandbox_app
 from payorders.sandbox.ledger import InProcessResources
 from workflows.late_refund import LateRefundWorkflow
 
-from ..conftest import Stack, assert_settled, order_no, pay, running_stack
+from ..conftest import Stack, assert_settled, make_settings, order_no, pay, running_stack
 from ..http_stack import free_port, serve, worker_process
 
 pytestmark = pytest.mark.slow
@@ -169,6 +171,69 @@ async def test_checkout_retried_returns_the_same_pay_order_and_refuses_another_a
         assert (again.pay_order_no, again.expires_at) == (first.pay_order_no, first.expires_at)
         with pytest.raises(PayOrderConflict):
             await stack.api.start_pay_order(order_no=no, amount=101, currency="USD")
+
+
+async def test_checkout_answers_the_runs_terms_without_a_describe(
+    dev_env: WorkflowEnvironment, svc: InProcessResources
+) -> None:
+    async with running_stack(dev_env, svc) as stack:
+        no = order_no()
+        started = await stack.api.start_pay_order(order_no=no, amount=100, currency="USD")
+        handle = stack.client.get_workflow_handle(started.workflow_id)
+        terms = await handle.execute_update("checkout_terms", result_type=CheckoutTerms)
+        memo = await (await handle.describe()).memo()
+    # The update's terms are the describe's memo, which checkout read before.
+    assert (terms.amount, terms.currency, terms.expires_at.isoformat(), terms.start_id) == (
+        memo["amount"],
+        memo["currency"],
+        memo["expires_at"],
+        memo["start_id"],
+    )
+    assert terms.checkout == started.checkout
+
+
+@workflow.defn(name="PayOrderWorkflow", sandboxed=False)
+class WorkflowBeforeCheckoutTerms:
+    """A pay order's run as a worker older than the ``checkout_terms`` update runs it."""
+
+    def __init__(self) -> None:
+        self._no = ""
+
+    @workflow.update(name="checkout")
+    async def checkout(self) -> Checkout:
+        return Checkout(gateway="sandbox", trade_ref=self._no)
+
+    @workflow.run
+    async def run(self, input: PayOrderInput) -> None:
+        self._no = input.pay_order_no
+        await workflow.wait_condition(lambda: False)
+
+
+async def test_checkout_on_a_worker_older_than_checkout_terms_asks_checkout_and_describes(
+    dev_env: WorkflowEnvironment, svc: InProcessResources
+) -> None:
+    from payorders.pay_orders import PayOrderConflict, PayOrders
+
+    settings = make_settings()
+    async with Worker(
+        dev_env.client,
+        task_queue=settings.task_queue,
+        workflows=[WorkflowBeforeCheckoutTerms],
+    ):
+        api = PayOrders(dev_env.client, svc.store, settings)
+        no = order_no("rolling")
+        first = await api.start_pay_order(order_no=no, amount=100, currency="USD")
+        again = await api.start_pay_order(order_no=no, amount=100, currency="USD")
+        with pytest.raises(PayOrderConflict):
+            await api.start_pay_order(order_no=no, amount=101, currency="USD")
+        await dev_env.client.get_workflow_handle(first.workflow_id).terminate()
+    assert (
+        first.checkout
+        == again.checkout
+        == Checkout(gateway="sandbox", trade_ref=first.pay_order_no)
+    )
+    assert first.created and not again.created
+    assert again.expires_at == first.expires_at
 
 
 async def test_operators_find_orders_by_search_attributes(
