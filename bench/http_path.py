@@ -1,6 +1,7 @@
 """The happy path through the HTTP edge, beside the direct path and the ceiling, in one run.
 
-Rounds alternate, on one private stack: the trivial-workflow ceiling
+Rounds alternate, on one private stack (every other round in reverse order, so that a
+server that drifts through a run favours no path): the trivial-workflow ceiling
 (``BenchTrivialWorkflow``), the same-shape skeleton (``bench/_skeleton.py``: a pay order's
 Temporal shape on the happy path with empty activities, driven as the direct path drives
 pay orders), the direct happy path (``PayOrders.start_pay_order`` and ``notify_payment``
@@ -378,10 +379,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         idle = await idle_cores(b, args.idle_s)
         rounds: list[dict[str, Any]] = []
         for r in range(args.rounds):
-            ceiling = await measured(b, n, lambda r=r: b.ceiling(n, conc, f"t{r}"))
-            skel = await measured(b, n, lambda r=r: b.skeleton(n, conc, f"s{r}"))
-            direct = await measured(b, n, lambda r=r: happy_round(b, n, conc, f"d{r}"))
-            via_http = await measured(b, n, lambda r=r: http_round(b, edge, n, conc, f"h{r}"))
+            runs = {
+                "ceiling": lambda r=r: b.ceiling(n, conc, f"t{r}"),
+                "skeleton": lambda r=r: b.skeleton(n, conc, f"s{r}"),
+                "direct": lambda r=r: happy_round(b, n, conc, f"d{r}"),
+                "http": lambda r=r: http_round(b, edge, n, conc, f"h{r}"),
+            }
+            # Every other round runs the paths in reverse order, so that a server that
+            # slows down (or speeds up) through a run does not favour the paths run first.
+            results = {
+                path: await measured(b, n, runs[path])
+                for path in (PATHS if r % 2 == 0 else tuple(reversed(PATHS)))
+            }
+            ceiling, skel = results["ceiling"], results["skeleton"]
+            direct, via_http = results["direct"], results["http"]
             c = ceiling["per_s"]
             sandbox_s = via_http["cpu_s"].get("sandbox gateway", 0.0)
             rounds.append(
