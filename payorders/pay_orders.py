@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -320,7 +321,7 @@ class PayOrders:
                 not_payable = await self._closed_reason(pay_order_no)
         if terms is not None:
             # The run's own answer carries its memo's facts: no describe on the happy path.
-            existing: dict[str, Any] = {
+            existing: Mapping[str, Any] = {
                 "amount": terms.amount,
                 "currency": terms.currency,
                 "expires_at": terms.expires_at.isoformat(),

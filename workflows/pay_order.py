@@ -92,6 +92,9 @@ class PayOrderWorkflow:
     async def checkout(self) -> Checkout:
         """What checkout's front end needs to let the customer pay: waits until the trade
         is open at the gateway. The same answer to every retried checkout."""
+        return await self._trade_to_pay()
+
+    async def _trade_to_pay(self) -> Checkout:
         await workflow.wait_condition(
             lambda: self._checkout is not None or self._no_checkout is not None
         )
@@ -104,7 +107,7 @@ class PayOrderWorkflow:
         """``checkout``'s answer with the terms this run was started with, so that checkout
         needs no describe of the run after its update-with-start (bench/README.md, issue
         23). Only reads: replays of earlier histories are unchanged."""
-        checkout = await self.checkout()
+        checkout = await self._trade_to_pay()
         return CheckoutTerms(
             checkout=checkout,
             amount=self._in.amount,
