@@ -209,11 +209,12 @@ class Bench:
         await asyncio.gather(*(h.result() for h in handles))
         return n / (time.time() - t0)
 
-    async def skeleton(self, n: int, concurrency: int, tag: str) -> float:
+    async def skeleton(self, n: int, concurrency: int, tag: str, *, merged: bool = False) -> float:
         """Same-shape skeletons paid per second (needs ``trivial_worker=True``), driven as
         the direct path drives pay orders: update-with-start (``checkout``), then the
         ``payment_succeeded`` signal; the time runs from the first start to the last
-        record-payment activity."""
+        record-payment activity. ``merged``: one local activity before the answer instead
+        of two (the shape with create and open as one step)."""
 
         async def pay_order(i: int) -> str:
             order_no = self.order_no(i, tag)
@@ -226,6 +227,7 @@ class Bench:
                     pay_order_no=no,
                     expires_in_s=3600,
                     settlement_window_s=self.settings.settlement_window_s,
+                    **({"merged": True} if merged else {}),
                 ),
                 id=f"skeleton-{no}",
                 task_queue=skeleton.SKELETON_QUEUE,

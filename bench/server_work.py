@@ -12,6 +12,9 @@ at another rate, on one private stack whose dev server serves its own metrics:
 2. **The same offered rate**: skeletons and direct pay orders started open loop at
    ``--rate`` per second (below both peaks), in two rounds of alternating order; CPU per
    order of every process group.
+3. **A shape with one step less**: the skeleton beside a skeleton whose row creation and
+   trade opening are one local activity (``merged``), and the ceiling, closed loop in
+   alternating rounds: what that change of the pay order's shape could buy at most.
 
     python -m bench.server_work [--orders 300] [--rate 30] [--paced-orders 600]
 """
@@ -84,8 +87,26 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     f"round {r + 1}, {LABELS[path]} at {result['achieved_per_s']:.1f}/s: server"
                     f" {result['cpu_ms_per_order']['temporal server']:.1f} ms of CPU per order"
                 )
-    figures = {"orders": n, "rate": args.rate, "calls_per_order": calls, "paced": runs}
-    save("server_work", figures, _text(args, calls, runs))
+        say("the skeleton beside the merged skeleton and the ceiling")
+        shapes: list[dict[str, float]] = []
+        for r in range(2):
+            order = ("ceiling", "skeleton", "merged")
+            rates: dict[str, float] = {}
+            for path in order if r == 0 else tuple(reversed(order)):
+                if path == "ceiling":
+                    rates[path] = await b.ceiling(n, 64, f"mt{r}")
+                else:
+                    rates[path] = await b.skeleton(n, 64, f"m{path}{r}", merged=path == "merged")
+            shapes.append(rates)
+            say(", ".join(f"{p} {v:.1f}/s" for p, v in rates.items()))
+    figures = {
+        "orders": n,
+        "rate": args.rate,
+        "calls_per_order": calls,
+        "paced": runs,
+        "merged_shape": shapes,
+    }
+    save("server_work", figures, _text(args, calls, runs, shapes))
     return figures
 
 
@@ -93,6 +114,7 @@ def _text(
     args: argparse.Namespace,
     calls: dict[str, dict[str, float]],
     runs: dict[str, list[dict[str, Any]]],
+    shapes: list[dict[str, float]],
 ) -> str:
     keys = sorted({k for per in calls.values() for k, v in per.items() if v >= 0.05})
     rows = [[k, *(calls[p].get(k, 0.0) for p in PATHS)] for k in keys]
@@ -129,6 +151,28 @@ def _text(
             "direct - skeleton (mean)",
         ],
         paced_rows,
+    )
+    out += "\n" + table(
+        f"The shape with create and open as one local activity ({args.orders} orders a round)",
+        [
+            "round",
+            "ceiling /s",
+            "skeleton /s",
+            "merged skeleton /s",
+            "skeleton / ceiling",
+            "merged / ceiling",
+        ],
+        [
+            [
+                str(i + 1),
+                r["ceiling"],
+                r["skeleton"],
+                r["merged"],
+                r["skeleton"] / r["ceiling"],
+                r["merged"] / r["ceiling"],
+            ]
+            for i, r in enumerate(shapes)
+        ],
     )
     return out
 
