@@ -390,6 +390,8 @@ async def bench_stack(
     workers: int = 1,
     api_processes: int = 1,
     temporal_metrics: bool = False,
+    order_events_url: str | None = None,
+    order_events_secret: str | None = None,
 ) -> AsyncIterator[Bench]:
     """A private stack for one benchmark, torn down (and its files removed) at the end.
 
@@ -409,6 +411,8 @@ async def bench_stack(
         workers=workers,
         api_processes=api_processes,
         temporal_metrics=temporal_metrics,
+        order_events_url=order_events_url,
+        order_events_secret=order_events_secret,
     )
     stop = asyncio.Event()
     say(f"{name}: starting a private stack in {tmp}")

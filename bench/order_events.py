@@ -160,11 +160,16 @@ async def drain(b: Bench, receiver: Receiver, n: int) -> tuple[int, float]:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     receiver = Receiver()
     port = free_port()
-    env = {
-        "PAYORDERS_ORDER_EVENTS_URL": f"http://127.0.0.1:{port}/order-events",
-        "PAYORDERS_ORDER_EVENTS_SECRET": SECRET,
-    }
-    async with serve(receiver, port), bench_stack("order_events", worker_env=env) as b:
+    # The stack's own addresses win over tuning: the receiver is given as the shop's own
+    # (``payorders dev --order-events-url``), so no example order service runs.
+    async with (
+        serve(receiver, port),
+        bench_stack(
+            "order_events",
+            order_events_url=f"http://127.0.0.1:{port}/order-events",
+            order_events_secret=SECRET,
+        ) as b,
+    ):
         say("warm-up")
         await probes(b, receiver, 20, "warm")
         say(f"idle: {args.probes} probes, one at a time")

@@ -196,6 +196,8 @@ class DevOptions:
         workers: int = 1,
         api_processes: int = 1,
         temporal_metrics: bool = False,
+        order_events_url: str | None = None,
+        order_events_secret: str | None = None,
     ) -> DevOptions:
         """Ports free right now, for a stack that must not meet ``payorders dev``'s."""
         return cls(
@@ -211,6 +213,8 @@ class DevOptions:
             workers=workers,
             api_processes=api_processes,
             temporal_metrics_port=free_port(ip) if temporal_metrics else None,
+            order_events_url=order_events_url,
+            order_events_secret=order_events_secret,
         )
 
 
@@ -534,6 +538,8 @@ class DevStack:
         workers: int = 1,
         api_processes: int = 1,
         temporal_metrics: bool = False,
+        order_events_url: str | None = None,
+        order_events_secret: str | None = None,
     ) -> DevStack:
         """A stack of its own for a tool or a test (torture, benchmarks): free ports, an
         embedded PostgreSQL in ``data_dir``, and nothing from the environment, which may
@@ -541,7 +547,9 @@ class DevStack:
         order service echoes to ``console`` if one is given. ``workers`` and
         ``api_processes``: how many of each it runs (1 to ``MAX_PROCESSES``);
         ``temporal_metrics``: the dev server serves its metrics on a free port
-        (``options.temporal_metrics_port``).
+        (``options.temporal_metrics_port``); ``order_events_url`` and
+        ``order_events_secret``: the shop's own receiver, as ``payorders dev
+        --order-events-url`` (then no example order service runs).
 
         Raises:
             ValueError: a count out of range.
@@ -553,6 +561,8 @@ class DevStack:
                 workers=workers,
                 api_processes=api_processes,
                 temporal_metrics=temporal_metrics,
+                order_events_url=order_events_url,
+                order_events_secret=order_events_secret,
             ),
             isolated=True,
             tuning=tuning,
