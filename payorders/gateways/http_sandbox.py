@@ -47,6 +47,19 @@ POOL_LIMITS = httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)
 """For the httpx clients (the tools', the local gateways' notification senders)."""
 
 
+def aiohttp_session(
+    timeout_s: float, *, limit: int = 100, headers: Mapping[str, str] | None = None
+) -> aiohttp.ClientSession:
+    """An aiohttp session for our own HTTP calls (this adapter, the order-events relay, the
+    sandbox's webhook sender): idle connections given up after ``KEEPALIVE_EXPIRY_S``,
+    ``timeout_s`` for a whole request. Make it inside the event loop that uses it."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=KEEPALIVE_EXPIRY_S),
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        headers=headers,
+    )
+
+
 log = logging.getLogger(__name__)
 
 
@@ -106,10 +119,7 @@ class HttpGateway:
     def _http(self) -> aiohttp.ClientSession:
         # Made at the first call: an aiohttp session belongs to the running event loop.
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_EXPIRY_S),
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
-            )
+            self._session = aiohttp_session(self._timeout)
         return self._session
 
     async def aclose(self) -> None:

@@ -24,7 +24,7 @@ from fastapi import APIRouter, FastAPI, Header, Request
 from payorders import logs, runtime
 from payorders.core import domain, store
 from payorders.core.settings import Settings
-from payorders.gateways.http_sandbox import KEEPALIVE_EXPIRY_S
+from payorders.gateways.http_sandbox import aiohttp_session
 from payorders.gateways.port import PROCESSING_HEADER as PROCESSING_HEADER
 from payorders.gateways.port import GatewayRejected, OpenTrade, RefundRequest
 from payorders.sandbox.ledger import SandboxGateway
@@ -79,10 +79,7 @@ def create_sandbox_app(settings: Settings) -> FastAPI:
             async with (
                 # aiohttp, as the worker's gateway adapter: about a tenth of httpx's CPU
                 # per request (bench/README.md).
-                aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_EXPIRY_S),
-                    timeout=aiohttp.ClientTimeout(total=NOTIFY_CLIENT_TIMEOUT_S),
-                ) as http,
+                aiohttp_session(NOTIFY_CLIENT_TIMEOUT_S) as http,
                 in_background(
                     _deliver_forever(gateway, http, settings, secrets), name="webhook-delivery"
                 ),

@@ -69,6 +69,7 @@ from payorders import logs
 from payorders.core import secrets
 from payorders.core.settings import Settings
 from payorders.core.store import Conn, PooledConnection
+from payorders.gateways.http_sandbox import aiohttp_session
 from payorders.service.events import feed
 from payorders.service.webhook import sign_header
 
@@ -261,13 +262,9 @@ class Relay:
         self._pool = await self._open_pool(stop)
         if self._pool is None:
             return
-        self._http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=self._config.concurrency,
-                # Before a consumer's own idle timeout closes a connection under us.
-                keepalive_timeout=2.0,
-            ),
-            timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_S),
+        self._http = aiohttp_session(
+            SEND_TIMEOUT_S,
+            limit=self._config.concurrency,
             headers={"User-Agent": "payorders-relay"},
         )
         background = [
